@@ -1,0 +1,150 @@
+"""Typed settings shared by the library, the CLI, the Prefect forms and the MLflow params.
+
+One pydantic model per stage. Fields carry descriptions (Prefect renders them in its UI form), bounds and
+``Literal`` choices, so a bad value is refused at the boundary with the field named.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from unetcore.errors import ConfigError
+
+
+class _Config(BaseModel):
+    """Base: unknown fields are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def flat_params(self, prefix: str = "") -> dict[str, Any]:
+        """Flatten to ``{"a.b": value}`` for MLflow params."""
+        out: dict[str, Any] = {}
+        for key, value in self.model_dump(mode="json").items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                for sub, subval in value.items():
+                    out[f"{name}.{sub}"] = subval
+            else:
+                out[name] = value
+        return out
+
+
+def validated(model: type[BaseModel], **values: Any) -> Any:
+    """Build ``model(**values)``, turning pydantic's report into one :class:`ConfigError` line."""
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or model.__name__
+        raise ConfigError(field, err["msg"]) from None
+
+
+class NormalizationConfig(_Config):
+    """How raw intensities become network inputs; stored with the model and applied at inference."""
+
+    mode: Literal["percentile", "zscore"] = Field(
+        "percentile",
+        description="percentile: clip to the image's [low, high] percentiles and scale to [0, 1]; "
+        "zscore: subtract the image mean, divide by its std.",
+    )
+    low_percentile: float = Field(0.5, ge=0, le=50, description="Lower clip percentile (percentile mode).")
+    high_percentile: float = Field(99.5, ge=50, le=100, description="Upper clip percentile (percentile mode).")
+
+
+class ModelConfig(_Config):
+    """Architecture of the UNet; saved as JSON next to the weights and enough to rebuild the network."""
+
+    in_channels: int = Field(1, ge=1, le=64, description="Input channels (1 grayscale, 3 RGB, n multi-channel).")
+    num_classes: int = Field(
+        1, ge=1, le=255, description="1 = binary (sigmoid); >= 2 = multi-class (softmax, class 0 background)."
+    )
+    depth: int = Field(4, ge=1, le=6, description="Number of 2x down-sampling stages.")
+    base_channels: int = Field(16, ge=4, le=128, description="Channels of the first stage; doubled per stage.")
+    norm: Literal["batch", "instance", "group"] = Field("batch", description="Normalisation layer.")
+    upsample: Literal["transpose", "bilinear"] = Field("transpose", description="Decoder up-sampling.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the bottleneck.")
+
+
+class IngestConfig(_Config):
+    """Options of ``ingest``: a folder of images (and masks) into a dataset of OME-Zarr stores."""
+
+    images: str = Field(description="Folder (or glob) of input images: TIFF, PNG, JPEG, NPY, Zarr.")
+    masks: str | None = Field(None, description="Folder of masks with the same file stems as the images.")
+    output: str = Field(description="Dataset folder to write (manifest.json + one <id>.ome.zarr per image).")
+    chunk_size: int = Field(512, ge=64, le=8192, description="Chunk edge in pixels (y and x).")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of images in the validation split.")
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of images in the test split.")
+    num_classes: int = Field(1, ge=1, le=255, description="Declared classes; mask values must be < max(2, this).")
+    channel_axis: Literal["auto", "yx", "yxc", "cyx"] = Field("auto", description="Channel layout of the inputs.")
+    max_pixels: int = Field(
+        50_000_000_000, ge=1, description="Refuse images with more pixels than this (decompression-bomb guard)."
+    )
+    force: bool = Field(False, description="Re-ingest images even if unchanged.")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> IngestConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+class TrainConfig(_Config):
+    """Options of ``train``: the recipe, the data and where the run is tracked."""
+
+    dataset: str = Field(description="Dataset folder written by ingest.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="UNet architecture.")
+    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    patch_size: int = Field(256, ge=16, le=2048, description="Training patch edge in pixels.")
+    batch_size: int = Field(4, ge=1, le=512)
+    epochs: int = Field(20, ge=1, le=10_000)
+    steps_per_epoch: int = Field(50, ge=1, le=100_000, description="Optimiser steps per epoch.")
+    lr: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate.")
+    weight_decay: float = Field(1e-4, ge=0, le=1.0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (Nesterov, momentum 0.99).")
+    schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="Learning-rate schedule.")
+    loss: Literal["dice_ce", "ce", "dice", "focal"] = Field("dice_ce", description="Training loss.")
+    foreground_fraction: float = Field(
+        0.33, ge=0.0, le=1.0, description="Share of each batch whose patch is centred on foreground."
+    )
+    augment: bool = Field(True, description="Flips, 90-degree rotations, intensity jitter, noise.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    val_tile: int = Field(256, ge=16, le=4096, description="Sliding-window tile for validation.")
+    patience: int = Field(0, ge=0, description="Stop after this many epochs without improvement (0 = never).")
+    time_budget_s: float = Field(0.0, ge=0, description="Stop after this many seconds of training (0 = none).")
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if available, else CPU.")
+    output: str = Field("runs/train", description="Folder for checkpoints and the exported model.")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or http URL).")
+    experiment: str = Field("unet", description="MLflow experiment name.")
+    registered_model: str = Field("unet", description="Name under which the model is registered.")
+    resume: bool = Field(False, description="Resume from the last checkpoint in `output` if there is one.")
+
+
+class InferConfig(_Config):
+    """Options of ``predict``: tiled, blended inference of an ingested image on Dask."""
+
+    dataset: str = Field(description="Dataset folder written by ingest (or a single <id>.ome.zarr).")
+    output: str = Field(description="Folder for predictions (<id>.ome.zarr per image).")
+    model: str = Field(
+        "models:/unet@champion",
+        description="Model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/..., or a local folder.",
+    )
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI used to resolve models:/ URIs.")
+    split: Literal["all", "train", "val", "test"] = Field("all", description="Which images of the dataset to predict.")
+    images: list[str] = Field(default_factory=list, description="Predict only these image ids (empty = all).")
+    tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network.")
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
+    batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
+    block_size: int = Field(1024, ge=64, le=16384, description="Output block edge (a multiple of the chunk).")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
+    save_probabilities: bool = Field(True, description="Write class probabilities as well as labels.")
+    probability_dtype: Literal["float16", "float32"] = Field("float16")
+    tta: bool = Field(False, description="Flip test-time augmentation (4 passes).")
+    min_object_size: int = Field(0, ge=0, description="Remove objects smaller than this (pixels); 0 = keep all.")
+    scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")
+    n_workers: int = Field(0, ge=0, le=512, description="Local cluster workers (0 = one per core).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    export: Literal["none", "png", "tiff"] = Field("png", description="Also export label masks for small images.")
+    overwrite: bool = Field(False, description="Replace an existing, different prediction.")
