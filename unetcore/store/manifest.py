@@ -1,0 +1,140 @@
+"""The dataset manifest: one JSON file listing every ingested image, written atomically.
+
+``<dataset>/manifest.json`` maps image ids to entries (source, content hashes, shape, dtype, channels, mask,
+class values, statistics, split, store path). An image is listed only after its store is complete. Updates
+hold an exclusive lock on ``manifest.lock`` so two ingestions of one dataset never lose each other's entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from unetcore.errors import InputError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+Split = Literal["train", "val", "test"]
+_SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def file_hash(path: Path, chunk: int = 1 << 22) -> str:
+    """Content hash (BLAKE2b, 128-bit hex) of a file or, for a directory store, of its files' bytes."""
+    path = Path(path)
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(str(f.relative_to(path)).encode())
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+    return h.hexdigest()
+
+
+def image_id(path: Path) -> str:
+    """A safe id from a file name: its stem with anything outside ``[A-Za-z0-9._-]`` replaced.
+
+    Ids become file names inside the dataset folder, so they can never contain a path separator or ``..``.
+    """
+    name = Path(path).name
+    for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = Path(name).stem
+    safe = _SAFE_ID.sub("_", name).strip("._") or "image"
+    return safe
+
+
+def split_for(content_hash: str, val_fraction: float, test_fraction: float) -> Split:
+    """Deterministic split from a content hash: the hash read as a number in [0, 1)."""
+    u = int(content_hash[:8], 16) / 0x1_0000_0000
+    if u < val_fraction:
+        return "val"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+def store_path(dataset: Path, entry_id: str) -> Path:
+    """Where image ``entry_id``'s store lives inside ``dataset``."""
+    return Path(dataset) / f"{entry_id}.ome.zarr"
+
+
+def load(dataset: Path) -> dict[str, Any]:
+    """Read the manifest (an empty one if the dataset is new)."""
+    path = Path(dataset) / MANIFEST
+    if not path.exists():
+        return {"version": MANIFEST_VERSION, "images": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"unreadable manifest ({exc.__class__.__name__})", "re-run ingest with --force") from None
+    if not isinstance(data, dict) or "images" not in data:
+        raise InputError(path, "not a dataset manifest", "point to a folder written by `unet ingest`")
+    return data
+
+
+def require(dataset: Path) -> dict[str, Any]:
+    """Read the manifest of an existing dataset, or raise naming the folder."""
+    if not (Path(dataset) / MANIFEST).exists():
+        raise InputError(dataset, "is not an ingested dataset (no manifest.json)", "run `unet ingest` first")
+    return load(dataset)
+
+
+@contextlib.contextmanager
+def locked(dataset: Path) -> Iterator[None]:
+    """Hold the dataset's exclusive update lock."""
+    Path(dataset).mkdir(parents=True, exist_ok=True)
+    with open(Path(dataset) / "manifest.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def put_entry(dataset: Path, entry: dict[str, Any]) -> None:
+    """Add or replace one entry (read-modify-write under the lock)."""
+    with locked(dataset):
+        data = load(dataset)
+        data["images"][entry["id"]] = entry
+        atomic_write_json(Path(dataset) / MANIFEST, data)
+
+
+def entries(manifest: dict[str, Any], split: str = "all") -> list[dict[str, Any]]:
+    """Entries in id order, optionally only one split."""
+    items = [manifest["images"][k] for k in sorted(manifest["images"])]
+    return items if split == "all" else [e for e in items if e["split"] == split]
+
+
+def manifest_hash(dataset: Path) -> str:
+    """Hash of the manifest's content (logged with training runs)."""
+    return file_hash(Path(dataset) / MANIFEST)

@@ -1,0 +1,119 @@
+"""Normalisation statistics computed while streaming, and the normalisation they drive.
+
+Integer images are summarised by an exact per-channel histogram (so percentiles are exact); float images by a
+bounded, evenly strided sample. Mean and std are exact for both. The statistics live in the image's metadata;
+training stores the recipe (:class:`~unetcore.config.NormalizationConfig`) with the model, and inference applies
+exactly :func:`normalize` with that recipe and the image's statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from unetcore.config import NormalizationConfig
+
+PERCENTILES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 100.0)
+_FLOAT_SAMPLE = 2_000_000
+
+
+class StreamingStats:
+    """Accumulate per-channel statistics over bands of an image (h, w, C), then :meth:`result`."""
+
+    def __init__(self, channels: int, dtype: np.dtype) -> None:
+        self.channels = channels
+        self.dtype = np.dtype(dtype)
+        self.count = 0
+        self.sum = np.zeros(channels, np.float64)
+        self.sumsq = np.zeros(channels, np.float64)
+        self._integer = np.issubdtype(self.dtype, np.integer) and self.dtype.itemsize <= 2
+        if self._integer:
+            info = np.iinfo(self.dtype)
+            self._offset = -int(info.min)
+            self._hist = np.zeros((channels, int(info.max) - int(info.min) + 1), np.int64)
+        else:
+            self._samples: list[np.ndarray] = []
+            self._sampled = 0
+
+    def update(self, band: np.ndarray) -> None:
+        """Add a band of pixels, shape (h, w, C)."""
+        flat = band.reshape(-1, self.channels)
+        as_float = flat.astype(np.float64)
+        self.count += flat.shape[0]
+        self.sum += as_float.sum(axis=0)
+        self.sumsq += (as_float * as_float).sum(axis=0)
+        if self._integer:
+            for c in range(self.channels):
+                self._hist[c] += np.bincount(
+                    flat[:, c].astype(np.int64) + self._offset, minlength=self._hist.shape[1]
+                )
+        else:
+            stride = max(1, flat.shape[0] * 8 // _FLOAT_SAMPLE)
+            self._samples.append(flat[::stride].astype(np.float32))
+
+    def _percentiles(self, c: int) -> list[float]:
+        if self._integer:
+            cdf = np.cumsum(self._hist[c])
+            total = cdf[-1]
+            values = []
+            for p in PERCENTILES:
+                idx = int(np.searchsorted(cdf, max(1, total * p / 100.0)))
+                values.append(float(idx - self._offset))
+            return values
+        sample = np.concatenate([s[:, c] for s in self._samples])
+        return [float(v) for v in np.percentile(sample, PERCENTILES)]
+
+    def result(self) -> dict[str, Any]:
+        """Per-channel mean, std and percentiles (``{"channels": [...], "pixels": n}``)."""
+        n = max(self.count, 1)
+        mean = self.sum / n
+        std = np.sqrt(np.maximum(self.sumsq / n - mean * mean, 0.0))
+        channels = []
+        for c in range(self.channels):
+            pct = self._percentiles(c)
+            channels.append(
+                {
+                    "mean": float(mean[c]),
+                    "std": float(std[c]),
+                    "min": pct[0],
+                    "max": pct[-1],
+                    "percentiles": {str(p): v for p, v in zip(PERCENTILES, pct, strict=True)},
+                }
+            )
+        return {"pixels": int(self.count), "channels": channels}
+
+
+def percentile(channel_stats: dict[str, Any], p: float) -> float:
+    """Percentile ``p`` of one channel, interpolated between the stored ones."""
+    keys = sorted(channel_stats["percentiles"], key=float)
+    xs = [float(k) for k in keys]
+    ys = [channel_stats["percentiles"][k] for k in keys]
+    return float(np.interp(p, xs, ys))
+
+
+def scale_and_offset(stats: dict[str, Any], recipe: NormalizationConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (scale, offset) such that ``normalized = (x - offset) * scale`` before clipping."""
+    offsets, scales = [], []
+    for ch in stats["channels"]:
+        if recipe.mode == "zscore":
+            lo, spread = ch["mean"], ch["std"]
+        else:
+            lo = percentile(ch, recipe.low_percentile)
+            spread = percentile(ch, recipe.high_percentile) - lo
+        offsets.append(lo)
+        scales.append(1.0 / spread if spread > 1e-12 else 1.0)
+    return np.asarray(scales, np.float32), np.asarray(offsets, np.float32)
+
+
+def normalize(block_cyx: np.ndarray, stats: dict[str, Any], recipe: NormalizationConfig) -> np.ndarray:
+    """Normalise a block (C, h, w) of raw intensities into network inputs (float32).
+
+    percentile mode clips to [low, high] percentiles and maps them to [0, 1]; zscore subtracts the mean and
+    divides by the std. The same call serves training patches and inference tiles.
+    """
+    scale, offset = scale_and_offset(stats, recipe)
+    out = (block_cyx.astype(np.float32) - offset[:, None, None]) * scale[:, None, None]
+    if recipe.mode == "percentile":
+        np.clip(out, 0.0, 1.0, out=out)
+    return out

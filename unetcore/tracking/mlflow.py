@@ -1,0 +1,184 @@
+"""The MLflow face of the pipeline: runs, metrics, previews, the weights-only model, the registry gate.
+
+Models are logged as plain artifacts (``weights.pt`` state dict + ``config.json``) and registered from that
+artifact folder; loading downloads the folder and rebuilds the UNet with ``torch.load(weights_only=True)``, so
+no code is ever unpickled from an artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import mlflow
+import numpy as np
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from unetcore.errors import InputError, ServiceError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+MODEL_ARTIFACT = "model"
+
+
+def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail fast, in one line naming the URI, when the tracking store cannot be reached or created.
+
+    Raises:
+        ServiceError: an http(s) server does not answer its health check.
+        InputError: a sqlite file's folder cannot be created.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+                if resp.status >= 400:
+                    raise ServiceError(uri, f"MLflow health check answered HTTP {resp.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ServiceError(
+                uri, f"MLflow tracking server unreachable ({reason})", "start `mlflow server` or fix --tracking-uri"
+            ) from None
+    elif parsed.scheme == "sqlite":
+        db = sqlite_path(uri)
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(db.parent, f"cannot create the MLflow database folder ({exc.strerror})") from None
+
+
+def sqlite_path(uri: str) -> Path:
+    """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` URI."""
+    return Path(re.sub(r"^sqlite:///", "", uri))
+
+
+def configure(uri: str, experiment: str) -> str:
+    """Point MLflow at ``uri`` and make sure ``experiment`` exists; return its id.
+
+    With a sqlite store the experiment's artifacts go next to the database (``mlartifacts/``), not into the
+    current directory.
+    """
+    check_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (sqlite_path(uri).resolve().parent / "mlartifacts").as_uri()
+    return client.create_experiment(experiment, artifact_location=location)
+
+
+def log_preview(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, key: str, step: int) -> None:
+    """Log an input | truth | prediction strip (uint8 RGB) as an image series entry."""
+    mlflow.log_image(preview_strip(image, truth, pred), key=key, step=step)
+
+
+def preview_strip(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
+    """Side-by-side RGB strip: the (first channel of the) image, the truth overlay, the prediction overlay."""
+    gray = image[0] if image.ndim == 3 else image
+    lo, hi = np.percentile(gray, [1, 99])
+    g = np.clip((gray - lo) / max(hi - lo, 1e-6), 0, 1)
+    base = (np.stack([g, g, g], -1) * 255).astype(np.uint8)
+
+    def overlay(labels: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
+        out = base.copy()
+        sel = labels > 0
+        out[sel] = (0.5 * out[sel] + 0.5 * np.array(colour)).astype(np.uint8)
+        return out
+
+    panels = [base]
+    if truth is not None:
+        panels.append(overlay(truth, (0, 255, 0)))
+    panels.append(overlay(pred, (255, 0, 255)))
+    return np.concatenate(panels, axis=1)
+
+
+def register(
+    name: str,
+    run_id: str,
+    artifact_uri: str,
+    val_dice: float,
+    val_set: str,
+    evaluate_champion: Callable[[Path], float] | None = None,
+) -> dict[str, Any]:
+    """Register the run's model folder as a new version and apply the promotion gate.
+
+    The alias ``champion`` moves to the new version only if its validation Dice beats the champion's on the
+    same validation set (the stored figure when the sets match, else ``evaluate_champion(champion_dir)``);
+    otherwise the new version becomes ``challenger``. Returns ``{"version", "alias", "champion_dice"}``.
+    """
+    client = MlflowClient()
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="UNet segmentation model (weights-only + config.json)")
+    version = client.create_model_version(
+        name, source=artifact_uri, run_id=run_id, tags={"val_dice": f"{val_dice:.6f}", "val_set": val_set}
+    )
+    champion_dice = _champion_dice(client, name, val_set, evaluate_champion)
+    alias = CHAMPION if champion_dice is None or val_dice > champion_dice else CHALLENGER
+    client.set_registered_model_alias(name, alias, version.version)
+    return {"version": int(version.version), "alias": alias, "champion_dice": champion_dice}
+
+
+def _champion_dice(
+    client: MlflowClient, name: str, val_set: str, evaluate: Callable[[Path], float] | None
+) -> float | None:
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+    if champion.tags.get("val_set") == val_set and "val_dice" in champion.tags:
+        return float(champion.tags["val_dice"])
+    if evaluate is None:
+        return float(champion.tags.get("val_dice", "nan"))
+    return evaluate(download_model(f"models:/{name}@{CHAMPION}"))
+
+
+def download_model(uri: str, tracking_uri: str | None = None, dst: Path | None = None) -> Path:
+    """Resolve a model URI to a local folder holding ``weights.pt`` and ``config.json``.
+
+    Accepts ``models:/name@alias``, ``models:/name/version``, ``runs:/id/path`` and local folders.
+
+    Raises:
+        InputError: the URI does not resolve (no such model, alias, version or folder).
+    """
+    local = Path(uri)
+    if "://" not in uri and ":/" not in uri:
+        if not (local / "config.json").exists():
+            raise InputError(uri, "no model here (config.json missing)", "give a model folder or models:/name@alias")
+        return local
+    if tracking_uri:
+        check_tracking_uri(tracking_uri)
+        mlflow.set_tracking_uri(tracking_uri)
+    client = MlflowClient()
+    try:
+        if uri.startswith("models:/"):
+            ref = uri[len("models:/") :]
+            if "@" in ref:
+                name, alias = ref.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, version = ref.rsplit("/", 1)
+                mv = client.get_model_version(name, version)
+            source = mv.source
+        else:
+            source = uri
+        if dst is not None:
+            os.makedirs(dst, exist_ok=True)
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst) if dst else None))
+    except MlflowException as exc:
+        first = str(exc).splitlines()[0][:200]
+        raise InputError(uri, f"model URI does not resolve ({first})", "check the name/alias with `mlflow ui`") from None
+    if not (path / "config.json").exists():
+        raise InputError(uri, "resolved artifact holds no config.json", "register models logged by `unet train`")
+    return path
