@@ -148,3 +148,56 @@ class InferConfig(_Config):
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     export: Literal["none", "png", "tiff"] = Field("png", description="Also export label masks for small images.")
     overwrite: bool = Field(False, description="Replace an existing, different prediction.")
+
+
+class PipelineConfig(_Config):
+    """Options of ``pipeline``: ingest a labelled folder, train on it, predict held-out images."""
+
+    images: str = Field(description="Folder of training images.")
+    masks: str = Field(description="Folder of training masks (same file stems).")
+    predict_images: str | None = Field(
+        None, description="Folder of images to predict after training (default: the validation split)."
+    )
+    predict_masks: str | None = Field(None, description="Masks of predict_images, to report held-out Dice.")
+    workdir: str = Field("work", description="Folder for datasets, checkpoints and predictions.")
+    num_classes: int = Field(1, ge=1, le=255, description="1 = binary; >= 2 = multi-class.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    epochs: int = Field(20, ge=1, le=10_000)
+    steps_per_epoch: int = Field(50, ge=1, le=100_000)
+    patch_size: int = Field(256, ge=16, le=2048)
+    batch_size: int = Field(4, ge=1, le=512)
+    time_budget_s: float = Field(0.0, ge=0, description="Stop training after this many seconds (0 = none).")
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    registered_model: str = Field("unet", description="Registered model name.")
+    tile: int = Field(256, ge=16, le=4096)
+    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    n_workers: int = Field(0, ge=0, le=512, description="Local Dask workers (0 = one per core).")
+    scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")
+    seed: int = Field(0, ge=0)
+
+    def ingest_config(self) -> IngestConfig:
+        """The training dataset's ingestion."""
+        return IngestConfig(images=self.images, masks=self.masks, output=f"{self.workdir}/dataset",
+                            num_classes=self.num_classes, chunk_size=1024)
+
+    def holdout_config(self) -> IngestConfig | None:
+        """The held-out images' ingestion (all in one split, never trained on)."""
+        if not self.predict_images:
+            return None
+        return IngestConfig(images=self.predict_images, masks=self.predict_masks, output=f"{self.workdir}/holdout",
+                            num_classes=self.num_classes, val_fraction=0.0, chunk_size=1024)
+
+    def train_config(self) -> TrainConfig:
+        model = self.model.model_copy(update={"num_classes": self.num_classes})
+        return TrainConfig(dataset=f"{self.workdir}/dataset", model=model, epochs=self.epochs,
+                           steps_per_epoch=self.steps_per_epoch, patch_size=self.patch_size,
+                           batch_size=self.batch_size, time_budget_s=self.time_budget_s, seed=self.seed,
+                           val_tile=self.tile, output=f"{self.workdir}/train", tracking_uri=self.tracking_uri,
+                           registered_model=self.registered_model)
+
+    def infer_config(self, model_uri: str) -> InferConfig:
+        held_out = self.predict_images is not None
+        return InferConfig(dataset=f"{self.workdir}/holdout" if held_out else f"{self.workdir}/dataset",
+                           split="all" if held_out else "val", output=f"{self.workdir}/predictions",
+                           model=model_uri, tracking_uri=self.tracking_uri, tile=self.tile, overlap=self.overlap,
+                           n_workers=self.n_workers, scheduler_address=self.scheduler_address, overwrite=True)

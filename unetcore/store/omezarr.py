@@ -19,10 +19,10 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import dask.array as da
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
@@ -154,28 +154,38 @@ def create_labels(
     return group
 
 
-def build_pyramid(group: zarr.Group, kind: Literal["image", "label"]) -> None:
-    """Fill levels 1..n from level 0, chunk-parallel with Dask (mean for images, nearest for labels).
+def _downsample(block: np.ndarray, kind: Literal["image", "label"], dtype: np.dtype) -> np.ndarray:
+    """Halve the last two axes: 2x2 mean for images (rounded for integers), top-left sample for labels."""
+    if kind == "label":
+        return block[..., ::2, ::2]
+    h, w = block.shape[-2] // 2, block.shape[-1] // 2
+    lead = block.shape[:-2]
+    mean = block[..., : 2 * h, : 2 * w].astype(np.float32).reshape(*lead, h, 2, w, 2).mean(axis=(-3, -1))
+    return (np.round(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
 
-    Each level is computed from the one above it, so memory is a few chunks per worker thread.
+
+def build_pyramid(group: zarr.Group, kind: Literal["image", "label"], threads: int = 0) -> None:
+    """Fill levels 1..n from level 0, one output chunk per job (one writer per chunk).
+
+    Each level is computed from the one above, reading a 2x-sized region per output chunk, so memory is a few
+    chunks per thread whatever the image size.
     """
     levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
+    workers = threads or min(8, os.cpu_count() or 1)
     for level in levels[1:]:
-        src = da.from_zarr(group[str(level - 1)])
-        dst = group[str(level)]
-        spatial = src.ndim - 2
-        if kind == "label":
-            sl = (slice(None),) * spatial + (slice(None, None, 2), slice(None, None, 2))
-            down = src[sl][..., : dst.shape[-2], : dst.shape[-1]]
-        else:
-            factors = {spatial: 2, spatial + 1: 2}
-            trimmed = src[..., : 2 * dst.shape[-2], : 2 * dst.shape[-1]]
-            down = da.coarsen(np.mean, trimmed.astype(np.float32), factors, trim_excess=True)
-            if np.issubdtype(dst.dtype, np.integer):
-                down = da.round(down)
-            down = down.astype(dst.dtype)
-        down = down.rechunk(dst.chunks)
-        da.to_zarr(down, dst, compute=True)
+        src, dst = group[str(level - 1)], group[str(level)]
+        cy, cx = dst.chunks[-2:]
+        height, width = dst.shape[-2:]
+
+        def job(origin: tuple[int, int], src: zarr.Array = src, dst: zarr.Array = dst) -> None:
+            y0, x0 = origin
+            y1, x1 = min(y0 + cy, height), min(x0 + cx, width)
+            block = np.asarray(src[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
+            dst[..., y0:y1, x0:x1] = _downsample(block, kind, dst.dtype)[..., : y1 - y0, : x1 - x0]
+
+        origins = [(y, x) for y in range(0, height, cy) for x in range(0, width, cx)]
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(job, origins))
 
 
 def open_root(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:

@@ -1,0 +1,40 @@
+"""The ``train`` flow: train a UNet on an ingested dataset, tracked in MLflow, behind the promotion gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, task
+
+from flows.reporting import flow_run_id, link, log_failure, markdown, progress_artifact
+from unetcore.config import TrainConfig
+from unetcore.training.loop import train as train_model
+
+
+@task(name="train-unet", on_failure=[log_failure], timeout_seconds=7 * 24 * 3600)
+def train_task(config: TrainConfig, prefect_flow_run: str) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint when asked) and register the model."""
+    with progress_artifact("train-progress", f"Training on {config.dataset}"):
+        return train_model(config, tags={"prefect_flow_run_id": prefect_flow_run}).to_dict()
+
+
+def run_url(tracking_uri: str, run_id: str) -> str:
+    """Where a person finds the run: the server's page, or the sqlite URI (open it with `mlflow ui`)."""
+    if tracking_uri.startswith("http"):
+        return f"{tracking_uri.rstrip('/')}/#/experiments/0/runs/{run_id}"
+    return f"{tracking_uri}#run={run_id}"
+
+
+@flow(name="train", log_prints=True)
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train a UNet on an ingested dataset and register it in MLflow."""
+    result = train_task(config, flow_run_id())
+    markdown("train-report",
+             f"## Training\n\n| run | best val Dice | epoch | model | alias | seconds |\n|---|---|---|---|---|---|\n"
+             f"| `{result['run_id']}` | {result['best_val_dice']:.4f} | {result['best_epoch']} | "
+             f"{result['model_name']} v{result['model_version']} | {result['alias']} | {result['seconds']:.0f} |",
+             "Summary of the training run")
+    link("train-mlflow-run", run_url(config.tracking_uri, result["run_id"]), "MLflow run", "The run in MLflow")
+    print(f"trained: val Dice {result['best_val_dice']:.4f}, {result['model_name']} v{result['model_version']} "
+          f"({result['alias']}), MLflow run {result['run_id']}")
+    return result

@@ -1,0 +1,15 @@
+"""Test settings: Prefect and MLflow state in temporary folders, never in the user's home."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_HOME = Path(tempfile.mkdtemp(prefix="unet-tests-prefect-"))
+os.environ["PREFECT_HOME"] = str(_HOME)
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")

@@ -1,0 +1,118 @@
+"""OME-Zarr layout, pyramids, atomic stores, manifest and streaming statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from unetcore.config import NormalizationConfig
+from unetcore.store import manifest as mf
+from unetcore.store import omezarr
+from unetcore.store.stats import StreamingStats, normalize, percentile
+
+
+@pytest.mark.parametrize(("shape", "levels"), [((512, 512), 1), ((1024, 1000), 1), ((1025, 10), 2), ((5000, 3000), 4)])
+def test_pyramid_levels_stop_at_1024(shape: tuple[int, int], levels: int) -> None:
+    assert omezarr.n_levels_for(shape) == levels
+
+
+def test_image_and_labels_pyramid_follow_ome_05(tmp_path: Path) -> None:
+    img = np.arange(3 * 2100 * 1300, dtype=np.uint32).reshape(3, 2100, 1300) % 251
+    root = omezarr.create_image(tmp_path / "a.ome.zarr", img.shape, np.uint8, 512)
+    root["0"][:] = img.astype(np.uint8)
+    labels = omezarr.create_labels(root, "mask", img.shape[1:], np.uint8, 512)
+    lab = (np.indices(img.shape[1:]).sum(0) % 3).astype(np.uint8)
+    labels["0"][:] = lab
+    omezarr.build_pyramid(root, "image")
+    omezarr.build_pyramid(labels, "label")
+
+    meta = json.loads((tmp_path / "a.ome.zarr" / "zarr.json").read_text())["attributes"]["ome"]
+    assert meta["version"] == "0.5"
+    ms = meta["multiscales"][0]
+    assert [a["name"] for a in ms["axes"]] == ["c", "y", "x"]
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
+    assert ms["datasets"][2]["coordinateTransformations"][0]["scale"] == [1.0, 4.0, 4.0]
+    assert root["2"].shape == (3, 525, 325)
+    # level 1 is the 2x2 mean of level 0 (rounded), labels are the nearest (top-left) sample
+    expect = img[:, :2100, :1300].astype(np.float32).reshape(3, 1050, 2, 650, 2).mean((2, 4))
+    np.testing.assert_array_equal(root["1"][:], np.round(expect).astype(np.uint8))
+    np.testing.assert_array_equal(labels["1"][:], lab[::2, ::2])
+    lmeta = zarr.open_group(str(tmp_path / "a.ome.zarr" / "labels"), mode="r").attrs["ome"]
+    assert lmeta["labels"] == ["mask"]
+    assert "image-label" in labels.attrs["ome"]
+    assert len(labels.attrs["ome"]["multiscales"][0]["datasets"]) == 3
+
+
+def test_atomic_store_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    final = tmp_path / "x.ome.zarr"
+    with pytest.raises(RuntimeError), omezarr.atomic_store(final) as tmp:
+        omezarr.create_image(tmp, (1, 10, 10), np.uint8, 64)
+        raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_store_replaces_existing(tmp_path: Path) -> None:
+    final = tmp_path / "x.ome.zarr"
+    for value in (1, 2):
+        with omezarr.atomic_store(final) as tmp:
+            root = omezarr.create_image(tmp, (1, 4, 4), np.uint8, 64)
+            root["0"][:] = value
+    assert int(omezarr.open_root(final)["0"][0, 0, 0]) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["x.ome.zarr"]
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("a.png", "a"), ("../../etc/passwd", "passwd"), ("my image (1).tif", "my_image_1"),
+     ("slide.ome.tiff", "slide"), ("..", "image"), ("x/../../y.png", "y")],
+)
+def test_image_ids_are_safe_file_names(name: str, expected: str) -> None:
+    assert mf.image_id(Path(name)) == expected
+
+
+def test_split_is_deterministic_and_follows_fractions() -> None:
+    hashes = [f"{i * 2654435761 % 2**32:08x}" + "0" * 24 for i in range(2000)]
+    splits = [mf.split_for(h, 0.2, 0.1) for h in hashes]
+    assert splits == [mf.split_for(h, 0.2, 0.1) for h in hashes]
+    assert abs(splits.count("val") / 2000 - 0.2) < 0.03
+    assert abs(splits.count("test") / 2000 - 0.1) < 0.03
+
+
+def test_manifest_put_entry_is_atomic_and_merges(tmp_path: Path) -> None:
+    mf.put_entry(tmp_path, {"id": "a", "split": "train"})
+    mf.put_entry(tmp_path, {"id": "b", "split": "val"})
+    data = mf.load(tmp_path)
+    assert sorted(data["images"]) == ["a", "b"]
+    assert [e["id"] for e in mf.entries(data, "val")] == ["b"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".manifest")]
+
+
+def test_integer_stats_are_exact_and_streaming() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 4000, size=(300, 200, 2)).astype(np.uint16)
+    acc = StreamingStats(2, np.uint16)
+    for y in range(0, 300, 64):
+        acc.update(img[y : y + 64])
+    res = acc.result()
+    for c in range(2):
+        ch = res["channels"][c]
+        assert ch["mean"] == pytest.approx(img[..., c].mean())
+        assert ch["std"] == pytest.approx(img[..., c].std(), rel=1e-6)
+        assert ch["min"] == img[..., c].min() and ch["max"] == img[..., c].max()
+        assert percentile(ch, 99.0) == pytest.approx(np.percentile(img[..., c], 99.0), abs=1.0)
+
+
+def test_normalize_percentile_and_zscore() -> None:
+    img = np.linspace(0, 100, 101, dtype=np.float32).reshape(1, 1, 101)
+    acc = StreamingStats(1, np.float32)
+    acc.update(img.reshape(1, 101, 1))
+    stats = acc.result()
+    out = normalize(img, stats, NormalizationConfig(mode="percentile", low_percentile=10, high_percentile=90))
+    assert out.min() == 0.0 and out.max() == 1.0
+    assert out[0, 0, 50] == pytest.approx(0.5, abs=1e-3)
+    z = normalize(img, stats, NormalizationConfig(mode="zscore"))
+    assert z.mean() == pytest.approx(0.0, abs=1e-5) and z.std() == pytest.approx(1.0, abs=1e-4)

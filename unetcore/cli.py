@@ -1,0 +1,332 @@
+"""The ``unet`` command: ingest, train, predict, pipeline, demo (and serve).
+
+Each command builds the typed config (refusing bad values with the option named), runs quick pre-flight checks
+(folders exist, tracking server reachable) so a user error never costs hours, then runs the Prefect flow (or the
+library directly with ``--no-prefect``). User errors print one line and exit 2; a partial ingestion exits 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from unetcore.errors import UnetError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="UNet segmentation for images of any size: ingest → train → predict.")
+
+EXIT_PARTIAL = 3
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[None]:
+    """Show library progress reports as terminal progress bars (one per stage)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from unetcore import progress
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=False, disable=not sys.stderr.isatty())
+    tasks: dict[str, Any] = {}
+
+    def on_report(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    with bars, progress.subscribed(on_report):
+        yield
+
+
+def _run(action: Callable[[], int | None]) -> None:
+    """Run a command body: user errors become one line and exit 2."""
+    try:
+        code = action() or 0
+    except UnetError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: completed work is kept; re-run the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
+
+
+def _config(model: type, **values: Any) -> Any:
+    from unetcore.config import validated
+
+    return validated(model, **{k: v for k, v in values.items() if v is not None})
+
+
+def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: Callable[[Any], Any], cfg: Any) -> Any:
+    with _progress_bar():
+        return flow_fn(cfg) if use_prefect else lib_fn(cfg)
+
+
+PREFECT_OPT = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or call the library directly.")
+
+
+@app.command()
+def ingest(
+    images: Path = typer.Argument(..., help="Folder of images (TIFF, PNG, JPEG, NPY, Zarr)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write."),
+    masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems."),
+    chunk_size: Optional[int] = typer.Option(None, help="Chunk edge in pixels."),
+    num_classes: Optional[int] = typer.Option(None, help="Declared classes (1 = binary)."),
+    val_fraction: Optional[float] = typer.Option(None, help="Fraction of images in the validation split."),
+    test_fraction: Optional[float] = typer.Option(None, help="Fraction of images in the test split."),
+    channel_axis: Optional[str] = typer.Option(None, help="auto, yx, yxc or cyx."),
+    max_pixels: Optional[int] = typer.Option(None, help="Refuse images larger than this many pixels."),
+    force: bool = typer.Option(False, help="Re-ingest unchanged images too."),
+    use_prefect: bool = PREFECT_OPT,
+) -> None:
+    """Ingest a folder of images (and masks) into OME-Zarr stores plus a manifest (incremental)."""
+
+    def body() -> int:
+        from unetcore.config import IngestConfig
+        from unetcore.ingest import ingest_folder
+        from unetcore.io.readers import list_images
+
+        cfg = _config(IngestConfig, images=str(images), masks=str(masks) if masks else None, output=str(output),
+                      chunk_size=chunk_size, num_classes=num_classes, val_fraction=val_fraction,
+                      test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force)
+        list_images(images)
+        if masks is not None and not masks.is_dir():
+            raise _input_error(masks, "mask folder does not exist", "check --masks")
+        from flows.ingest import ingest as ingest_flow
+
+        report = _flow_or_library(use_prefect, ingest_flow, lambda c: ingest_folder(c).to_dict(), cfg)
+        for failure in report["failed"]:
+            typer.echo(f"skipped: {failure['error']}", err=True)
+        typer.echo(f"ingest {report['status']}: {len(report['added'])} added, {len(report['updated'])} updated, "
+                   f"{len(report['skipped'])} unchanged, {len(report['failed'])} failed -> {output}/manifest.json")
+        return EXIT_PARTIAL if report["status"] in ("partial", "failed") else 0
+
+    _run(body)
+
+
+def _input_error(path: Path, reason: str, hint: str = "") -> UnetError:
+    from unetcore.errors import InputError
+
+    return InputError(path, reason, hint)
+
+
+@app.command()
+def train(
+    dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`."),
+    output: Optional[Path] = typer.Option(None, help="Folder for checkpoints and the best model."),
+    epochs: Optional[int] = typer.Option(None),
+    steps_per_epoch: Optional[int] = typer.Option(None),
+    patch_size: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None),
+    optimizer: Optional[str] = typer.Option(None, help="adamw or sgd."),
+    schedule: Optional[str] = typer.Option(None, help="poly, cosine or constant."),
+    loss: Optional[str] = typer.Option(None, help="dice_ce, ce, dice or focal."),
+    num_classes: Optional[int] = typer.Option(None, help="1 = binary, >= 2 multi-class."),
+    in_channels: Optional[int] = typer.Option(None),
+    base_channels: Optional[int] = typer.Option(None),
+    depth: Optional[int] = typer.Option(None),
+    time_budget_s: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
+    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI."),
+    registered_model: Optional[str] = typer.Option(None, help="Registered model name."),
+    resume: bool = typer.Option(False, help="Resume from the last checkpoint in --output."),
+    seed: Optional[int] = typer.Option(None),
+    use_prefect: bool = PREFECT_OPT,
+) -> None:
+    """Train a UNet on an ingested dataset; track it in MLflow and register it (champion gate)."""
+
+    def body() -> int:
+        from unetcore.config import ModelConfig, TrainConfig
+        from unetcore.tracking.mlflow import check_tracking_uri
+        from unetcore.training.loop import _check_inputs, train as train_lib
+
+        model = _config(ModelConfig, num_classes=num_classes, in_channels=in_channels, base_channels=base_channels,
+                        depth=depth)
+        cfg = _config(TrainConfig, dataset=str(dataset), output=str(output) if output else None, epochs=epochs,
+                      steps_per_epoch=steps_per_epoch, patch_size=patch_size, batch_size=batch_size, lr=lr,
+                      optimizer=optimizer, schedule=schedule, loss=loss, model=model, time_budget_s=time_budget_s,
+                      patience=patience, device=device, tracking_uri=tracking_uri, registered_model=registered_model,
+                      resume=resume, seed=seed)
+        _check_inputs(cfg)
+        check_tracking_uri(cfg.tracking_uri)
+        from flows.train import train as train_flow
+
+        result = _flow_or_library(use_prefect, train_flow, lambda c: train_lib(c).to_dict(), cfg)
+        typer.echo(f"trained in {result['seconds']:.0f} s: best val Dice {result['best_val_dice']:.4f} "
+                   f"(epoch {result['best_epoch']}); model {result['model_name']} v{result['model_version']} "
+                   f"-> alias '{result['alias']}'; MLflow run {result['run_id']} in {cfg.tracking_uri}")
+        return 0
+
+    _run(body)
+
+
+@app.command()
+def predict(
+    dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for <id>.ome.zarr predictions."),
+    model: Optional[str] = typer.Option(None, help="models:/name@alias, models:/name/version, or a model folder."),
+    tracking_uri: Optional[str] = typer.Option(None),
+    split: Optional[str] = typer.Option(None, help="all, train, val or test."),
+    tile: Optional[int] = typer.Option(None),
+    overlap: Optional[float] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    block_size: Optional[int] = typer.Option(None),
+    threshold: Optional[float] = typer.Option(None),
+    tta: bool = typer.Option(False, help="Flip test-time augmentation."),
+    min_object_size: Optional[int] = typer.Option(None),
+    export: Optional[str] = typer.Option(None, help="none, png or tiff."),
+    scheduler_address: Optional[str] = typer.Option(None, help="Existing Dask scheduler, tcp://host:port."),
+    workers: Optional[int] = typer.Option(None, help="Local Dask workers (0 = one per core)."),
+    device: Optional[str] = typer.Option(None),
+    overwrite: bool = typer.Option(False, help="Replace an existing, different prediction."),
+    use_prefect: bool = PREFECT_OPT,
+) -> None:
+    """Predict an ingested dataset with tiled, blended inference on Dask, streamed to OME-Zarr."""
+
+    def body() -> int:
+        from unetcore.config import InferConfig
+        from unetcore.inference.engine import predict_dataset, results_to_dicts
+        from unetcore.store.manifest import require
+        from unetcore.tracking.mlflow import check_tracking_uri
+
+        cfg = _config(InferConfig, dataset=str(dataset), output=str(output), model=model, tracking_uri=tracking_uri,
+                      split=split, tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size,
+                      threshold=threshold, tta=tta, min_object_size=min_object_size, export=export,
+                      scheduler_address=scheduler_address, n_workers=workers, device=device, overwrite=overwrite)
+        require(dataset)
+        if cfg.model.startswith(("models:/", "runs:/")):
+            check_tracking_uri(cfg.tracking_uri)
+        from flows.infer import infer as infer_flow
+
+        results = _flow_or_library(use_prefect, infer_flow, lambda c: results_to_dicts(predict_dataset(c)), cfg)
+        _print_predictions(results)
+        return 0
+
+    _run(body)
+
+
+def _print_predictions(results: list[dict[str, Any]]) -> None:
+    for r in results:
+        dice = f", Dice {r['dice']:.4f}" if r["dice"] is not None else ""
+        typer.echo(f"  {r['id']}: {r['pixels'] / 1e6:.2f} MP in {r['seconds']:.1f} s ({r['megapixels_per_s']:.2f} "
+                   f"MP/s{dice})\n    zarr: {r['output']}\n    mask: {r['export']}\n    preview: {r['preview']}")
+
+
+@app.command()
+def pipeline(
+    images: Path = typer.Argument(..., help="Folder of training images."),
+    masks: Path = typer.Option(..., help="Folder of training masks."),
+    predict_images: Optional[Path] = typer.Option(None, help="Held-out images to predict after training."),
+    predict_masks: Optional[Path] = typer.Option(None, help="Their masks (to report held-out Dice)."),
+    workdir: Path = typer.Option(Path("work"), help="Folder for datasets, checkpoints, predictions."),
+    epochs: Optional[int] = typer.Option(None),
+    steps_per_epoch: Optional[int] = typer.Option(None),
+    patch_size: Optional[int] = typer.Option(None),
+    batch_size: Optional[int] = typer.Option(None),
+    num_classes: Optional[int] = typer.Option(None),
+    time_budget_s: Optional[float] = typer.Option(None),
+    tracking_uri: Optional[str] = typer.Option(None),
+    workers: Optional[int] = typer.Option(None),
+    scheduler_address: Optional[str] = typer.Option(None),
+) -> None:
+    """Run ingest → train → predict as one Prefect flow."""
+
+    def body() -> int:
+        from unetcore.config import PipelineConfig
+
+        cfg = _config(PipelineConfig, images=str(images), masks=str(masks),
+                      predict_images=str(predict_images) if predict_images else None,
+                      predict_masks=str(predict_masks) if predict_masks else None, workdir=str(workdir),
+                      epochs=epochs, steps_per_epoch=steps_per_epoch, patch_size=patch_size, batch_size=batch_size,
+                      num_classes=num_classes, time_budget_s=time_budget_s, tracking_uri=tracking_uri,
+                      n_workers=workers, scheduler_address=scheduler_address)
+        return _run_pipeline(cfg)
+
+    _run(body)
+
+
+def _run_pipeline(cfg: Any) -> int:
+    from flows.pipeline import pipeline as pipeline_flow
+    from unetcore.io.readers import list_images
+    from unetcore.tracking.mlflow import check_tracking_uri
+
+    list_images(Path(cfg.images))
+    check_tracking_uri(cfg.tracking_uri)
+    start = time.perf_counter()
+    with _progress_bar():
+        result = pipeline_flow(cfg)
+    elapsed = time.perf_counter() - start
+    trained, predicted = result["train"], result["infer"]
+    dices = [r["dice"] for r in predicted if r["dice"] is not None]
+    typer.echo("\n== pipeline finished in %.0f s ==" % elapsed)
+    typer.echo(f"dataset:       {cfg.workdir}/dataset/manifest.json")
+    typer.echo(f"model:         {trained['model_name']} v{trained['model_version']} (alias '{trained['alias']}'), "
+               f"val Dice {trained['best_val_dice']:.4f}")
+    typer.echo(f"MLflow run:    {trained['run_id']} in {cfg.tracking_uri}  (browse: mlflow ui --backend-store-uri "
+               f"{cfg.tracking_uri})")
+    typer.echo("predictions:")
+    _print_predictions(predicted)
+    if dices:
+        typer.echo(f"held-out Dice: {sum(dices) / len(dices):.4f}")
+    summary = {"seconds": round(elapsed, 1), "held_out_dice": sum(dices) / len(dices) if dices else None,
+               "val_dice": trained["best_val_dice"], "run_id": trained["run_id"]}
+    Path(cfg.workdir, "summary.json").write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+@app.command()
+def demo(
+    workdir: Path = typer.Option(Path("demo"), help="Folder for the sample, datasets, model and predictions."),
+    epochs: int = typer.Option(12, help="Training epochs."),
+    steps_per_epoch: int = typer.Option(40, help="Optimiser steps per epoch."),
+    large_size: int = typer.Option(2048, help="Edge of the held-out large image."),
+    time_budget_s: float = typer.Option(360.0, help="Training wall-clock budget in seconds."),
+) -> None:
+    """Generate the bundled sample and run the whole pipeline on it (embedded Prefect, sqlite MLflow, local Dask)."""
+
+    def body() -> int:
+        from unetcore.config import ModelConfig, PipelineConfig
+        from unetcore.data.synthetic import write_sample
+
+        sample = workdir / "sample"
+        typer.echo(f"generating the sample in {sample} ...")
+        write_sample(sample / "train", n_images=10, size=512, large_size=0, seed=0)
+        write_sample(sample / "holdout", n_images=0, size=512, large_size=large_size, seed=1)
+        cfg = PipelineConfig(
+            images=str(sample / "train" / "images"), masks=str(sample / "train" / "masks"),
+            predict_images=str(sample / "holdout" / "images"), predict_masks=str(sample / "holdout" / "masks"),
+            workdir=str(workdir), epochs=epochs, steps_per_epoch=steps_per_epoch, patch_size=128, batch_size=8,
+            time_budget_s=time_budget_s, tracking_uri=f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+            model=ModelConfig(base_channels=16, depth=4),
+        )
+        return _run_pipeline(cfg)
+
+    _run(body)
+
+
+@app.command()
+def serve() -> None:
+    """Serve all deployments (ingest, train, infer, pipeline, nightly) from this process (needs a Prefect API)."""
+    from deployments.serve import serve_all
+
+    _run(serve_all)
+
+
+def main() -> None:
+    """Entry point of the ``unet`` console script."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    app()
+
+
+if __name__ == "__main__":
+    main()
