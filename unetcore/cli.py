@@ -59,10 +59,10 @@ def _run(action: Callable[[], int | None]) -> None:
     raise typer.Exit(code)
 
 
-def _config(model: type, **values: Any) -> Any:
+def _config(schema: type, /, **values: Any) -> Any:
     from unetcore.config import validated
 
-    return validated(model, **{k: v for k, v in values.items() if v is not None})
+    return validated(schema, **{k: v for k, v in values.items() if v is not None})
 
 
 def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: Callable[[Any], Any], cfg: Any) -> Any:

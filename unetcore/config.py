@@ -31,13 +31,13 @@ class _Config(BaseModel):
         return out
 
 
-def validated(model: type[BaseModel], **values: Any) -> Any:
-    """Build ``model(**values)``, turning pydantic's report into one :class:`ConfigError` line."""
+def validated(schema: type[BaseModel], /, **values: Any) -> Any:
+    """Build ``schema(**values)``, turning pydantic's report into one :class:`ConfigError` line."""
     try:
-        return model(**values)
+        return schema(**values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or model.__name__
+        field = ".".join(str(p) for p in err["loc"]) or schema.__name__
         raise ConfigError(field, err["msg"]) from None
 
 

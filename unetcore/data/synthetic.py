@@ -134,6 +134,7 @@ class SampleInfo:
     masks: list[Path] = field(default_factory=list)  # same order and stems as ``images``
     large_image: Path | None = None
     n_objects: int = 0  # nuclei over all images
+    seeds: list[int] = field(default_factory=list)  # generate_image seed of each image, to remake one
 
     @property
     def n_images(self) -> int:
@@ -182,7 +183,14 @@ def write_sample(
         n_objects += int(instances.max())
         if kind == "tiled":
             large = image_path
-    return SampleInfo(root=out_dir, images=images, masks=masks, large_image=large, n_objects=n_objects)
+    return SampleInfo(
+        root=out_dir,
+        images=images,
+        masks=masks,
+        large_image=large,
+        n_objects=n_objects,
+        seeds=[job[2] for job in jobs],
+    )
 
 
 # --- helpers ------------------------------------------------------------------------------------------------

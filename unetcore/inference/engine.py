@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -39,6 +40,7 @@ from unetcore.store import omezarr
 from unetcore.training.metrics import confusion_counts
 
 LABELS_NAME = "prediction"
+log = logging.getLogger("unetcore.inference")
 
 
 @dataclass
@@ -122,6 +124,7 @@ def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int
     """
     from distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if address:
         try:
             client = Client(address, timeout="10s")
@@ -137,6 +140,7 @@ def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int
     cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
                            dashboard_address="127.0.0.1:0", host="127.0.0.1", memory_limit="auto")
     client = Client(cluster)
+    log.info("Dask dashboard: %s", client.dashboard_link)
     try:
         yield client
     finally:

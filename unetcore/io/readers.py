@@ -1,0 +1,727 @@
+"""Open image and mask files lazily, as region-readable sources in YXC order, refusing bad input early.
+
+:func:`open_image` reads only a file's header (TIFF tags, the ``.npy`` header, Zarr metadata, the PNG/JPEG
+header) to learn its shape, dtype and channel layout, and checks them before any pixel is read: a missing,
+corrupt or truncated file, an empty image, a declared shape above ``max_pixels`` (decompression bombs), an
+unsupported dtype, more than 64 channels or more than three axes each raise one :class:`InputError` naming the
+file. The returned :class:`ImageSource` reads regions on demand:
+
+* TIFF: tifffile's Zarr store over series 0, level 0 (pyramids keep their full-resolution level): a region
+  read decodes only the tiles (or strips) it touches;
+* ``.npy``: a read-only memory map;
+* Zarr: the array itself, or level ``0`` of an OME-Zarr multiscale group (axes from its metadata);
+* PNG/JPEG: decoded whole by Pillow on first use and cached (these formats cannot be read by region).
+
+An :class:`ImageSource` pickles as its path and metadata, so it can be sent to Dask workers; each process opens
+the file again on its first read and keeps the handle. It is also array-like (``shape``, ``dtype``, ``ndim``,
+``source[y0:y1, x0:x1]``), which ``dask.array.from_array`` accepts.
+
+:func:`open_mask` opens a label mask for an image and checks it band by band (never whole) against the image and
+the declared number of classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import tifffile
+import zarr
+from PIL import Image, UnidentifiedImageError
+
+from unetcore.errors import ConfigError, InputError
+
+__all__ = [
+    "IMAGE_DTYPES",
+    "MASK_DTYPES",
+    "SUPPORTED_SUFFIXES",
+    "ImageSource",
+    "MaskSource",
+    "check_finite",
+    "find_mask",
+    "image_stem",
+    "iter_row_bands",
+    "list_images",
+    "open_image",
+    "open_mask",
+]
+
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
+IMAGE_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
+# Masks may also come as labels from numpy/scikit-image (int32/int64/uint32), bool, or float64.
+MASK_DTYPES: tuple[str, ...] = IMAGE_DTYPES + ("bool", "uint32", "int32", "int64", "float64")
+MAX_CHANNELS = 64
+DEFAULT_MAX_PIXELS = 50_000_000_000
+ChannelAxis = Literal["auto", "yx", "yxc", "cyx"]
+_CHANNEL_AXES = ("auto", "yx", "yxc", "cyx")
+_BAND_PIXELS = 1 << 24  # pixels per band when a whole file is checked band by band (16 Mi)
+_FORMATS = {".tif": "tiff", ".tiff": "tiff", ".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".npy": "npy", ".zarr": "zarr"}
+# Pillow mode -> (dtype, channels, mode to convert to before use; "" keeps it)
+_PIL_MODES: dict[str, tuple[str, int, str]] = {
+    "1": ("bool", 1, ""),
+    "L": ("uint8", 1, ""),
+    "LA": ("uint8", 2, ""),
+    "RGB": ("uint8", 3, ""),
+    "RGBA": ("uint8", 4, ""),
+    "CMYK": ("uint8", 3, "RGB"),
+    "YCbCr": ("uint8", 3, "RGB"),
+    "I;16": ("uint16", 1, ""),
+    "I;16L": ("uint16", 1, ""),
+    "I;16B": ("uint16", 1, ""),
+    "I;16N": ("uint16", 1, ""),
+    "I": ("int32", 1, ""),
+    "F": ("float32", 1, ""),
+}
+_PIL_LOCK = threading.Lock()  # Pillow's bomb limit is a module global: change it under a lock
+
+
+@dataclass(frozen=True)
+class _Storage:
+    """How to get YXC pixels out of the file.
+
+    ``axes`` names each stored axis: ``Y``, ``X``, ``C``, or ``1`` for a singleton axis that is indexed away
+    (e.g. OME-Zarr ``t``/``z`` of size 1). ``key`` is the array's path inside a Zarr group; ``convert`` a Pillow
+    mode to convert to after decoding (e.g. a palette image to RGB; palette masks keep their indices).
+    """
+
+    fmt: Literal["tiff", "pil", "npy", "zarr"]
+    axes: str
+    key: str = ""
+    convert: str = ""
+
+
+@dataclass
+class ImageSource:
+    """An image file opened lazily: its shape in canonical ``(H, W, C)`` order, dtype, and region reads.
+
+    Picklable: only the path and metadata travel; the opened handle is re-created per process on first use.
+    """
+
+    path: Path
+    shape_yxc: tuple[int, int, int]
+    dtype: np.dtype
+    storage: _Storage
+    _handle: Any = field(default=None, init=False, repr=False, compare=False)
+
+    # -- array-like face --------------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(H, W, C)``."""
+        return self.shape_yxc
+
+    @property
+    def ndim(self) -> int:
+        """Always 3 (Y, X, C)."""
+        return 3
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        """``source[ys, xs]`` or ``source[ys, xs, cs]`` with ints or slices (positive steps), as on ``(H, W, C)``."""
+        key = key if isinstance(key, tuple) else (key,)
+        if len(key) > 3:
+            raise IndexError(f"too many indices for a (H, W, C) source: {key}")
+        key = key + (slice(None),) * (3 - len(key))
+        regions, picks = [], []
+        for k, n in zip(key[:2], self.shape_yxc[:2]):
+            if isinstance(k, (int, np.integer)):
+                i = int(k) + n if k < 0 else int(k)
+                if not 0 <= i < n:
+                    raise IndexError(f"index {k} out of range for an axis of size {n}")
+                regions.append(slice(i, i + 1))
+                picks.append(0)
+            elif isinstance(k, slice):
+                start, stop, step = k.indices(n)
+                if step < 1:
+                    raise IndexError("negative steps are not supported")
+                regions.append(slice(start, max(start, stop)))
+                picks.append(slice(None, None, step))
+            else:
+                raise TypeError(f"unsupported index {k!r}: use ints or slices")
+        return self.read(regions[0], regions[1])[picks[0], picks[1]][..., key[2]]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.read(slice(0, self.shape_yxc[0]), slice(0, self.shape_yxc[1]))
+        return out if dtype is None else out.astype(dtype)
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def read(self, ys: slice, xs: slice) -> np.ndarray:
+        """Read rows ``ys`` and columns ``xs`` (clipped to the image, step 1) as ``(h, w, C)`` of ``dtype``."""
+        return self._read_stored(ys, xs)
+
+    def _read_stored(self, ys: slice, xs: slice) -> np.ndarray:
+        """The stored pixels of a region as ``(h, w, C_stored)``, in the stored dtype (native byte order)."""
+        (y0, y1, ystep), (x0, x1, xstep) = ys.indices(self.shape_yxc[0]), xs.indices(self.shape_yxc[1])
+        if ystep != 1 or xstep != 1:
+            raise ValueError("read() takes slices with step 1")
+        y1, x1 = max(y0, y1), max(x0, x1)
+        index = tuple(
+            {"Y": slice(y0, y1), "X": slice(x0, x1), "C": slice(None), "1": 0}[axis] for axis in self.storage.axes
+        )
+        try:
+            block = np.asarray(self._array()[index])
+        except InputError:
+            raise
+        except Exception as exc:  # a corrupt tile or strip, a vanished file: say which file and where
+            raise InputError(
+                self.path, f"cannot read region y={y0}:{y1}, x={x0}:{x1} ({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
+        kept = self.storage.axes.replace("1", "")
+        block = block.transpose([kept.index(a) for a in "YXC" if a in kept])
+        if "C" not in kept:
+            block = block[..., None]
+        if not block.dtype.isnative:
+            block = block.astype(block.dtype.newbyteorder("="))
+        return block
+
+    def _array(self) -> Any:
+        """The opened array (a Zarr array, a memory map or a decoded ndarray), opened once per process."""
+        if self._handle is None:
+            self._handle = _OPENERS[self.storage.fmt](self.path, self.storage)
+        return self._handle[1] if isinstance(self._handle, tuple) else self._handle
+
+    def close(self) -> None:
+        """Release the open file handle, if any (it is reopened on the next read)."""
+        handle, self._handle = self._handle, None
+        if isinstance(handle, tuple):
+            handle[0].close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None  # tifffile's Zarr store and memory maps are not picklable
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class MaskSource(ImageSource):
+    """A checked mask: reads give ``(h, w, 1)`` class indices in ``dtype`` (uint8 unless there are > 255 classes).
+
+    ``reduce_channels``: the file is RGB(A) with equal colour channels; only the first is used.
+    ``map_255``: a binary mask saved as 0/255; 255 is read as 1.
+    """
+
+    stored_dtype: np.dtype = field(default_factory=lambda: np.dtype("uint8"))
+    map_255: bool = False
+
+    def read(self, ys: slice, xs: slice) -> np.ndarray:
+        """Read a region as ``(h, w, 1)`` class indices."""
+        block = self._read_stored(ys, xs)[..., :1]
+        if self.map_255:
+            block = np.where(block == 255, 1, block)
+        return block.astype(self.dtype)
+
+
+# --- public functions ---------------------------------------------------------------------------------------
+
+
+def open_image(
+    path: str | Path, channel_axis: ChannelAxis = "auto", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> ImageSource:
+    """Open an image lazily, after checking its header.
+
+    Args:
+        path: a ``.tif/.tiff/.png/.jpg/.jpeg/.npy`` file or a ``.zarr`` folder.
+        channel_axis: how a 3-D array is laid out. ``"auto"`` trusts the file's own axis names (TIFF samples or
+            channels, OME-Zarr axes) and otherwise guesses: the last axis is channels if it has 3 or 4 entries,
+            or at most 8 and fewer than the first; the first axis is channels if it has at most 8 entries and
+            fewer than the last; anything else is refused as ambiguous. ``"yx"`` demands a 2-D image.
+        max_pixels: refuse images with more than this many pixels (H x W), judged from the header alone.
+
+    Returns:
+        An :class:`ImageSource` with ``shape_yxc == (H, W, C)``.
+
+    Raises:
+        InputError: the file is missing, of an unsupported type, unreadable, corrupt or truncated, empty, too
+            large, has an unsupported dtype, more than 64 channels or more than three axes.
+    """
+    return _open(Path(path), channel_axis, max_pixels, IMAGE_DTYPES, role="image")
+
+
+def open_mask(
+    path: str | Path, image: ImageSource, num_classes: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> MaskSource:
+    """Open a mask for ``image`` and check it band by band.
+
+    A mask is 2-D (or ``(H, W, 1)``; an RGB(A) mask whose colour channels are all equal is accepted and read as
+    one channel), of an integer, bool or float dtype (floats must hold whole numbers), the same H and W as its
+    image, with values in ``[0, max(2, num_classes))``. Masks saved as 0/255 (usual for binary PNG masks) are
+    accepted when the mask is binary (``num_classes <= 2``) and read with 255 as 1; a mask mixing 1 and 255 is
+    refused as ambiguous.
+
+    Raises:
+        InputError: any of the above does not hold; the message names the mask (and the image for shape).
+    """
+    path = Path(path)
+    raw = _open(path, "auto", max_pixels, MASK_DTYPES, role="mask")
+    height, width, channels = raw.shape_yxc
+    if (height, width) != image.shape_yxc[:2]:
+        raise InputError(
+            path,
+            f"mask shape {height}x{width} does not match image {image.path.name} shape "
+            f"{image.shape_yxc[0]}x{image.shape_yxc[1]}",
+            "masks must have the same height and width as their image",
+        )
+    if channels not in (1, 3, 4):
+        raise InputError(path, f"mask has {channels} channels", "save the mask as a single-channel label image")
+    n_classes = max(2, int(num_classes))
+    seen = _scan_mask(raw, n_classes)
+    map_255 = n_classes == 2 and 255 in seen
+    if map_255 and 1 in seen:
+        raise InputError(path, "mask mixes values 1 and 255", "a binary mask should use 0/1 or 0/255, not both")
+    mask = MaskSource(
+        path=path,
+        shape_yxc=(height, width, 1),
+        dtype=np.dtype("uint8" if n_classes <= 256 else "int32"),
+        storage=raw.storage,
+        stored_dtype=raw.dtype,
+        map_255=map_255,
+    )
+    mask._handle = raw._handle  # keep what is already open (or decoded, for PNG)
+    return mask
+
+
+def check_finite(source: ImageSource) -> None:
+    """Raise :class:`InputError` if a float image holds NaN or Inf; checked band by band. No-op for integers."""
+    if source.dtype.kind != "f":
+        return
+    for ys, band in iter_row_bands(source):
+        bad = ~np.isfinite(band)
+        if bad.any():
+            row = ys.start + int(np.argwhere(bad)[0][0])
+            raise InputError(source.path, f"image contains NaN or Inf values (first at row {row})",
+                             "replace them (e.g. with 0) before ingesting")
+
+
+def iter_row_bands(source: ImageSource, band_pixels: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """Yield ``(rows, pixels)`` for horizontal bands covering the image, each about ``band_pixels`` values.
+
+    The default band holds 16 Mi values (64 MiB of float32), so memory does not grow with the image.
+    """
+    height, width, channels = source.shape_yxc
+    rows = max(1, (band_pixels or _BAND_PIXELS) // max(1, width * channels))
+    if rows < height:
+        rows = max(rows // 256 * 256, rows)  # whole tiles for tiled TIFFs (256 is the common tile edge)
+    for y0 in range(0, height, rows):
+        ys = slice(y0, min(y0 + rows, height))
+        yield ys, source.read(ys, slice(0, width))
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """The supported images in ``folder`` (not recursive), sorted by name; hidden files are ignored.
+
+    Raises:
+        InputError: the folder does not exist, is not a folder, or holds no supported image.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise InputError(folder, "folder does not exist")
+    if not folder.is_dir():
+        raise InputError(folder, "is not a folder")
+    found = sorted(
+        p
+        for p in folder.iterdir()
+        if not p.name.startswith(".")
+        and p.suffix.lower() in SUPPORTED_SUFFIXES
+        and (p.is_dir() if p.suffix.lower() == ".zarr" else p.is_file())
+    )
+    if not found:
+        raise InputError(folder, "no supported images found", f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
+    return found
+
+
+def image_stem(path: str | Path) -> str:
+    """The name of an image without its suffix, also dropping ``.ome`` (``a.ome.tif`` -> ``a``)."""
+    name = Path(path).name
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix else name
+    return stem[:-4] if stem.lower().endswith(".ome") else stem
+
+
+def find_mask(masks_dir: str | Path, image_path: str | Path) -> Path | None:
+    """The mask of ``image_path`` in ``masks_dir``: same stem (or stem + ``_mask``), any supported suffix.
+
+    An exact stem beats ``<stem>_mask``. Returns None when there is none.
+
+    Raises:
+        InputError: ``masks_dir`` does not exist, or several files are equally good matches.
+    """
+    masks_dir = Path(masks_dir)
+    if not masks_dir.is_dir():
+        raise InputError(masks_dir, "mask folder does not exist")
+    by_stem = _stems(str(masks_dir), masks_dir.stat().st_mtime_ns)
+    stem = image_stem(image_path)
+    for wanted in (stem, f"{stem}_mask"):
+        matches = by_stem.get(wanted, ())
+        if len(matches) > 1:
+            names = ", ".join(p.name for p in matches)
+            raise InputError(masks_dir, f"several masks match {Path(image_path).name}: {names}", "keep only one")
+        if matches:
+            return matches[0]
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _stems(folder: str, mtime_ns: int) -> dict[str, tuple[Path, ...]]:
+    """Supported, non-hidden entries of ``folder`` by stem; cached per folder version (the mtime)."""
+    out: dict[str, list[Path]] = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if not entry.name.startswith(".") and Path(entry.name).suffix.lower() in SUPPORTED_SUFFIXES:
+            out.setdefault(image_stem(entry.name), []).append(Path(entry.path))
+    return {stem: tuple(paths) for stem, paths in out.items()}
+
+
+# --- opening ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What a file declares about itself before any pixel is read."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    axes: str | None  # letters Y, X, C (or 1 for a singleton to drop) when the file names its axes
+    key: str = ""
+    convert: str = ""
+
+
+def _open(
+    path: Path, channel_axis: str, max_pixels: int, allowed: tuple[str, ...], role: str
+) -> ImageSource:
+    if channel_axis not in _CHANNEL_AXES:
+        raise ConfigError("channel_axis", f"'{channel_axis}' is not one of {', '.join(_CHANNEL_AXES)}")
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in _FORMATS:
+        raise InputError(path, f"unsupported file type '{suffix or path.name}'",
+                         f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
+    fmt = _FORMATS[suffix]
+    header = _HEADER_READERS[fmt](path, max_pixels, role)
+    axes = _layout(path, header, channel_axis)
+    kept = axes.replace("1", "")
+    sizes = dict(zip(axes, header.shape))
+    height, width = sizes["Y"], sizes["X"]
+    channels = sizes.get("C", 1) if "C" in kept else 1
+    if height * width * channels == 0:
+        raise InputError(path, f"image is empty (shape {header.shape})")
+    if height * width > max_pixels:
+        raise InputError(path, f"image has {height}x{width} = {height * width:,} pixels, more than max_pixels "
+                         f"{max_pixels:,}", "raise max_pixels if the file is genuine")
+    if header.dtype.name not in allowed:
+        raise InputError(path, f"unsupported {role} dtype {header.dtype.name}", f"supported: {', '.join(allowed)}")
+    if channels > MAX_CHANNELS:
+        raise InputError(path, f"{role} has {channels} channels, more than {MAX_CHANNELS}",
+                         "check channel_axis or the file's layout")
+    storage = _Storage(fmt=fmt, axes=axes, key=header.key, convert=header.convert)
+    source = ImageSource(path=path, shape_yxc=(height, width, channels), dtype=header.dtype.newbyteorder("="),
+                         storage=storage)
+    _VERIFIERS[fmt](source)
+    return source
+
+
+def _layout(path: Path, header: _Header, channel_axis: str) -> str:
+    """Name each stored axis (``Y``, ``X``, ``C``, or ``1`` for a dropped singleton)."""
+    shape = header.shape
+    if header.axes is not None:
+        named = header.axes
+    else:
+        # leading singletons beyond three axes (e.g. (1, 1, H, W)) carry nothing: drop them
+        lead = 0
+        while len(shape) - lead > 3 and shape[lead] == 1:
+            lead += 1
+        named = "1" * lead + "?" * (len(shape) - lead)
+    core = [i for i, a in enumerate(named) if a != "1"]
+    if len(core) > 3 or len(core) < 2:
+        what = "more than three" if len(core) > 3 else "fewer than two"
+        raise InputError(path, f"array has {what} axes (shape {shape})", "only 2-D images (YX, YXC or CYX) are supported")
+    letters = "".join(named[i] for i in core)
+    dims = [shape[i] for i in core]
+    if channel_axis == "yx":
+        if len(core) != 2:
+            raise InputError(path, f"channel_axis 'yx' needs a 2-D image, got shape {shape}", "use 'auto', 'yxc' or 'cyx'")
+        layout = "YX"
+    elif len(core) == 2:
+        layout = "YX"
+    elif channel_axis == "yxc":
+        layout = "YXC"
+    elif channel_axis == "cyx":
+        layout = "CYX"
+    elif "?" not in letters and sorted(letters) == ["C", "X", "Y"] and letters in ("YXC", "CYX"):
+        layout = letters
+    else:
+        first, last = dims[0], dims[-1]
+        if last in (3, 4) or (last <= 8 and first > last):
+            layout = "YXC"
+        elif first <= 8 and last > first:
+            layout = "CYX"
+        else:
+            raise InputError(path, f"cannot tell which axis holds channels in shape {shape}",
+                             "pass channel_axis 'yxc' or 'cyx'")
+    out = list(named)
+    for i, letter in zip(core, layout):
+        out[i] = letter
+    return "".join(out)
+
+
+def _tiff_header(path: Path, max_pixels: int, role: str) -> _Header:
+    with _wrap(path, "not a readable TIFF file"), tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise InputError(path, "TIFF file holds no image")
+        series = tif.series[0].levels[0]
+        shape, axes = tuple(int(n) for n in series.shape), series.axes
+        dtype = np.dtype(series.dtype)
+    letters = []
+    for axis, n in zip(axes, shape):
+        if axis in "YX":
+            letters.append(axis)
+        elif axis in "SC":
+            letters.append("C")
+        elif n == 1:
+            letters.append("1")
+        else:
+            letters.append("?")  # pages of some kind (I, Q, Z, T): judge from the shape
+    named = "".join(letters)
+    return _Header(shape=shape, dtype=dtype, axes=None if "?" in named else named)
+
+
+def _verify_tiff(source: ImageSource) -> None:
+    """Every strip/tile of level 0 must lie inside the file: a truncated download fails here, not mid-run."""
+    size = source.path.stat().st_size
+    with _wrap(source.path, "not a readable TIFF file"), tifffile.TiffFile(source.path) as tif:
+        for page in tif.series[0].levels[0].pages:
+            if page is None:
+                continue
+            offsets = np.asarray(page.dataoffsets, dtype=np.int64)
+            counts = np.asarray(page.databytecounts, dtype=np.int64)
+            if offsets.size and int((offsets + counts).max()) > size:
+                raise InputError(source.path, f"TIFF is truncated: pixel data ends at byte "
+                                 f"{int((offsets + counts).max()):,} but the file has {size:,} bytes",
+                                 "copy or download the file again")
+
+
+def _open_tiff(path: Path, storage: _Storage) -> tuple[Any, Any]:
+    with _wrap(path, "not a readable TIFF file"):
+        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+        return store, zarr.open(store, mode="r")
+
+
+def _npy_header(path: Path, max_pixels: int, role: str) -> _Header:
+    with _wrap(path, "not a valid .npy file"), open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    return _Header(shape=tuple(int(n) for n in shape), dtype=np.dtype(dtype), axes=None)
+
+
+def _verify_npy(source: ImageSource) -> None:
+    with _wrap(source.path, "not a valid .npy file"), open(source.path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(fh)
+        offset = fh.tell()
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    size = source.path.stat().st_size
+    if size < expected:
+        raise InputError(source.path, f".npy file is truncated: header promises {expected:,} bytes, file has {size:,}",
+                         "save the array again")
+
+
+def _open_npy(path: Path, storage: _Storage) -> np.ndarray:
+    with _wrap(path, "not a valid .npy file"):
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _zarr_header(path: Path, max_pixels: int, role: str) -> _Header:
+    with _wrap(path, "not a readable Zarr store"):
+        node = zarr.open(str(path), mode="r")
+        key, axes = "", None
+        if isinstance(node, zarr.Group):
+            attrs = dict(node.attrs)
+            multiscales = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+            if multiscales:
+                key = multiscales[0]["datasets"][0]["path"]
+                axes = multiscales[0].get("axes")
+            elif "0" in node:
+                key = "0"
+            else:
+                raise InputError(path, "Zarr group holds neither OME-Zarr multiscales nor an array '0'")
+            array = node[key]
+        else:
+            array = node
+            axes = getattr(array.metadata, "dimension_names", None)
+        if not isinstance(array, zarr.Array):
+            raise InputError(path, f"Zarr node '{key}' is not an array")
+        shape, dtype = tuple(int(n) for n in array.shape), np.dtype(str(array.dtype))
+    return _Header(shape=shape, dtype=dtype, axes=_zarr_axes(path, axes, shape), key=key)
+
+
+def _zarr_axes(path: Path, axes: Any, shape: tuple[int, ...]) -> str | None:
+    """Turn OME-Zarr axes (dicts or names) into Y/X/C/1 letters; None if absent or unnamed."""
+    if not axes or len(axes) != len(shape):
+        return None
+    letters = []
+    for axis, n in zip(axes, shape):
+        name = (axis.get("name") if isinstance(axis, dict) else axis) or ""
+        kind = axis.get("type", "") if isinstance(axis, dict) else ""
+        name = str(name).lower()
+        if name in ("y", "x"):
+            letters.append(name.upper())
+        elif name == "c" or kind == "channel":
+            letters.append("C")
+        elif n == 1:
+            letters.append("1")
+        else:
+            raise InputError(path, f"axis '{name}' has {n} entries (shape {shape})",
+                             "only 2-D images (YX, YXC or CYX) are supported")
+    named = "".join(letters)
+    return named if {"Y", "X"} <= set(named) else None
+
+
+def _verify_nothing(source: ImageSource) -> None:
+    """Zarr chunks are checked as they are read."""
+
+
+def _open_zarr(path: Path, storage: _Storage) -> Any:
+    with _wrap(path, "not a readable Zarr store"):
+        node = zarr.open(str(path), mode="r")
+        return node[storage.key] if storage.key else node
+
+
+def _pil_header(path: Path, max_pixels: int, role: str) -> _Header:
+    try:
+        return _pil_header_unguarded(path, max_pixels, role)
+    except InputError as err:
+        if isinstance(err.__cause__, Image.DecompressionBombError):  # Pillow refused at twice max_pixels
+            raise InputError(path, f"image declares more pixels than max_pixels {max_pixels:,}",
+                             "raise max_pixels if the file is genuine") from None
+        raise
+
+
+def _pil_header_unguarded(path: Path, max_pixels: int, role: str) -> _Header:
+    with _pil_limit(max_pixels), _wrap(path, "not a readable PNG/JPEG image"), Image.open(path) as img:
+        mode, (width, height) = img.mode, img.size
+        if mode == "P" and role == "mask":  # a palette mask keeps its indices: they are the classes
+            entry = ("uint8", 1, "")
+        elif mode == "P":  # a palette image gets its colours
+            entry = ("uint8", 4, "RGBA") if "transparency" in img.info else ("uint8", 3, "RGB")
+        elif mode in _PIL_MODES:
+            entry = _PIL_MODES[mode]
+        else:
+            raise InputError(path, f"unsupported image mode '{mode}'", "save as grayscale, RGB or RGBA")
+    dtype, channels, convert = entry
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    return _Header(shape=shape, dtype=np.dtype(dtype), axes="YX" if channels == 1 else "YXC", convert=convert)
+
+
+def _verify_pil(source: ImageSource) -> None:
+    """PNG/JPEG are decoded whole anyway: decode now, so that a truncated file fails at open, and keep it."""
+    source._array()
+
+
+def _open_pil(path: Path, storage: _Storage) -> np.ndarray:
+    with _pil_limit(DEFAULT_MAX_PIXELS), _wrap(path, "not a readable PNG/JPEG image"), Image.open(path) as img:
+        img.load()
+        if storage.convert:
+            img = img.convert(storage.convert)
+        return np.asarray(img)
+
+
+_HEADER_READERS = {"tiff": _tiff_header, "npy": _npy_header, "zarr": _zarr_header, "pil": _pil_header}
+_VERIFIERS = {"tiff": _verify_tiff, "npy": _verify_npy, "zarr": _verify_nothing, "pil": _verify_pil}
+_OPENERS = {"tiff": _open_tiff, "npy": _open_npy, "zarr": _open_zarr, "pil": _open_pil}
+
+
+# --- mask checking ------------------------------------------------------------------------------------------
+
+
+def _scan_mask(raw: ImageSource, n_classes: int) -> set[int]:
+    """Check a mask band by band; return the set of values seen (all in [0, n_classes) or 255 when binary)."""
+    path, channels = raw.path, raw.shape_yxc[2]
+    seen: set[int] = set()
+    for ys, band in iter_row_bands(raw):
+        if channels > 1:
+            colour = band[..., :3]
+            if not (colour == colour[..., :1]).all():
+                raise InputError(path, f"mask has {channels} channels that differ (rows {ys.start}-{ys.stop})",
+                                 "save the mask as a single-channel label image")
+        band = band[..., 0]
+        if band.dtype.kind == "f":
+            whole = np.isfinite(band) & (band == np.floor(band))
+            if not whole.all():
+                example = band[~whole].flat[0]
+                raise InputError(path, f"float mask holds non-integer values (e.g. {example:g})",
+                                 "masks must hold whole class indices")
+        values = _band_values(band)
+        bad = [v for v in values if not (0 <= v < n_classes or (n_classes == 2 and v == 255))]
+        if bad:
+            shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+            raise InputError(path, f"mask values {shown} outside [0, {n_classes})",
+                             "set num_classes to the number of classes, or fix the mask")
+        seen.update(int(v) for v in values)
+    return seen
+
+
+def _band_values(band: np.ndarray) -> list[float]:
+    """Sorted distinct values of a band; bincount for small unsigned types (much faster than unique)."""
+    if band.dtype == np.bool_ or band.dtype == np.uint8:
+        counts = np.bincount(band.ravel().view(np.uint8), minlength=2)
+        return [float(v) for v in np.flatnonzero(counts)]
+    return [float(v) for v in np.unique(band)]
+
+
+# --- small helpers ------------------------------------------------------------------------------------------
+
+
+class _wrap:
+    """Context manager turning a library's exception into one :class:`InputError` line naming the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is None or isinstance(exc, (InputError, KeyboardInterrupt, SystemExit, MemoryError)):
+            return False
+        if not isinstance(exc, Exception):
+            return False
+        raise InputError(self.path, f"{self.reason} ({type(exc).__name__}: {_first_line(exc)})") from exc
+
+
+class _pil_limit:
+    """Set Pillow's decompression-bomb limit to ``max_pixels`` while a file is opened, then restore it.
+
+    Pillow warns above ``MAX_IMAGE_PIXELS`` and refuses above twice that; our own check (against the same
+    ``max_pixels``) runs on the header, so the warning is silenced and the refusal becomes an InputError.
+    """
+
+    def __init__(self, max_pixels: int) -> None:
+        self.max_pixels = max_pixels
+
+    def __enter__(self) -> None:
+        _PIL_LOCK.acquire()
+        self.old = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = self.max_pixels
+        self.warnings = warnings.catch_warnings()
+        self.warnings.__enter__()
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+    def __exit__(self, *exc: Any) -> None:
+        self.warnings.__exit__(*exc)
+        Image.MAX_IMAGE_PIXELS = self.old
+        _PIL_LOCK.release()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else "no details"
