@@ -22,11 +22,10 @@ the declared number of classes.
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 import tifffile
 import zarr
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from unetcore.errors import ConfigError, InputError
 
@@ -62,7 +61,9 @@ DEFAULT_MAX_PIXELS = 50_000_000_000
 ChannelAxis = Literal["auto", "yx", "yxc", "cyx"]
 _CHANNEL_AXES = ("auto", "yx", "yxc", "cyx")
 _BAND_PIXELS = 1 << 24  # pixels per band when a whole file is checked band by band (16 Mi)
-_FORMATS = {".tif": "tiff", ".tiff": "tiff", ".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".npy": "npy", ".zarr": "zarr"}
+_FORMATS = {
+    ".tif": "tiff", ".tiff": "tiff", ".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".npy": "npy", ".zarr": "zarr"
+}
 # Pillow mode -> (dtype, channels, mode to convert to before use; "" keeps it)
 _PIL_MODES: dict[str, tuple[str, int, str]] = {
     "1": ("bool", 1, ""),
@@ -79,6 +80,11 @@ _PIL_MODES: dict[str, tuple[str, int, str]] = {
     "I": ("int32", 1, ""),
     "F": ("float32", 1, ""),
 }
+_MASK_SUFFIXES = tuple(
+    variant
+    for suffix in SUPPORTED_SUFFIXES + (".ome.tif", ".ome.tiff", ".ome.zarr")
+    for variant in dict.fromkeys((suffix, suffix.upper()))
+)
 _PIL_LOCK = threading.Lock()  # Pillow's bomb limit is a module global: change it under a lock
 
 
@@ -202,10 +208,10 @@ class ImageSource:
 
 @dataclass
 class MaskSource(ImageSource):
-    """A checked mask: reads give ``(h, w, 1)`` class indices in ``dtype`` (uint8 unless there are > 255 classes).
+    """A checked mask: reads give ``(h, w, 1)`` class indices in ``dtype`` (uint8 unless there are > 256 classes).
 
-    ``reduce_channels``: the file is RGB(A) with equal colour channels; only the first is used.
-    ``map_255``: a binary mask saved as 0/255; 255 is read as 1.
+    Only the first stored channel is read (an RGB(A) mask was checked to have equal colour channels).
+    ``stored_dtype``: the dtype in the file. ``map_255``: a binary mask saved as 0/255, whose 255 is read as 1.
     """
 
     stored_dtype: np.dtype = field(default_factory=lambda: np.dtype("uint8"))
@@ -307,8 +313,8 @@ def iter_row_bands(source: ImageSource, band_pixels: int | None = None) -> Itera
     """
     height, width, channels = source.shape_yxc
     rows = max(1, (band_pixels or _BAND_PIXELS) // max(1, width * channels))
-    if rows < height:
-        rows = max(rows // 256 * 256, rows)  # whole tiles for tiled TIFFs (256 is the common tile edge)
+    if 256 <= rows < height:
+        rows = rows // 256 * 256  # whole tiles for tiled TIFFs (256 is the common tile edge)
     for y0 in range(0, height, rows):
         ys = slice(y0, min(y0 + rows, height))
         yield ys, source.read(ys, slice(0, width))
@@ -347,7 +353,7 @@ def image_stem(path: str | Path) -> str:
 def find_mask(masks_dir: str | Path, image_path: str | Path) -> Path | None:
     """The mask of ``image_path`` in ``masks_dir``: same stem (or stem + ``_mask``), any supported suffix.
 
-    An exact stem beats ``<stem>_mask``. Returns None when there is none.
+    An exact stem beats ``<stem>_mask``; suffixes match in lower or upper case. Returns None when there is none.
 
     Raises:
         InputError: ``masks_dir`` does not exist, or several files are equally good matches.
@@ -355,26 +361,31 @@ def find_mask(masks_dir: str | Path, image_path: str | Path) -> Path | None:
     masks_dir = Path(masks_dir)
     if not masks_dir.is_dir():
         raise InputError(masks_dir, "mask folder does not exist")
-    by_stem = _stems(str(masks_dir), masks_dir.stat().st_mtime_ns)
     stem = image_stem(image_path)
+    if not stem or stem.startswith("."):
+        return None
+    try:  # images and masks may share a folder: the image is never its own mask
+        image_info = Path(image_path).stat()
+        image_id = (image_info.st_dev, image_info.st_ino)
+    except OSError:
+        image_id = None
     for wanted in (stem, f"{stem}_mask"):
-        matches = by_stem.get(wanted, ())
+        matches: dict[tuple[int, int], Path] = {}
+        # probe names rather than list the folder: ingest calls this once per image
+        for suffix in _MASK_SUFFIXES:
+            candidate = masks_dir / f"{wanted}{suffix}"
+            try:
+                info = candidate.stat()
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) != image_id:
+                matches.setdefault((info.st_dev, info.st_ino), candidate)  # one file, whatever case it matched
         if len(matches) > 1:
-            names = ", ".join(p.name for p in matches)
+            names = ", ".join(sorted(p.name for p in matches.values()))
             raise InputError(masks_dir, f"several masks match {Path(image_path).name}: {names}", "keep only one")
         if matches:
-            return matches[0]
+            return next(iter(matches.values()))
     return None
-
-
-@functools.lru_cache(maxsize=8)
-def _stems(folder: str, mtime_ns: int) -> dict[str, tuple[Path, ...]]:
-    """Supported, non-hidden entries of ``folder`` by stem; cached per folder version (the mtime)."""
-    out: dict[str, list[Path]] = {}
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if not entry.name.startswith(".") and Path(entry.name).suffix.lower() in SUPPORTED_SUFFIXES:
-            out.setdefault(image_stem(entry.name), []).append(Path(entry.path))
-    return {stem: tuple(paths) for stem, paths in out.items()}
 
 
 # --- opening ------------------------------------------------------------------------------------------------
@@ -440,12 +451,16 @@ def _layout(path: Path, header: _Header, channel_axis: str) -> str:
     core = [i for i, a in enumerate(named) if a != "1"]
     if len(core) > 3 or len(core) < 2:
         what = "more than three" if len(core) > 3 else "fewer than two"
-        raise InputError(path, f"array has {what} axes (shape {shape})", "only 2-D images (YX, YXC or CYX) are supported")
+        raise InputError(
+            path, f"array has {what} axes (shape {shape})", "only 2-D images (YX, YXC or CYX) are supported"
+        )
     letters = "".join(named[i] for i in core)
     dims = [shape[i] for i in core]
     if channel_axis == "yx":
         if len(core) != 2:
-            raise InputError(path, f"channel_axis 'yx' needs a 2-D image, got shape {shape}", "use 'auto', 'yxc' or 'cyx'")
+            raise InputError(
+                path, f"channel_axis 'yx' needs a 2-D image, got shape {shape}", "use 'auto', 'yxc' or 'cyx'"
+            )
         layout = "YX"
     elif len(core) == 2:
         layout = "YX"
@@ -515,10 +530,8 @@ def _open_tiff(path: Path, storage: _Storage) -> tuple[Any, Any]:
 def _npy_header(path: Path, max_pixels: int, role: str) -> _Header:
     with _wrap(path, "not a valid .npy file"), open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-        else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(fh)
     return _Header(shape=tuple(int(n) for n in shape), dtype=np.dtype(dtype), axes=None)
 
 
@@ -681,45 +694,31 @@ def _band_values(band: np.ndarray) -> list[float]:
 # --- small helpers ------------------------------------------------------------------------------------------
 
 
-class _wrap:
-    """Context manager turning a library's exception into one :class:`InputError` line naming the file."""
-
-    def __init__(self, path: Path, reason: str) -> None:
-        self.path, self.reason = path, reason
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
-        if exc is None or isinstance(exc, (InputError, KeyboardInterrupt, SystemExit, MemoryError)):
-            return False
-        if not isinstance(exc, Exception):
-            return False
-        raise InputError(self.path, f"{self.reason} ({type(exc).__name__}: {_first_line(exc)})") from exc
+@contextmanager
+def _wrap(path: Path, reason: str) -> Iterator[None]:
+    """Turn a library's exception inside the block into one :class:`InputError` line naming the file."""
+    try:
+        yield
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:
+        raise InputError(path, f"{reason} ({type(exc).__name__}: {_first_line(exc)})") from exc
 
 
-class _pil_limit:
+@contextmanager
+def _pil_limit(max_pixels: int) -> Iterator[None]:
     """Set Pillow's decompression-bomb limit to ``max_pixels`` while a file is opened, then restore it.
 
-    Pillow warns above ``MAX_IMAGE_PIXELS`` and refuses above twice that; our own check (against the same
+    Pillow warns above ``MAX_IMAGE_PIXELS`` and refuses above twice that. Our own check (against the same
     ``max_pixels``) runs on the header, so the warning is silenced and the refusal becomes an InputError.
     """
-
-    def __init__(self, max_pixels: int) -> None:
-        self.max_pixels = max_pixels
-
-    def __enter__(self) -> None:
-        _PIL_LOCK.acquire()
-        self.old = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = self.max_pixels
-        self.warnings = warnings.catch_warnings()
-        self.warnings.__enter__()
+    with _PIL_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-    def __exit__(self, *exc: Any) -> None:
-        self.warnings.__exit__(*exc)
-        Image.MAX_IMAGE_PIXELS = self.old
-        _PIL_LOCK.release()
+        old, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old
 
 
 def _first_line(exc: BaseException) -> str:
