@@ -325,6 +325,7 @@ def serve() -> None:
 def main() -> None:
     """Entry point of the ``unet`` console script."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry calls from the CLI
     app()
 
 
