@@ -80,3 +80,15 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path: Path) -> None:
 def test_each_command_has_help(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_unreachable_prefect_api_fails_fast_naming_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "imgs").mkdir()
+    from skimage import io as skio
+    import numpy as np
+
+    skio.imsave(tmp_path / "imgs" / "a.png", np.zeros((8, 8), np.uint8), check_contrast=False)
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    result = runner.invoke(app, ["ingest", str(tmp_path / "imgs"), "-o", str(tmp_path / "ds")])
+    _one_line_error(result, "http://127.0.0.1:9/api", "Prefect API unreachable")
+    assert not (tmp_path / "ds").exists()

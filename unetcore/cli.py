@@ -65,7 +65,30 @@ def _config(schema: type, /, **values: Any) -> Any:
     return validated(schema, **{k: v for k, v in values.items() if v is not None})
 
 
+def check_prefect_api(timeout_s: float = 3.0) -> None:
+    """With ``PREFECT_API_URL`` set, fail fast in one line when that server does not answer.
+
+    Without it, flows start an ephemeral server in-process, which needs no check.
+    """
+    import urllib.error
+    import urllib.request
+
+    from unetcore.errors import ServiceError
+
+    url = os.environ.get("PREFECT_API_URL")
+    if not url:
+        return
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s):
+            pass
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServiceError(url, f"Prefect API unreachable ({getattr(exc, 'reason', exc)})",
+                           "start `prefect server start`, unset PREFECT_API_URL, or use --no-prefect") from None
+
+
 def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: Callable[[Any], Any], cfg: Any) -> Any:
+    if use_prefect:
+        check_prefect_api()
     with _progress_bar():
         return flow_fn(cfg) if use_prefect else lib_fn(cfg)
 
@@ -262,6 +285,7 @@ def _run_pipeline(cfg: Any) -> int:
 
     list_images(Path(cfg.images))
     check_tracking_uri(cfg.tracking_uri)
+    check_prefect_api()
     start = time.perf_counter()
     with _progress_bar():
         result = pipeline_flow(cfg)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from unetcore.errors import ConfigError
+from unetcore.redact import redact
 
 
 class _Config(BaseModel):
@@ -19,15 +20,15 @@ class _Config(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     def flat_params(self, prefix: str = "") -> dict[str, Any]:
-        """Flatten to ``{"a.b": value}`` for MLflow params."""
+        """Flatten to ``{"a.b": value}`` for MLflow params, with credentials in URLs redacted."""
         out: dict[str, Any] = {}
         for key, value in self.model_dump(mode="json").items():
             name = f"{prefix}{key}"
             if isinstance(value, dict):
                 for sub, subval in value.items():
-                    out[f"{name}.{sub}"] = subval
+                    out[f"{name}.{sub}"] = redact(subval)
             else:
-                out[name] = value
+                out[name] = redact(value)
         return out
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from unetcore.redact import redact
+
 
 class UnetError(Exception):
     """Base class of all errors a user can cause; ``str(err)`` is a single actionable line."""
@@ -53,8 +55,8 @@ class ServiceError(UnetError):
     """A server the pipeline needs (MLflow, Prefect, Dask scheduler) cannot be reached."""
 
     def __init__(self, url: str, reason: str, hint: str = "") -> None:
-        self.url = url
-        msg = f"{url}: {reason}"
+        self.url = redact(url)
+        msg = f"{self.url}: {reason}"
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
