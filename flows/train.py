@@ -18,10 +18,10 @@ def train_task(config: TrainConfig, prefect_flow_run: str) -> dict[str, Any]:
         return train_model(config, tags={"prefect_flow_run_id": prefect_flow_run}).to_dict()
 
 
-def run_url(tracking_uri: str, run_id: str) -> str:
+def run_url(tracking_uri: str, run_id: str, experiment_id: str = "0") -> str:
     """Where a person finds the run: the server's page, or the sqlite URI (open it with `mlflow ui`)."""
     if tracking_uri.startswith("http"):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/0/runs/{run_id}"
+        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"{tracking_uri}#run={run_id}"
 
 
@@ -30,11 +30,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Train a UNet on an ingested dataset and register it in MLflow."""
     result = train_task(config, flow_run_id())
     markdown("train-report",
-             f"## Training\n\n| run | best val Dice | epoch | model | alias | seconds |\n|---|---|---|---|---|---|\n"
+             f"## Training\n\n| run | best val Dice | epoch | epochs run | stopped | model | alias | seconds |\n"
+             f"|---|---|---|---|---|---|---|---|\n"
              f"| `{result['run_id']}` | {result['best_val_dice']:.4f} | {result['best_epoch']} | "
-             f"{result['model_name']} v{result['model_version']} | {result['alias']} | {result['seconds']:.0f} |",
+             f"{result['epochs_run']} | {result['stop_reason']} | {result['model_name']} v{result['model_version']} | "
+             f"{result['alias']} | {result['seconds']:.0f} |\n\nPromotion gate: {result['gate']}",
              "Summary of the training run")
-    link("train-mlflow-run", run_url(config.tracking_uri, result["run_id"]), "MLflow run", "The run in MLflow")
+    url = run_url(config.tracking_uri, result["run_id"], result["experiment_id"])
+    link("train-mlflow-run", url, "MLflow run", "The run in MLflow")
     print(f"trained: val Dice {result['best_val_dice']:.4f}, {result['model_name']} v{result['model_version']} "
           f"({result['alias']}), MLflow run {result['run_id']}")
     return result

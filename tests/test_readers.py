@@ -509,3 +509,72 @@ def test_find_mask_in_a_shared_folder_skips_the_image_itself(tmp_path: Path) -> 
 
 def test_supported_suffixes() -> None:
     assert SUPPORTED_SUFFIXES == (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
+
+
+# --- decode units, raw pixels, streamed mask checks ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("writer", "chunks"),
+    [
+        (lambda p, a: tifffile.imwrite(p, a, tile=(32, 48), compression="zlib"), (32, 48)),
+        (lambda p, a: tifffile.imwrite(p, a, rowsperstrip=10, compression="zlib"), (10, 130)),
+        (lambda p, a: tifffile.imwrite(p, a), (1, 1)),  # uncompressed: memory-mapped, any region is cheap
+        (lambda p, a: np.save(p.with_suffix(".npy"), a), (1, 1)),
+        (lambda p, a: _write_zarr_array(p.with_suffix(".zarr"), a), (16, 16)),
+    ],
+)
+def test_chunks_yx_is_the_decode_unit(tmp_path: Path, writer: object, chunks: tuple[int, int]) -> None:
+    data = ramp((90, 130), "uint16")
+    writer(tmp_path / "img.tif", data)  # type: ignore[operator]
+    [path] = list(tmp_path.iterdir())
+    source = open_image(path)
+    assert source.chunks_yx == chunks
+    np.testing.assert_array_equal(source.read(YS, XS)[..., 0], data[YS, XS])
+
+
+@pytest.mark.parametrize("byteorder", ["<", ">"])
+@pytest.mark.parametrize(("shape", "kwargs"), [((60, 70), {}), ((60, 70, 3), {"photometric": "rgb"}),
+                                                ((3, 60, 70), {"photometric": "rgb", "planarconfig": "separate"})])
+def test_uncompressed_tiff_is_memory_mapped_not_decoded_whole(tmp_path: Path, byteorder: str, shape: tuple,
+                                                              kwargs: dict) -> None:
+    """An uncompressed TIFF is one strip (tifffile's Zarr chunk = whole image): it is read by memory map."""
+    data = ramp(shape, "uint16")
+    tifffile.imwrite(tmp_path / "raw.tif", data, byteorder=byteorder, **kwargs)
+    source = open_image(tmp_path / "raw.tif")
+    assert source.storage.raw is not None and source.dtype == np.dtype("uint16")
+    expected = yxc(data, "cyx" if shape[0] == 3 else ("yxc" if len(shape) == 3 else "yx"))
+    np.testing.assert_array_equal(source.read(YS, XS), expected[YS, XS])
+    assert source.read(YS, XS).dtype.isnative
+
+
+def test_fortran_order_npy_reads_like_c_order(tmp_path: Path) -> None:
+    data = ramp((40, 50, 3))
+    np.save(tmp_path / "f.npy", np.asfortranarray(data))
+    np.testing.assert_array_equal(open_image(tmp_path / "f.npy").read(YS, XS), data[YS, XS])
+
+
+def test_mask_opened_without_scan_is_checked_while_read(tmp_path: Path, image: ImageSource) -> None:
+    labels = np.zeros((40, 50), np.uint8)
+    labels[30:, 10:20] = 255
+    mask = open_mask(_png(tmp_path / "m.png", labels), image, num_classes=1, scan=False)
+    assert mask.classes is None
+    top, seen_top = mask.read_checked(slice(0, 20), slice(0, 50))
+    bottom, seen_bottom = mask.read_checked(slice(20, 40), slice(0, 50))
+    assert (seen_top, seen_bottom) == ({0}, {0, 255})
+    np.testing.assert_array_equal(np.concatenate([top, bottom])[..., 0], labels // 255)
+    assert mask.check_seen(seen_top | seen_bottom) == {0, 1}
+    with pytest.raises(InputError, match=r"m\.png.*mixes values 1 and 255"):
+        mask.check_seen({0, 1, 255})
+    labels[35, 5] = 9
+    bad = open_mask(_png(tmp_path / "bad.png", labels), image, num_classes=3, scan=False)  # header is fine
+    bad.read_checked(slice(0, 20), slice(0, 50))  # the top is fine too
+    with pytest.raises(InputError, match=r"bad\.png: mask values 9, 255 outside \[0, 3\)"):
+        bad.read_checked(slice(20, 40), slice(0, 50))
+
+
+def test_scanned_mask_knows_its_classes(tmp_path: Path, image: ImageSource) -> None:
+    labels = (ramp((40, 50)) % 3).astype(np.uint8)
+    assert open_mask(_png(tmp_path / "m.png", labels), image, num_classes=3).classes == {0, 1, 2}
+    binary = np.where(labels == 1, 255, 0).astype(np.uint8)
+    assert open_mask(_png(tmp_path / "b.png", binary), image, num_classes=1).classes == {0, 1}

@@ -108,6 +108,10 @@ def ingest(
     channel_axis: Optional[str] = typer.Option(None, help="auto, yx, yxc or cyx."),
     max_pixels: Optional[int] = typer.Option(None, help="Refuse images larger than this many pixels."),
     force: bool = typer.Option(False, help="Re-ingest unchanged images too."),
+    pyramid: bool = typer.Option(True, help="Write the multiscale pyramid (levels 1..n) for viewers."),
+    threads: Optional[int] = typer.Option(None, help="Threads writing one image's chunks (0 = one per core)."),
+    n_workers: Optional[int] = typer.Option(None, help="Ingest images in parallel on a local Dask cluster."),
+    scheduler_address: Optional[str] = typer.Option(None, help="Existing Dask scheduler (tcp://host:port)."),
     use_prefect: bool = PREFECT_OPT,
 ) -> None:
     """Ingest a folder of images (and masks) into OME-Zarr stores plus a manifest (incremental)."""
@@ -119,7 +123,8 @@ def ingest(
 
         cfg = _config(IngestConfig, images=str(images), masks=str(masks) if masks else None, output=str(output),
                       chunk_size=chunk_size, num_classes=num_classes, val_fraction=val_fraction,
-                      test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force)
+                      test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
+                      pyramid=pyramid, threads=threads, n_workers=n_workers, scheduler_address=scheduler_address)
         list_images(images)
         if masks is not None and not masks.is_dir():
             raise _input_error(masks, "mask folder does not exist", "check --masks")
@@ -206,10 +211,14 @@ def predict(
     block_size: Optional[int] = typer.Option(None),
     threshold: Optional[float] = typer.Option(None),
     tta: bool = typer.Option(False, help="Flip test-time augmentation."),
-    min_object_size: Optional[int] = typer.Option(None),
+    min_object_size: Optional[int] = typer.Option(None, help="Remove objects / fill holes smaller than this (pixels)."),
+    skip_empty: bool = typer.Option(True, "--skip-empty/--no-skip-empty",
+                                    help="Constant tiles get background without running the model."),
+    instances: bool = typer.Option(False, help="Also write instance labels (labels/instances)."),
     export: Optional[str] = typer.Option(None, help="none, png or tiff."),
     scheduler_address: Optional[str] = typer.Option(None, help="Existing Dask scheduler, tcp://host:port."),
-    workers: Optional[int] = typer.Option(None, help="Local Dask workers (0 = one per core)."),
+    workers: Optional[int] = typer.Option(None, help="Local Dask workers (0 = one per core; one per GPU)."),
+    threads_per_worker: Optional[int] = typer.Option(None, help="Torch threads per local worker (0 = share of cores)."),
     device: Optional[str] = typer.Option(None),
     overwrite: bool = typer.Option(False, help="Replace an existing, different prediction."),
     use_prefect: bool = PREFECT_OPT,
@@ -224,8 +233,9 @@ def predict(
 
         cfg = _config(InferConfig, dataset=str(dataset), output=str(output), model=model, tracking_uri=tracking_uri,
                       split=split, tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size,
-                      threshold=threshold, tta=tta, min_object_size=min_object_size, export=export,
-                      scheduler_address=scheduler_address, n_workers=workers, device=device, overwrite=overwrite)
+                      threshold=threshold, tta=tta, min_object_size=min_object_size, skip_empty=skip_empty,
+                      instances=instances, export=export, scheduler_address=scheduler_address, n_workers=workers,
+                      threads_per_worker=threads_per_worker, device=device, overwrite=overwrite)
         require(dataset)
         if cfg.model.startswith(("models:/", "runs:/")):
             check_tracking_uri(cfg.tracking_uri)
@@ -243,6 +253,10 @@ def _print_predictions(results: list[dict[str, Any]]) -> None:
         dice = f", Dice {r['dice']:.4f}" if r["dice"] is not None else ""
         typer.echo(f"  {r['id']}: {r['pixels'] / 1e6:.2f} MP in {r['seconds']:.1f} s ({r['megapixels_per_s']:.2f} "
                    f"MP/s{dice})\n    zarr: {r['output']}\n    mask: {r['export']}\n    preview: {r['preview']}")
+        if r.get("blocks"):
+            typer.echo(f"    blocks: {r['blocks']} ({r['blocks_skipped']} already done), tiles computed "
+                       f"{r.get('tile_evaluations', 0)} for {r.get('grid_tiles', 0)} in the grid"
+                       + (f", {r['instances']} instances" if r.get("instances") is not None else ""))
 
 
 @app.command()
@@ -338,12 +352,61 @@ def demo(
     _run(body)
 
 
-@app.command()
-def serve() -> None:
-    """Serve all deployments (ingest, train, infer, pipeline, nightly) from this process (needs a Prefect API)."""
-    from deployments.serve import serve_all
+def _check_prefect_api() -> str:
+    """The Prefect API URL, after checking it answers; deployments on a throw-away server would vanish.
 
-    _run(serve_all)
+    Raises:
+        ServiceError: PREFECT_API_URL is unset or its health check fails.
+    """
+    import urllib.error
+    import urllib.request
+
+    from prefect.settings import PREFECT_API_URL
+
+    from unetcore.errors import ServiceError
+
+    hint = "run `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise ServiceError("PREFECT_API_URL", "not set: deployments need a running Prefect server", hint)
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
+            resp.read()
+    except (urllib.error.URLError, OSError) as exc:
+        raise ServiceError(url, f"Prefect API unreachable ({getattr(exc, 'reason', exc)})", hint) from None
+    return url
+
+
+@app.command()
+def serve(
+    nightly_images: str = typer.Option("inbox", help="Inbox the nightly deployment watches (folder or glob)."),
+    nightly_workdir: Path = typer.Option(Path("nightly"), help="Nightly dataset/ and predictions/ go here."),
+    tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI the nightly run reads."),
+    registered_model: str = typer.Option("unet", help="Registered model whose champion the nightly run uses."),
+    cron: str = typer.Option("0 2 * * *", help="Nightly schedule (cron expression)."),
+    timezone: str = typer.Option("Europe/Berlin", help="Time zone of the schedule (IANA name, e.g. UTC)."),
+) -> None:
+    """Serve all deployments (ingest, train, infer, pipeline, nightly on its schedule) from this process.
+
+    Needs a Prefect server (PREFECT_API_URL); runs execute as subprocesses of this one until Ctrl-C.
+    """
+
+    def body() -> int:
+        from unetcore.config import NightlyConfig
+
+        nightly_cfg = _config(NightlyConfig, images=nightly_images, dataset=str(nightly_workdir / "dataset"),
+                              output=str(nightly_workdir / "predictions"), tracking_uri=tracking_uri,
+                              model_name=registered_model)
+        from deployments.serve import nightly_schedule, serve_all
+
+        nightly_schedule(cron, timezone)
+        url = _check_prefect_api()
+        typer.echo(f"serving ingest, train, infer, pipeline and nightly ({cron}, {timezone}) on {url}; "
+                   f"UI: {url.rstrip('/').removesuffix('/api')}/deployments")
+        serve_all(nightly_cfg, cron, timezone)
+        return 0
+
+    _run(body)
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from unetcore.errors import ConfigError
 from unetcore.redact import redact
@@ -74,7 +74,9 @@ class IngestConfig(_Config):
     images: str = Field(description="Folder (or glob) of input images: TIFF, PNG, JPEG, NPY, Zarr.")
     masks: str | None = Field(None, description="Folder of masks with the same file stems as the images.")
     output: str = Field(description="Dataset folder to write (manifest.json + one <id>.ome.zarr per image).")
-    chunk_size: int = Field(512, ge=64, le=8192, description="Chunk edge in pixels (y and x).")
+    chunk_size: int = Field(
+        1024, ge=64, le=8192, description="Chunk edge in pixels (y and x); 1024 gives chunks of >= 1 MB."
+    )
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of images in the validation split.")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of images in the test split.")
     num_classes: int = Field(1, ge=1, le=255, description="Declared classes; mask values must be < max(2, this).")
@@ -83,6 +85,17 @@ class IngestConfig(_Config):
         50_000_000_000, ge=1, description="Refuse images with more pixels than this (decompression-bomb guard)."
     )
     force: bool = Field(False, description="Re-ingest images even if unchanged.")
+    pyramid: bool = Field(True, description="Also write the multiscale pyramid (levels 1..n) for viewers.")
+    threads: int = Field(
+        0, ge=0, le=64, description="Threads writing one image's chunks in parallel (0 = one per core, at most 8)."
+    )
+    n_workers: int = Field(
+        0, ge=0, le=512,
+        description="Ingest images in parallel on a local Dask cluster of this many processes (0 = one at a time).",
+    )
+    scheduler_address: str | None = Field(
+        None, description="Existing Dask scheduler (tcp://host:port); its workers must see the input and output."
+    )
 
     @model_validator(mode="after")
     def _fractions(self) -> IngestConfig:
@@ -106,12 +119,27 @@ class TrainConfig(_Config):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (Nesterov, momentum 0.99).")
     schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="Learning-rate schedule.")
     loss: Literal["dice_ce", "ce", "dice", "focal"] = Field("dice_ce", description="Training loss.")
+    class_weights: list[float] | None = Field(
+        None, description="Cross-entropy weight per class (num_classes values; [background, foreground] if binary)."
+    )
+    ignore_index: int | None = Field(
+        None, ge=0, le=255, description="Mask value that counts in no loss or metric (e.g. unlabelled pixels)."
+    )
     foreground_fraction: float = Field(
         0.33, ge=0.0, le=1.0, description="Share of each batch whose patch is centred on foreground."
     )
-    augment: bool = Field(True, description="Flips, 90-degree rotations, intensity jitter, noise.")
-    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes.")
+    sampling: Literal["foreground", "class_balanced"] = Field(
+        "foreground",
+        description="Where oversampled patches are centred: any foreground pixel, or a pixel of a class drawn "
+        "uniformly from the classes present (rare classes as often as common ones).",
+    )
+    augment: bool = Field(True, description="Flips, rotations, scaling, intensity jitter, gamma, noise, blur.")
+    num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (0 = in the training process).")
+    grad_clip: float = Field(12.0, ge=0, description="Clip the gradient norm to this (0 = no clipping).")
+    compile: bool = Field(False, description="torch.compile the training forward pass (slow start; pays off on GPU).")
     val_tile: int = Field(256, ge=16, le=4096, description="Sliding-window tile for validation.")
+    hd95: bool = Field(False, description="Also compute the 95th-percentile Hausdorff distance (reads masks whole).")
+    preview_every: int = Field(5, ge=1, description="Log a preview image every this many epochs (and the last).")
     patience: int = Field(0, ge=0, description="Stop after this many epochs without improvement (0 = never).")
     time_budget_s: float = Field(0.0, ge=0, description="Stop after this many seconds of training (0 = none).")
     seed: int = Field(0, ge=0)
@@ -122,11 +150,29 @@ class TrainConfig(_Config):
     registered_model: str = Field("unet", description="Name under which the model is registered.")
     resume: bool = Field(False, description="Resume from the last checkpoint in `output` if there is one.")
 
+    @field_validator("class_weights")
+    @classmethod
+    def _class_weights_fit(cls, value: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        model = info.data.get("model")
+        expected = max(2, model.num_classes) if model else None
+        if value is not None and expected and len(value) != expected:
+            raise ValueError(f"needs {expected} values for model.num_classes={model.num_classes}, got {len(value)}")
+        return value
+
+    @field_validator("ignore_index")
+    @classmethod
+    def _ignore_is_no_class(cls, value: int | None, info: ValidationInfo) -> int | None:
+        model = info.data.get("model")
+        expected = max(2, model.num_classes) if model else 0
+        if value is not None and value < expected:
+            raise ValueError(f"{value} is a trained class; use a value >= {expected} (e.g. 255)")
+        return value
+
 
 class InferConfig(_Config):
     """Options of ``predict``: tiled, blended inference of an ingested image on Dask."""
 
-    dataset: str = Field(description="Dataset folder written by ingest (or a single <id>.ome.zarr).")
+    dataset: str = Field(description="Dataset folder written by ingest.")
     output: str = Field(description="Folder for predictions (<id>.ome.zarr per image).")
     model: str = Field(
         "models:/unet@champion",
@@ -138,14 +184,27 @@ class InferConfig(_Config):
     tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network.")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
     batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
-    block_size: int = Field(1024, ge=64, le=16384, description="Output block edge (a multiple of the chunk).")
+    block_size: int = Field(
+        2048, ge=64, le=16384,
+        description="Bounds one task's memory: a block holds at most block_size² pixels; its shape (multiples of "
+        "the output chunk) is chosen to compute the fewest tiles twice at block borders.",
+    )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
     save_probabilities: bool = Field(True, description="Write class probabilities as well as labels.")
     probability_dtype: Literal["float16", "float32"] = Field("float16")
     tta: bool = Field(False, description="Flip test-time augmentation (4 passes).")
-    min_object_size: int = Field(0, ge=0, description="Remove objects smaller than this (pixels); 0 = keep all.")
+    min_object_size: int = Field(
+        0, ge=0, description="Remove objects and fill holes smaller than this many pixels, sizes measured on the "
+        "whole image (not per block); 0 = keep all.",
+    )
+    skip_empty: bool = Field(True, description="Constant input tiles (padding, saturated background) get "
+                             "background logits without running the model.")
+    instances: bool = Field(False, description="Also write instance labels (labels/instances, uint32): connected "
+                            "components, one id per object even across block borders.")
     scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")
-    n_workers: int = Field(0, ge=0, le=512, description="Local cluster workers (0 = one per core).")
+    n_workers: int = Field(0, ge=0, le=512, description="Local cluster workers (0 = one per core; one per GPU).")
+    threads_per_worker: int = Field(0, ge=0, le=512, description="Torch threads per local worker (0 = its share "
+                                    "of the cores).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto")
     export: Literal["none", "png", "tiff"] = Field("png", description="Also export label masks for small images.")
     overwrite: bool = Field(False, description="Replace an existing, different prediction.")
@@ -202,3 +261,53 @@ class PipelineConfig(_Config):
                            split="all" if held_out else "val", output=f"{self.workdir}/predictions",
                            model=model_uri, tracking_uri=self.tracking_uri, tile=self.tile, overlap=self.overlap,
                            n_workers=self.n_workers, scheduler_address=self.scheduler_address, overwrite=True)
+
+
+class NightlyConfig(_Config):
+    """Options of ``nightly``: ingest what is new in an inbox and predict it with the current champion model.
+
+    Defaults suit a scheduled deployment run from the repository root: ``inbox/`` in, ``nightly/`` out.
+    """
+
+    images: str = Field(
+        "inbox", min_length=1,
+        description="Folder, or glob such as /data/inbox/*.tif, watched for new or changed images.",
+    )
+    masks: str | None = Field(None, description="Folder of ground-truth masks (same file stems), to report Dice.")
+    dataset: str = Field("nightly/dataset", min_length=1, description="Dataset folder new images are ingested into.")
+    output: str = Field(
+        "nightly/predictions", min_length=1,
+        description="Folder for predictions and nightly_state.json (image id -> source hash, model version).",
+    )
+    model_name: str = Field("unet", min_length=1, description="Registered MLflow model to predict with.")
+    alias: str = Field(
+        "champion", min_length=1, description="Alias of that model; resolved to one version at the start of the run."
+    )
+    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or http URL).")
+    repredict_on_new_champion: bool = Field(
+        True, description="Re-predict images made with an older model version when the alias has moved."
+    )
+    num_classes: int = Field(1, ge=1, le=255, description="Declared classes; mask values must be < max(2, this).")
+    chunk_size: int = Field(1024, ge=64, le=8192, description="Chunk edge of ingested stores in pixels.")
+    tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network.")
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
+    batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
+    block_size: int = Field(1024, ge=64, le=16384, description="Output block edge (a multiple of the chunk).")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
+    export: Literal["none", "png", "tiff"] = Field("png", description="Also export label masks for small images.")
+    n_workers: int = Field(0, ge=0, le=512, description="Local Dask workers (0 = one per core).")
+    scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if available, else CPU.")
+
+    def ingest_config(self) -> IngestConfig:
+        """How each new image is ingested (no validation split: these images are only predicted)."""
+        return IngestConfig(images=self.images, masks=self.masks, output=self.dataset, chunk_size=self.chunk_size,
+                            num_classes=self.num_classes, val_fraction=0.0)
+
+    def infer_config(self, model_uri: str, images: list[str]) -> InferConfig:
+        """Inference of ``images`` with one pinned model version; stale predictions are replaced."""
+        return InferConfig(dataset=self.dataset, output=self.output, model=model_uri, tracking_uri=self.tracking_uri,
+                           images=images, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size,
+                           block_size=self.block_size, threshold=self.threshold, export=self.export,
+                           n_workers=self.n_workers, scheduler_address=self.scheduler_address, device=self.device,
+                           overwrite=True)

@@ -5,25 +5,32 @@ weights, writes only its own output chunks (blocks are unions of chunks: one wri
 completion record. A re-run skips recorded blocks, so a crash costs only the unfinished blocks, and the output
 equals the whole-image sliding-window result. No process ever holds the whole image.
 
-Output ``<output>/<id>.ome.zarr``: labels under ``labels/prediction`` (pyramid), probabilities as the image
-(K, H, W) when asked for; ``attributes.unet`` holds the run's signature and ``complete`` (false until every block
-and the pyramid are written). Completion records live in ``<output>/<id>.blocks/``.
+Optional passes after prediction, each one task per block and idempotent (re-run whole on a resume):
+post-processing (objects and holes smaller than ``min_object_size``, sized on the whole image) and instance
+labels (connected components merged across block faces); see :mod:`unetcore.inference.components`.
+
+Output ``<output>/<id>.ome.zarr``: labels under ``labels/prediction`` (pyramid), instance ids under
+``labels/instances`` when asked for, probabilities as the image (K, H, W, pyramid) when asked for;
+``attributes.unet`` holds the run's signature, the block shape and ``complete`` (false until every pass and
+pyramid is written). Completion records and scratch data live in ``<output>/<id>.blocks/``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import socket
 import time
-from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Literal
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -32,15 +39,21 @@ import zarr
 from unetcore import progress as progress_bus
 from unetcore.config import InferConfig
 from unetcore.errors import ConfigError, InputError, OutputExistsError, ServiceError
+from unetcore.inference.components import BlockComponents, label_block, merge_faces
 from unetcore.inference.predict import BlockPredictor, logits_to_outputs, resolve_device
-from unetcore.inference.windows import Block, plan_blocks
+from unetcore.inference.windows import Block, TileGrid, choose_block_shape, plan_blocks, tile_evaluations
 from unetcore.model import load_model
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.training.metrics import confusion_counts
 
 LABELS_NAME = "prediction"
+INSTANCES_NAME = "instances"
+SCRATCH = "scratch.zarr"
 log = logging.getLogger("unetcore.inference")
+
+Components = Literal["none", "all", "foreground"]
+"""What the prediction pass labels: nothing; every region (post-processing); foreground only (instances)."""
 
 
 @dataclass
@@ -57,67 +70,192 @@ class ImageResult:
     dice: float | None
     export: str | None
     preview: str | None
+    block_shape: list[int] = field(default_factory=list)
+    tile_evaluations: int = 0
+    grid_tiles: int = 0
+    instances: int | None = None
 
 
 # ---------------------------------------------------------------- worker side
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to build (and cache) its predictor; hashable, so it is the cache key."""
+
+    model_dir: str
+    weights_hash: str
+    device: str
+    tile: int
+    overlap: float
+    batch_size: int
+    threshold: float
+    tta: bool
+    skip_empty: bool
+    threads: tuple[tuple[str, int], ...]  # torch threads per worker host; ("*", n) applies to every host
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """Everything a block task needs about one image (paths, statistics, options); picklable."""
+
+    input: str
+    output: str
+    records: str
+    stats: dict[str, Any] = field(hash=False, compare=False)
+    spec: ModelSpec
+    save_probabilities: bool
+    probability_dtype: str
+    components: Components
+    instances: bool
+
+
+def _worker_identity() -> tuple[int, str]:
+    """(index, host) of the Dask worker running this code; (0, "") outside a worker."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return 0, ""
+    name = str(worker.name)
+    index = int(name) if name.isdigit() else 0
+    return index, urlparse(worker.address).hostname or ""
+
+
+def _threads_here(threads: tuple[tuple[str, int], ...], host: str) -> int:
+    table = dict(threads)
+    return max(1, table.get(host, table.get("*", 1)))
+
+
 @functools.lru_cache(maxsize=4)
-def _worker_predictor(model_dir: str, device: str, tile: int, overlap: float, batch: int, threshold: float,
-                      tta: bool, threads: int) -> BlockPredictor:
-    """Load the model once per worker process (cached by its arguments)."""
-    torch.set_num_threads(max(1, threads))
-    model, config = load_model(Path(model_dir))
-    return BlockPredictor.from_model(model, config, resolve_device(device), tile=tile, overlap=overlap,
-                                     batch_size=batch, threshold=threshold, tta=tta)
+def _worker_predictor(spec: ModelSpec) -> BlockPredictor:
+    """Load the model once per worker process (cached by its spec, which includes the weights' hash).
+
+    Torch gets this worker's share of the host's cores (Dask's nanny sets OMP_NUM_THREADS=1; this overrides it
+    for torch); worker ``i`` of a local GPU cluster runs on GPU ``i``.
+    """
+    index, host = _worker_identity()
+    torch.set_num_threads(_threads_here(spec.threads, host))
+    model, config = load_model(Path(spec.model_dir))
+    return BlockPredictor.from_model(model, config, resolve_device(spec.device, index), tile=spec.tile,
+                                     overlap=spec.overlap, batch_size=spec.batch_size, threshold=spec.threshold,
+                                     tta=spec.tta, skip_empty=spec.skip_empty)
 
 
-def _record_path(records: Path, block: Block) -> Path:
-    return records / f"y{block.y0}_x{block.x0}.json"
+def _stem(block: Block) -> str:
+    return f"y{block.y0}-{block.y1}_x{block.x0}-{block.x1}"
 
 
-def run_block(task: dict[str, Any], block: Block) -> dict[str, Any]:
-    """Predict one block and write its chunks and completion record (runs on a Dask worker)."""
-    t0 = time.perf_counter()
-    bp = _worker_predictor(task["model_dir"], task["device"], task["tile"], task["overlap"], task["batch_size"],
-                           task["threshold"], task["tta"], task["threads"])
-    src = omezarr.open_root(Path(task["input"]))
-    image = omezarr.image_array(src)
-    grid = bp.grid(image.shape[1:])
-    logits = bp.logits(image, task["stats"], grid, block)
-    probs, labels = logits_to_outputs(logits, bp.num_classes, bp.threshold)
-    if task["min_object_size"]:
-        labels = _remove_small(labels, task["min_object_size"])
-    out = zarr.open_group(store=task["output"], mode="r+")
-    out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
-    if task["save_probabilities"]:
-        out["0"][(slice(None), *block.slices)] = probs.astype(task["probability_dtype"])
-    counts = None
+def _record_path(records: Path, block: Block, kind: str = "") -> Path:
+    """Per-block files: ``<stem>.json`` (prediction done), ``<stem>.post.json``, ``<stem>.<stage>.npz`` …"""
+    return Path(records) / f"{_stem(block)}{'.' + kind if kind else ''}.json"
+
+
+def _side_path(records: Path, block: Block, suffix: str) -> Path:
+    return Path(records) / f"{_stem(block)}.{suffix}"
+
+
+def _counts(src: zarr.Group, labels: np.ndarray, block: Block, num_classes: int) -> list[list[int]] | None:
     truth = omezarr.label_array(src)
-    if truth is not None:
-        counts = [c.tolist() for c in confusion_counts(labels, np.asarray(truth[block.slices]), bp.num_classes)]
-    record = {"block": [block.y0, block.y1, block.x0, block.x1], "counts": counts,
-              "seconds": round(time.perf_counter() - t0, 4)}
-    mf.atomic_write_json(_record_path(Path(task["records"]), block), record)
+    if truth is None:
+        return None
+    return [c.tolist() for c in confusion_counts(labels, np.asarray(truth[block.slices]), num_classes)]
+
+
+def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str, with_background: bool,
+                    image_shape: tuple[int, int]) -> None:
+    """Label a block's components, write the local ids to the scratch store and their summary beside them."""
+    ids, comps = label_block(labels, block, image_shape, with_background)
+    zarr.open_group(store=str(Path(job.records) / SCRATCH), mode="r+")[stage][block.slices] = ids
+    comps.save(_side_path(Path(job.records), block, f"{stage}.npz"))
+
+
+def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
+    """Predict one block; write its chunks, its component summary if asked, then its completion record."""
+    t0 = time.perf_counter()
+    bp = _worker_predictor(job.spec)
+    src = omezarr.open_root(Path(job.input))
+    image = omezarr.image_array(src)
+    shape = image.shape[1:]
+    grid = bp.grid(shape)
+    logits = bp.logits(image, job.stats, grid, block)
+    t_model = time.perf_counter() - t0
+    probs, labels = logits_to_outputs(logits, bp.num_classes, bp.threshold)
+    out = zarr.open_group(store=job.output, mode="r+")
+    out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
+    if job.save_probabilities:
+        out["0"][(slice(None), *block.slices)] = probs.astype(job.probability_dtype)
+    if job.components != "none":
+        stage = "raw" if job.components == "all" else "final"
+        _label_and_save(job, labels, block, stage, job.components == "all", shape)
+    record = {"block": [block.y0, block.y1, block.x0, block.x1], "counts": _counts(src, labels, block, bp.num_classes),
+              "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4)}
+    mf.atomic_write_json(_record_path(Path(job.records), block), record)
     return record
 
 
-def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop foreground objects smaller than ``min_size`` pixels (per block) and fill holes as small."""
-    from skimage import morphology
+def postprocess_block(job: ImageJob, block: Block, num_classes: int) -> dict[str, Any]:
+    """Apply the whole-image post-processing decisions (a per-component class table) to one block."""
+    records = Path(job.records)
+    raw = zarr.open_group(store=str(records / SCRATCH), mode="r")["raw"][block.slices]
+    labels = np.load(_side_path(records, block, "post.npy"))[raw]
+    zarr.open_group(store=job.output, mode="r+")[f"labels/{LABELS_NAME}/0"][block.slices] = labels
+    if job.instances:
+        _label_and_save(job, labels, block, "final", False, _image_shape(job))
+    src = omezarr.open_root(Path(job.input))
+    record = {"counts": _counts(src, labels, block, num_classes)}
+    mf.atomic_write_json(_record_path(records, block, "post"), record)
+    return record
 
-    fg = labels > 0
-    keep = morphology.remove_small_objects(fg, max_size=min_size - 1) if min_size > 1 else fg
-    keep = morphology.remove_small_holes(keep, max_size=min_size - 1) if min_size > 1 else keep
-    return np.where(keep, np.maximum(labels, 1), 0).astype(labels.dtype)
+
+def relabel_block(job: ImageJob, block: Block) -> None:
+    """Write one block's final instance ids: its local component ids mapped through its lookup table."""
+    records = Path(job.records)
+    ids = zarr.open_group(store=str(records / SCRATCH), mode="r")["final"][block.slices]
+    lut = np.load(_side_path(records, block, "inst.npy"))
+    zarr.open_group(store=job.output, mode="r+")[f"labels/{INSTANCES_NAME}/0"][block.slices] = lut[ids]
 
 
-# ---------------------------------------------------------------- driver side
+def _image_shape(job: ImageJob) -> tuple[int, int]:
+    shape = zarr.open_group(store=job.output, mode="r")[f"labels/{LABELS_NAME}/0"].shape
+    return int(shape[0]), int(shape[1])
 
 
-@contextmanager
-def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int = 1) -> Iterator[Any]:
-    """A Dask client on ``address``, or on a local cluster of ``n_workers`` single-thread processes.
+# ---------------------------------------------------------------- cluster
+
+
+def local_cluster_shape(cores: int, gpus: int, n_workers: int = 0, threads: int = 0) -> tuple[int, int]:
+    """(worker processes, torch threads each) for a local cluster.
+
+    CPU: one single-threaded worker per core (measured faster than fewer multi-threaded workers, see
+    BENCHMARKS.md); GPU: one worker per GPU, sharing the cores. Explicit values win; threads default to the
+    worker's share of the cores.
+    """
+    cores = max(1, cores)
+    workers = n_workers or (gpus if gpus > 0 else cores)
+    return workers, threads or max(1, cores // workers)
+
+
+def _probe(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast when a tcp:// scheduler address refuses connections (Dask itself retries for its timeout)."""
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme != "tcp" or not parsed.hostname or not parsed.port:
+        return
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        raise ServiceError(address, f"Dask scheduler unreachable ({exc.strerror or type(exc).__name__})",
+                           "start `dask scheduler` or fix --scheduler-address") from None
+
+
+@contextlib.contextmanager
+def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int = 0,
+                device: str = "auto") -> Iterator[Any]:
+    """A Dask client on ``address``, or on a local cluster sized by :func:`local_cluster_shape`.
+
+    Local workers run one task at a time (a task uses all of its worker's torch threads).
 
     Raises:
         ServiceError: the scheduler address does not answer.
@@ -126,6 +264,7 @@ def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
     if address:
+        _probe(address)
         try:
             client = Client(address, timeout="10s")
         except (OSError, TimeoutError) as exc:
@@ -136,11 +275,13 @@ def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int
         finally:
             client.close()
         return
-    workers = n_workers or max(1, os.cpu_count() or 1)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker, processes=True,
-                           dashboard_address="127.0.0.1:0", host="127.0.0.1", memory_limit="auto")
+    gpus = torch.cuda.device_count() if resolve_device(device).type == "cuda" else 0
+    workers, threads = local_cluster_shape(os.cpu_count() or 1, gpus, n_workers, threads_per_worker)
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
+                           host="127.0.0.1", memory_limit="auto")
     client = Client(cluster)
-    log.info("Dask dashboard: %s", client.dashboard_link)
+    client.unet_torch_threads = threads  # read by _torch_threads: this cluster's share of cores per worker
+    log.info("Dask dashboard: %s (%d workers x %d torch threads)", client.dashboard_link, workers, threads)
     try:
         yield client
     finally:
@@ -148,40 +289,134 @@ def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int
         cluster.close()
 
 
+def _task_slots(client: Any) -> int:
+    """Tasks the cluster runs at once (sum of its workers' threads)."""
+    return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+
+
+def _torch_threads(client: Any, cfg: InferConfig) -> tuple[tuple[str, int], ...]:
+    """Torch threads per task: the option; a local cluster's share; else 1 per task slot of a worker host."""
+    if cfg.threads_per_worker:
+        return (("*", cfg.threads_per_worker),)
+    local = getattr(client, "unet_torch_threads", None)
+    if local:
+        return (("*", int(local)),)
+    return (("*", 1),)
+
+
+# ---------------------------------------------------------------- driver side
+
+
 def _signature(entry: dict[str, Any], model_config: dict[str, Any], weights_hash: str, cfg: InferConfig) -> str:
     """What makes two predictions of one image the same: source, model weights and output-shaping options."""
-    keys = ("tile", "overlap", "threshold", "tta", "min_object_size", "save_probabilities", "probability_dtype")
+    keys = ("tile", "overlap", "threshold", "tta", "min_object_size", "save_probabilities", "probability_dtype",
+            "skip_empty", "instances")
     payload = {"source": entry["source_hash"], "weights": weights_hash, "model": model_config["model"],
                **{k: getattr(cfg, k) for k in keys}}
     return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-def _prepare_output(path: Path, records: Path, signature: str, shape: tuple[int, int], classes: int,
-                    chunk: int, cfg: InferConfig, info: dict[str, Any]) -> None:
-    """Create the output store, or keep it to resume when its signature matches; refuse a different result."""
-    if path.exists():
-        try:
-            old = omezarr.unet_attrs(zarr.open_group(store=str(path), mode="r"))
-        except Exception:
-            old = {}
-        if old.get("signature") == signature:
-            return
-        if not cfg.overwrite:
-            raise OutputExistsError(path, "already holds a prediction made with other inputs, model or options")
-        shutil.rmtree(path)
-        shutil.rmtree(records, ignore_errors=True)
-    records.mkdir(parents=True, exist_ok=True)
-    # Probabilities are the store's image (K, H, W), one level; left unwritten (empty chunks) when not asked for.
-    root = omezarr.create_image(path, (classes, *shape), cfg.probability_dtype, chunk,
-                                name=f"{info['id']}-probabilities", n_levels=1)
-    omezarr.create_labels(root, LABELS_NAME, shape, np.uint8, chunk)
-    omezarr.set_unet_attrs(root, {**info, "signature": signature, "complete": False})
+@functools.lru_cache(maxsize=8)
+def _weights_hash(path: str, mtime_ns: int, size: int) -> str:
+    return mf.file_hash(Path(path))
 
 
-def _finish_output(path: Path, cfg: InferConfig) -> None:
-    root = zarr.open_group(store=str(path), mode="r+")
+def weights_hash(model_dir: Path) -> str:
+    """Content hash of a model folder's weights (cached by path, size and modification time)."""
+    path = Path(model_dir) / "weights.pt"
+    st = path.stat()
+    return _weights_hash(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+@dataclass
+class ImagePlan:
+    """The checked facts about one image's prediction, gathered before anything is written."""
+
+    entry: dict[str, Any]
+    src_path: Path
+    out_path: Path
+    records: Path
+    shape: tuple[int, int]
+    classes: int
+    chunk: int
+    signature: str
+    weights: str
+    resume: bool
+
+
+def _existing_signature(path: Path) -> str | None:
+    try:
+        return omezarr.unet_attrs(zarr.open_group(store=str(path), mode="r")).get("signature")
+    except Exception:  # not a store, or unreadable: treat as a different result
+        return None
+
+
+def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model_dir: Path, model_uri: str) -> ImagePlan:
+    """Check one image against the model and the output folder, without writing anything.
+
+    Raises:
+        InputError: the image's store is missing or not an OME-Zarr image.
+        ConfigError: the model expects another number of channels.
+        OutputExistsError: the output holds a different prediction and ``overwrite`` is off.
+    """
+    src_path = mf.store_path(dataset, entry["id"])
+    channels, height, width = omezarr.image_array(omezarr.open_root(src_path)).shape
+    model_config = json.loads((Path(model_dir) / "config.json").read_text())
+    if model_config["model"]["in_channels"] != channels:
+        raise ConfigError("model", f"{model_uri} expects {model_config['model']['in_channels']} channels, "
+                                   f"image '{entry['id']}' has {channels}")
+    wh = weights_hash(Path(model_dir))
+    signature = _signature(entry, model_config, wh, cfg)
+    out_path = Path(cfg.output) / f"{entry['id']}.ome.zarr"
+    resume = out_path.exists() and _existing_signature(out_path) == signature
+    if out_path.exists() and not resume and not cfg.overwrite:
+        raise OutputExistsError(out_path, "already holds a prediction made with other inputs, model or options")
+    return ImagePlan(entry=entry, src_path=src_path, out_path=out_path, records=Path(cfg.output) / f"{entry['id']}.blocks",
+                     shape=(height, width), classes=int(model_config["model"]["num_classes"]),
+                     chunk=min(int(entry.get("chunk", 1024)), cfg.block_size), signature=signature, weights=wh,
+                     resume=resume)
+
+
+def _create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, int], info: dict[str, Any]) -> None:
+    """Create the output store and records folder (replacing a different prediction: checked by plan_image)."""
+    if plan.out_path.exists():
+        shutil.rmtree(plan.out_path)
+    shutil.rmtree(plan.records, ignore_errors=True)
+    plan.records.mkdir(parents=True, exist_ok=True)
+    # Probabilities are the store's image (K, H, W); left unwritten (empty chunks, one level) when not asked for.
+    levels = None if cfg.save_probabilities else 1
+    root = omezarr.create_image(plan.out_path, (plan.classes, *plan.shape), cfg.probability_dtype, plan.chunk,
+                                name=f"{info['id']}-probabilities", n_levels=levels)
+    omezarr.create_labels(root, LABELS_NAME, plan.shape, np.uint8, plan.chunk)
+    if cfg.instances:
+        omezarr.create_labels(root, INSTANCES_NAME, plan.shape, np.uint32, plan.chunk)
+    omezarr.set_unet_attrs(root, {**info, "signature": plan.signature, "block_shape": list(block_shape),
+                                  "complete": False})
+
+
+def _ensure_scratch(plan: ImagePlan, cfg: InferConfig) -> None:
+    """Create the scratch store of component ids when a pass needs it and it is not there yet."""
+    path = plan.records / SCRATCH
+    if not (cfg.instances or cfg.min_object_size) or path.exists():
+        return
+    plan.records.mkdir(parents=True, exist_ok=True)
+    for stale in plan.records.glob("*.json"):  # records without their component ids cannot be resumed
+        stale.unlink()
+    scratch = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+    for stage in ("raw", "final"):
+        scratch.create_array(stage, shape=plan.shape, dtype=np.uint32, chunks=(plan.chunk, plan.chunk),
+                             compressors=omezarr.compressor(), fill_value=0)
+
+
+def _finish_output(plan: ImagePlan, cfg: InferConfig) -> None:
+    root = zarr.open_group(store=str(plan.out_path), mode="r+")
     omezarr.build_pyramid(root[f"labels/{LABELS_NAME}"], "label")
+    if cfg.instances:
+        omezarr.build_pyramid(root[f"labels/{INSTANCES_NAME}"], "label")
+    if cfg.save_probabilities:
+        omezarr.build_pyramid(root, "image")
     omezarr.set_unet_attrs(root, {"complete": True})
+    shutil.rmtree(plan.records / SCRATCH, ignore_errors=True)
 
 
 def _model_dir(cfg: InferConfig, cache: Path) -> tuple[Path, str]:
@@ -189,6 +424,10 @@ def _model_dir(cfg: InferConfig, cache: Path) -> tuple[Path, str]:
     from unetcore.tracking import mlflow as tracking
 
     uri = cfg.model
+    registry = uri.startswith(("models:/", "runs:/"))
+    if registry and cfg.tracking_uri.startswith("sqlite:") and not tracking.sqlite_path(cfg.tracking_uri).exists():
+        raise InputError(uri, f"model URI does not resolve (no MLflow database at {cfg.tracking_uri})",
+                         "train a model first or fix --tracking-uri")
     if uri.startswith("models:/") and "@" in uri:
         from mlflow import MlflowClient
 
@@ -211,68 +450,99 @@ def _model_dir(cfg: InferConfig, cache: Path) -> tuple[Path, str]:
     return tracking.download_model(uri), uri
 
 
+def _run_tasks(client: Any, fn: Callable[..., Any], job: ImageJob, blocks: list[Block], stage: str, done: int,
+               total: int, *extra: Any) -> None:
+    """Run ``fn(job, block, *extra)`` for every block on the cluster, reporting progress as tasks finish."""
+    from distributed import as_completed
+
+    progress_bus.report(stage, done, total)
+    if not blocks:
+        return
+    futures = client.map(fn, [job] * len(blocks), blocks, *[[e] * len(blocks) for e in extra], pure=False,
+                         retries=2)
+    for future in as_completed(futures):
+        future.result()
+        done += 1
+        progress_bus.report(stage, done, total)
+
+
+def _merge_and_write_luts(records: Path, blocks: list[Block], stage: str, suffix: str,
+                          make_lut: Callable[[Any, int, BlockComponents], np.ndarray]) -> Any:
+    """Merge one stage's block components across faces and write each block's lookup table."""
+    def load(i: int) -> BlockComponents:
+        return BlockComponents.load(_side_path(records, blocks[i], f"{stage}.npz"))
+
+    merged = merge_faces(blocks, load)
+    for i, b in enumerate(blocks):
+        np.save(_side_path(records, b, suffix), make_lut(merged, i, load(i)))
+    return merged
+
+
 def predict_image(
     entry: dict[str, Any], dataset: Path, cfg: InferConfig, client: Any, model_dir: Path, model_uri: str,
 ) -> ImageResult:
     """Predict one ingested image on the Dask ``client``; resume from completion records when possible."""
     t0 = time.perf_counter()
-    src_path = mf.store_path(dataset, entry["id"])
-    src = omezarr.open_root(src_path)
-    channels, height, width = omezarr.image_array(src).shape
-    model_config = json.loads((model_dir / "config.json").read_text())
-    if model_config["model"]["in_channels"] != channels:
-        raise ConfigError("model", f"{model_uri} expects {model_config['model']['in_channels']} channels, "
-                                   f"image '{entry['id']}' has {channels}")
-    classes = int(model_config["model"]["num_classes"])
+    plan = plan_image(entry, dataset, cfg, model_dir, model_uri)
+    grid = TileGrid.build(plan.shape, (cfg.tile, cfg.tile), cfg.overlap)
+    if plan.resume:
+        root = zarr.open_group(store=str(plan.out_path), mode="r")
+        block_shape = tuple(omezarr.unet_attrs(root)["block_shape"])
+        complete = bool(omezarr.unet_attrs(root).get("complete"))
+    else:
+        block_shape = choose_block_shape(grid, (plan.chunk, plan.chunk), cfg.block_size**2, _task_slots(client))
+        info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model_uri}
+        _create_output(plan, cfg, block_shape, info)
+        complete = False
+    if not complete:
+        _ensure_scratch(plan, cfg)
+        plan.records.mkdir(parents=True, exist_ok=True)
+    blocks = plan_blocks(plan.shape, block_shape)
+    todo = [] if complete else [b for b in blocks if not _record_path(plan.records, b).exists()]
+    components: Components = "all" if cfg.min_object_size else "foreground" if cfg.instances else "none"
+    spec = ModelSpec(str(model_dir), plan.weights, cfg.device, cfg.tile, cfg.overlap, cfg.batch_size, cfg.threshold,
+                     cfg.tta, cfg.skip_empty, _torch_threads(client, cfg))
+    job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
+                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances)
+    _run_tasks(client, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))
+    n_instances = None
+    if not complete:
+        if cfg.min_object_size:
+            _merge_and_write_luts(plan.records, blocks, "raw", "post.npy",
+                                  lambda m, i, c: m.postprocess_lut(i, c, cfg.min_object_size))
+            _run_tasks(client, postprocess_block, job, blocks, f"post-process {entry['id']}", 0, len(blocks),
+                       plan.classes)
+        if cfg.instances:
+            merged = _merge_and_write_luts(plan.records, blocks, "final", "inst.npy",
+                                           lambda m, i, c: m.instance_lut(i, c))
+            n_instances = merged.n_instances()
+            _run_tasks(client, relabel_block, job, blocks, f"instances {entry['id']}", 0, len(blocks))
+            omezarr.set_unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r+"), {"instances": n_instances})
+        _finish_output(plan, cfg)
+    elif cfg.instances:
+        n_instances = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r")).get("instances")
+    kind = "post" if cfg.min_object_size else ""
+    dice = _dice_from_records(plan.records, blocks, plan.classes, kind) if entry.get("has_mask") else None
     out_dir = Path(cfg.output)
-    out_path = out_dir / f"{entry['id']}.ome.zarr"
-    records = out_dir / f"{entry['id']}.blocks"
-    chunk = min(int(entry.get("chunk", 1024)), cfg.block_size)
-    block_edge = max(chunk, (cfg.block_size // chunk) * chunk)
-    signature = _signature(entry, model_config, mf.file_hash(model_dir / "weights.pt"), cfg)
-    info = {"id": entry["id"], "source_store": str(src_path.resolve()), "model": model_uri}
-    _prepare_output(out_path, records, signature, (height, width), classes, chunk, cfg, info)
-    blocks = plan_blocks((height, width), (block_edge, block_edge))
-    todo = [b for b in blocks if not _record_path(records, b).exists()]
-    n_threads = _threads_per_worker(client)
-    task = {"input": str(src_path), "output": str(out_path), "records": str(records), "model_dir": str(model_dir),
-            "stats": entry["stats"], "device": cfg.device, "tile": cfg.tile, "overlap": cfg.overlap,
-            "batch_size": cfg.batch_size, "threshold": cfg.threshold, "tta": cfg.tta, "threads": n_threads,
-            "min_object_size": cfg.min_object_size, "save_probabilities": cfg.save_probabilities,
-            "probability_dtype": cfg.probability_dtype}
-    from distributed import as_completed
-
-    futures = client.map(run_block, [task] * len(todo), todo, pure=False, retries=2)
-    done = len(blocks) - len(todo)
-    stage = f"predict {entry['id']}"
-    progress_bus.report(stage, done, len(blocks))
-    for future in as_completed(futures):
-        future.result()
-        done += 1
-        progress_bus.report(stage, done, len(blocks))
-    _finish_output(out_path, cfg)
-    dice = _dice_from_records(records, blocks, classes) if entry.get("has_mask") else None
-    export = _export(out_path, out_dir, entry["id"], cfg.export)
-    preview = write_preview(src_path, out_path, out_dir / f"{entry['id']}_preview.png")
+    export = _export(plan.out_path, out_dir, entry["id"], cfg.export, reuse=complete)
+    preview = write_preview(plan.src_path, plan.out_path, out_dir / f"{entry['id']}_preview.png")
     seconds = time.perf_counter() - t0
-    return ImageResult(id=entry["id"], output=str(out_path), pixels=height * width, blocks=len(blocks),
+    height, width = plan.shape
+    return ImageResult(id=entry["id"], output=str(plan.out_path), pixels=height * width, blocks=len(blocks),
                        blocks_skipped=len(blocks) - len(todo), seconds=round(seconds, 3),
                        megapixels_per_s=round(height * width / 1e6 / max(seconds, 1e-9), 3), dice=dice,
-                       export=export, preview=preview)
+                       export=export, preview=preview, block_shape=list(block_shape),
+                       tile_evaluations=tile_evaluations(grid, block_shape), grid_tiles=grid.n_tiles,
+                       instances=n_instances)
 
 
-def _threads_per_worker(client: Any) -> int:
-    info = client.scheduler_info()["workers"]
-    return max(1, min((w.get("nthreads", 1) for w in info.values()), default=1))
-
-
-def _dice_from_records(records: Path, blocks: list[Block], num_classes: int) -> float:
+def _dice_from_records(records: Path, blocks: list[Block], num_classes: int, kind: str = "") -> float:
     """Mean foreground Dice of the whole image from the per-block confusion counts."""
     from unetcore.training.metrics import dice_from_counts
 
     total = None
     for b in blocks:
-        counts = np.asarray(json.loads(_record_path(records, b).read_text())["counts"], np.int64)
+        counts = np.asarray(json.loads(_record_path(records, b, kind).read_text())["counts"], np.int64)
         total = counts if total is None else total + counts
     dice = dice_from_counts(*total)
     fg = dice[1:]
@@ -282,16 +552,22 @@ def _dice_from_records(records: Path, blocks: list[Block], num_classes: int) -> 
 EXPORT_MAX_PIXELS = 64_000_000
 
 
-def _export(out_path: Path, out_dir: Path, image_id: str, kind: str) -> str | None:
-    """Export the label mask as PNG (small images) or tiled BigTIFF (any size, streamed by tiles)."""
+def _export(out_path: Path, out_dir: Path, image_id: str, kind: str, reuse: bool = False) -> str | None:
+    """Export the label mask as PNG (small images) or tiled BigTIFF (any size, streamed by tiles).
+
+    ``reuse`` keeps an export that already exists (the prediction was complete before this run).
+    """
     if kind == "none":
         return None
     labels = zarr.open_group(store=str(out_path), mode="r")[f"labels/{LABELS_NAME}/0"]
     h, w = labels.shape
-    if kind == "png" and h * w <= EXPORT_MAX_PIXELS:
+    png = kind == "png" and h * w <= EXPORT_MAX_PIXELS
+    dst = out_dir / f"{image_id}_mask.{'png' if png else 'tif'}"
+    if reuse and dst.exists():
+        return str(dst)
+    if png:
         from skimage import io as skio
 
-        dst = out_dir / f"{image_id}_mask.png"
         tmp = dst.with_name(f".{dst.name}.tmp.png")
         skio.imsave(tmp, np.asarray(labels[:]), check_contrast=False)
         os.replace(tmp, dst)
@@ -299,7 +575,6 @@ def _export(out_path: Path, out_dir: Path, image_id: str, kind: str) -> str | No
     import tifffile
 
     tile = 256
-    dst = out_dir / f"{image_id}_mask.tif"
     tmp = dst.with_name(f".{dst.name}.tmp.tif")
 
     def tiles() -> Iterator[np.ndarray]:
@@ -340,12 +615,7 @@ def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 102
     return str(dst)
 
 
-def predict_dataset(cfg: InferConfig) -> list[ImageResult]:
-    """Predict the images of an ingested dataset (all, one split, or listed ids) on Dask.
-
-    Raises:
-        InputError: the dataset or model URI cannot be used; ServiceError: the scheduler is unreachable.
-    """
+def _chosen_entries(cfg: InferConfig) -> tuple[Path, list[dict[str, Any]]]:
     dataset = Path(cfg.dataset)
     manifest = mf.require(dataset)
     chosen = mf.entries(manifest, cfg.split)
@@ -356,14 +626,28 @@ def predict_dataset(cfg: InferConfig) -> list[ImageResult]:
         chosen = [e for e in chosen if e["id"] in cfg.images]
     if not chosen:
         raise InputError(dataset, f"no images in split '{cfg.split}'", "use --split all")
+    return dataset, chosen
+
+
+def predict_dataset(cfg: InferConfig, client: Any | None = None) -> list[ImageResult]:
+    """Predict the images of an ingested dataset (all, one split, or listed ids) on Dask.
+
+    Every image is checked (store, channels, output conflicts) before anything is written or a cluster is
+    started. ``client`` reuses an existing Dask client instead of starting one.
+
+    Raises:
+        InputError: the dataset or model URI cannot be used; ConfigError: the model does not fit an image;
+        OutputExistsError: an output holds a different prediction; ServiceError: the scheduler is unreachable.
+    """
+    dataset, chosen = _chosen_entries(cfg)
     out_dir = Path(cfg.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
     model_dir, model_uri = _model_dir(cfg, out_dir / ".models")
-    results = []
-    with dask_client(cfg.scheduler_address, cfg.n_workers) as client:
-        for entry in chosen:
-            results.append(predict_image(entry, dataset, cfg, client, model_dir, model_uri))
-    return results
+    for entry in chosen:
+        plan_image(entry, dataset, cfg, model_dir, model_uri)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    own = dask_client(cfg.scheduler_address, cfg.n_workers, cfg.threads_per_worker, cfg.device)
+    with contextlib.nullcontext(client) if client is not None else own as active:
+        return [predict_image(entry, dataset, cfg, active, model_dir, model_uri) for entry in chosen]
 
 
 def results_to_dicts(results: list[ImageResult]) -> list[dict[str, Any]]:

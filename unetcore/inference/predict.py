@@ -16,15 +16,19 @@ import torch
 import zarr
 
 from unetcore.config import NormalizationConfig
-from unetcore.inference.stitch import Predictor, predict_block, tta_predictor
+from unetcore.inference.stitch import Predictor, predict_block, skip_empty_predictor, tta_predictor
 from unetcore.inference.windows import Block, TileGrid, plan_blocks
 from unetcore.store.stats import normalize
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU falls back to CPU."""
+def resolve_device(name: str, index: int = 0) -> torch.device:
+    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU falls back to CPU.
+
+    ``index`` picks the GPU (taken modulo the number visible), so worker ``i`` of a local cluster with one
+    worker per GPU runs on GPU ``i``.
+    """
     if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
+        return torch.device("cuda", index % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
 
 
@@ -71,13 +75,18 @@ class BlockPredictor:
     @classmethod
     def from_model(
         cls, model: torch.nn.Module, config: dict[str, Any], device: torch.device, *, tile: int, overlap: float,
-        batch_size: int, threshold: float = 0.5, tta: bool = False,
+        batch_size: int, threshold: float = 0.5, tta: bool = False, skip_empty: bool = False,
     ) -> BlockPredictor:
-        """Build from a loaded model and its ``config.json`` content."""
+        """Build from a loaded model and its ``config.json`` content.
+
+        ``tta`` averages the 4 flips; ``skip_empty`` gives constant tiles background logits without a forward.
+        """
+        num_classes = int(config["model"]["num_classes"])
         predictor = torch_predictor(model, device)
+        predictor = tta_predictor(predictor) if tta else predictor
         return cls(
-            predictor=tta_predictor(predictor) if tta else predictor,
-            num_classes=int(config["model"]["num_classes"]),
+            predictor=skip_empty_predictor(predictor, num_classes) if skip_empty else predictor,
+            num_classes=num_classes,
             recipe=NormalizationConfig(**config.get("normalization", {})),
             tile=tile,
             overlap=overlap,

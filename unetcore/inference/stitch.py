@@ -187,3 +187,43 @@ def tta_predictor(predictor: Predictor) -> Predictor:
         return total / len(flips)
 
     return predict
+
+
+BACKGROUND_LOGIT = 12.0
+"""Magnitude of the logits given to skipped tiles: sigmoid(-12) ≈ 6e-6, softmax margin 24 for class 0."""
+
+
+def background_logits(num_classes: int, shape: Shape2D) -> np.ndarray:
+    """Logits ``(K, h, w)`` that say "background" with high confidence: binary -L; multi-class +L for class 0."""
+    k = max(1, num_classes)
+    out = np.full((k, *shape), -BACKGROUND_LOGIT, dtype=np.float32)
+    if num_classes > 1:
+        out[0] = BACKGROUND_LOGIT
+    return out
+
+
+def constant_tiles(batch: np.ndarray) -> np.ndarray:
+    """Mask ``(B,)`` of tiles whose every channel is constant over the tile (no signal to segment)."""
+    flat = batch.reshape(batch.shape[0], batch.shape[1], -1)
+    return (flat.max(axis=-1) == flat.min(axis=-1)).all(axis=-1)
+
+
+def skip_empty_predictor(predictor: Predictor, num_classes: int) -> Predictor:
+    """Wrap ``predictor`` so that constant tiles get :func:`background_logits` without running the model.
+
+    Percentile normalisation clips saturated background (e.g. white slide glass) to exactly 1, and padding
+    outside a scan is exactly 0, so such areas cost nothing. The decision is per tile of the global grid,
+    so tiled and whole-image inference still agree.
+    """
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        skip = constant_tiles(batch)
+        if not skip.any():
+            return predictor(batch)
+        out = np.empty((batch.shape[0], max(1, num_classes), *batch.shape[2:]), dtype=np.float32)
+        out[skip] = background_logits(num_classes, batch.shape[2:])
+        if not skip.all():
+            out[~skip] = _predict(predictor, np.ascontiguousarray(batch[~skip]))
+        return out
+
+    return predict

@@ -169,3 +169,51 @@ def region_for_tiles(tiles: Iterable[tuple[int, int]], tile: Shape2D) -> Block:
     ys = [y for y, _ in tiles]
     xs = [x for _, x in tiles]
     return Block(min(ys), max(ys) + tile[0], min(xs), max(xs) + tile[1])
+
+
+def _axis_evaluations(starts: tuple[int, ...], tile: int, size: int, band: int) -> int:
+    """Tiles evaluated along one axis when it is cut into bands of ``band``: a tile touching k bands counts k."""
+    return sum(len(_starts_touching(starts, tile, lo, min(lo + band, size))) for lo in range(0, size, band))
+
+
+def tile_evaluations(grid: TileGrid, block: Shape2D) -> int:
+    """Tile evaluations of block-wise inference with blocks of ``block``; ``grid.n_tiles`` is the minimum.
+
+    A tile that straddles a block border is predicted once per block it touches. The count factorises
+    per axis because blocks form a regular grid: ``evals_y(bh) * evals_x(bw)``.
+    """
+    _check_positive("block", block)
+    return _axis_evaluations(grid.ys, grid.tile[0], grid.shape[0], block[0]) * _axis_evaluations(
+        grid.xs, grid.tile[1], grid.shape[1], block[1]
+    )
+
+
+def _candidates(size: int, chunk: int) -> list[int]:
+    """Block edges along one axis: multiples of ``chunk`` up to the first that covers ``size``."""
+    return [chunk * k for k in range(1, -(-size // chunk) + 1)]
+
+
+def choose_block_shape(grid: TileGrid, chunk: Shape2D, max_pixels: int, min_blocks: int = 1) -> Shape2D:
+    """Block shape ``(bh, bw)``, multiples of ``chunk``, that computes the fewest tiles twice.
+
+    Among shapes of at most ``max_pixels`` pixels (bounding a task's memory) that give at least
+    ``min_blocks`` blocks (so every worker gets work; relaxed when the image has fewer chunks), pick the
+    one with the fewest :func:`tile_evaluations`; ties go to fewer, then wider blocks. A single chunk is
+    always allowed, whatever ``max_pixels``.
+    """
+    _check_positive("chunk", chunk)
+    (h, w), (cy, cx) = grid.shape, chunk
+    n_chunks = -(-h // cy) * -(-w // cx)
+    need = max(1, min(min_blocks, n_chunks))
+    ey = {b: _axis_evaluations(grid.ys, grid.tile[0], h, b) for b in _candidates(h, cy)}
+    ex = {b: _axis_evaluations(grid.xs, grid.tile[1], w, b) for b in _candidates(w, cx)}
+    best: tuple[int, int, int, int, int] | None = None
+    for bh, ny in ey.items():
+        for bw, nx in ex.items():
+            n_blocks = -(-h // bh) * -(-w // bw)
+            if n_blocks < need or (bh * bw > max_pixels and (bh, bw) != (cy, cx)):
+                continue
+            key = (ny * nx, n_blocks, -bw, bh, bw)
+            best = key if best is None or key < best else best
+    assert best is not None  # (cy, cx) always qualifies: it gives n_chunks >= need blocks
+    return best[3], best[4]

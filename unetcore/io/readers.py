@@ -6,9 +6,11 @@ corrupt or truncated file, an empty image, a declared shape above ``max_pixels``
 unsupported dtype, more than 64 channels or more than three axes each raise one :class:`InputError` naming the
 file. The returned :class:`ImageSource` reads regions on demand:
 
-* TIFF: tifffile's Zarr store over series 0, level 0 (pyramids keep their full-resolution level): a region
-  read decodes only the tiles (or strips) it touches;
-* ``.npy``: a read-only memory map;
+* TIFF (BigTIFF, OME-TIFF, tiled or striped, pyramids through SubIFDs or reduced pages): tifffile's Zarr store
+  over series 0, level 0 (pyramids keep their full-resolution level): a region read decodes only the tiles (or
+  strips) it touches; :attr:`ImageSource.chunks_yx` tells callers that unit. An uncompressed TIFF whose pixels are
+  contiguous is read through a memory map instead (its single strip would otherwise be one whole-image chunk);
+* ``.npy``: a read-only memory map, created per read so that resident memory stays at one region;
 * Zarr: the array itself, or level ``0`` of an OME-Zarr multiscale group (axes from its metadata);
 * PNG/JPEG: decoded whole by Pillow on first use and cached (these formats cannot be read by region).
 
@@ -17,7 +19,7 @@ the file again on its first read and keeps the handle. It is also array-like (``
 ``source[y0:y1, x0:x1]``), which ``dask.array.from_array`` accepts.
 
 :func:`open_mask` opens a label mask for an image and checks it band by band (never whole) against the image and
-the declared number of classes.
+the declared number of classes: at open, or (``scan=False``) while the caller streams it.
 """
 
 from __future__ import annotations
@@ -95,12 +97,46 @@ class _Storage:
     ``axes`` names each stored axis: ``Y``, ``X``, ``C``, or ``1`` for a singleton axis that is indexed away
     (e.g. OME-Zarr ``t``/``z`` of size 1). ``key`` is the array's path inside a Zarr group; ``convert`` a Pillow
     mode to convert to after decoding (e.g. a palette image to RGB; palette masks keep their indices).
+    ``chunks_yx`` is the smallest unit the file decodes (a TIFF tile or strip, a Zarr chunk), ``(1, 1)`` when any
+    region is cheap (memory maps, decoded PNG/JPEG). ``raw`` locates uncompressed contiguous pixels (``.npy``,
+    uncompressed TIFF), which are read through a short-lived memory map instead of a decoder.
     """
 
     fmt: Literal["tiff", "pil", "npy", "zarr"]
     axes: str
     key: str = ""
     convert: str = ""
+    chunks_yx: tuple[int, int] = (1, 1)
+    raw: _Raw | None = None
+
+
+@dataclass(frozen=True)
+class _Raw:
+    """Uncompressed pixels stored contiguously at ``offset`` as an array of ``shape`` (``order`` C or F)."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    order: Literal["C", "F"] = "C"
+
+
+class _RawArray:
+    """Region reads of raw pixels through a memory map created per read and dropped after it.
+
+    A memory map kept open would count every page ever touched in the process's resident memory (RSS), so a
+    streamed pass over a 10 GB ``.npy`` would look like a 10 GB process; mapping per read keeps RSS at one region.
+    """
+
+    def __init__(self, path: Path, raw: _Raw) -> None:
+        self.path, self.raw = path, raw
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        mapped = np.memmap(self.path, dtype=np.dtype(self.raw.dtype), mode="r", offset=self.raw.offset,
+                           shape=self.raw.shape, order=self.raw.order)
+        try:
+            return np.array(mapped[index])
+        finally:
+            del mapped
 
 
 @dataclass
@@ -117,6 +153,15 @@ class ImageSource:
     _handle: Any = field(default=None, init=False, repr=False, compare=False)
 
     # -- array-like face --------------------------------------------------------------------------------------
+    @property
+    def chunks_yx(self) -> tuple[int, int]:
+        """Rows and columns of the file's decode unit (tile, strip, chunk); ``(1, 1)`` if any region is cheap.
+
+        Readers of big images should cut their regions along these: a region narrower than a strip still decodes
+        the whole strip.
+        """
+        return self.storage.chunks_yx
+
     @property
     def shape(self) -> tuple[int, int, int]:
         """``(H, W, C)``."""
@@ -208,18 +253,48 @@ class ImageSource:
 
 @dataclass
 class MaskSource(ImageSource):
-    """A checked mask: reads give ``(h, w, 1)`` class indices in ``dtype`` (uint8 unless there are > 256 classes).
+    """A mask: reads give ``(h, w, 1)`` class indices in ``dtype`` (uint8 unless there are > 256 classes).
 
     Only the first stored channel is read (an RGB(A) mask was checked to have equal colour channels).
     ``stored_dtype``: the dtype in the file. ``map_255``: a binary mask saved as 0/255, whose 255 is read as 1.
+    ``n_classes``: values must lie in ``[0, n_classes)``. ``classes``: the class indices found by the scan at
+    open (None when opened with ``scan=False``; then read with :meth:`read_checked`).
     """
 
     stored_dtype: np.dtype = field(default_factory=lambda: np.dtype("uint8"))
     map_255: bool = False
+    n_classes: int = 2
+    classes: frozenset[int] | None = None
 
     def read(self, ys: slice, xs: slice) -> np.ndarray:
         """Read a region as ``(h, w, 1)`` class indices."""
-        block = self._read_stored(ys, xs)[..., :1]
+        return self._to_classes(self._read_stored(ys, xs))
+
+    def read_checked(self, ys: slice, xs: slice) -> tuple[np.ndarray, set[int]]:
+        """Read a region as ``(h, w, 1)`` class indices and check its stored values on the way.
+
+        Returns the class indices and the stored values seen in the region; pass the union of those over the
+        whole mask to :meth:`check_seen` at the end.
+
+        Raises:
+            InputError: the region has differing colour channels, non-integer or out-of-range values.
+        """
+        stored = self._read_stored(ys, xs)
+        seen = _check_mask_band(self.path, stored, self.n_classes, ys.indices(self.shape_yxc[0])[0])
+        return self._to_classes(stored), seen
+
+    def check_seen(self, seen: set[int]) -> frozenset[int]:
+        """Check the stored values seen over the whole mask; return the class indices they become.
+
+        Raises:
+            InputError: a binary mask uses both 1 and 255 (ambiguous).
+        """
+        if self.n_classes == 2 and {1, 255} <= seen:
+            raise InputError(self.path, "mask mixes values 1 and 255", "a binary mask should use 0/1 or 0/255, not both")
+        return frozenset(1 if (v == 255 and self.map_255) else v for v in seen)
+
+    def _to_classes(self, stored: np.ndarray) -> np.ndarray:
+        block = stored[..., :1]
         if self.map_255:
             block = np.where(block == 255, 1, block)
         return block.astype(self.dtype)
@@ -252,7 +327,12 @@ def open_image(
 
 
 def open_mask(
-    path: str | Path, image: ImageSource, num_classes: int, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path,
+    image: ImageSource,
+    num_classes: int,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    scan: bool = True,
 ) -> MaskSource:
     """Open a mask for ``image`` and check it band by band.
 
@@ -261,6 +341,11 @@ def open_mask(
     image, with values in ``[0, max(2, num_classes))``. Masks saved as 0/255 (usual for binary PNG masks) are
     accepted when the mask is binary (``num_classes <= 2``) and read with 255 as 1; a mask mixing 1 and 255 is
     refused as ambiguous.
+
+    Args:
+        scan: check every value now (one pass over the mask; ``classes`` holds what was found). With False only
+            the header is checked (shape, dtype, channels) and a caller that streams the mask anyway checks it on
+            the way with :meth:`MaskSource.read_checked` and :meth:`MaskSource.check_seen`: one pass, not two.
 
     Raises:
         InputError: any of the above does not hold; the message names the mask (and the image for shape).
@@ -278,18 +363,21 @@ def open_mask(
     if channels not in (1, 3, 4):
         raise InputError(path, f"mask has {channels} channels", "save the mask as a single-channel label image")
     n_classes = max(2, int(num_classes))
-    seen = _scan_mask(raw, n_classes)
-    map_255 = n_classes == 2 and 255 in seen
-    if map_255 and 1 in seen:
-        raise InputError(path, "mask mixes values 1 and 255", "a binary mask should use 0/1 or 0/255, not both")
     mask = MaskSource(
         path=path,
         shape_yxc=(height, width, 1),
         dtype=np.dtype("uint8" if n_classes <= 256 else "int32"),
         storage=raw.storage,
         stored_dtype=raw.dtype,
-        map_255=map_255,
+        map_255=n_classes == 2,  # until a scan says there is no 255; 1 and 255 together are refused
+        n_classes=n_classes,
     )
+    if scan:
+        seen: set[int] = set()
+        for ys, band in iter_row_bands(raw):
+            seen |= _check_mask_band(path, band, n_classes, ys.start)
+        mask.map_255 = n_classes == 2 and 255 in seen
+        mask.classes = mask.check_seen(seen)
     mask._handle = raw._handle  # keep what is already open (or decoded, for PNG)
     return mask
 
@@ -400,6 +488,8 @@ class _Header:
     axes: str | None  # letters Y, X, C (or 1 for a singleton to drop) when the file names its axes
     key: str = ""
     convert: str = ""
+    chunks: tuple[int, ...] | None = None  # decode unit per stored axis (None: any region is cheap)
+    raw: _Raw | None = None
 
 
 def _open(
@@ -430,7 +520,11 @@ def _open(
     if channels > MAX_CHANNELS:
         raise InputError(path, f"{role} has {channels} channels, more than {MAX_CHANNELS}",
                          "check channel_axis or the file's layout")
-    storage = _Storage(fmt=fmt, axes=axes, key=header.key, convert=header.convert)
+    chunks_yx = (1, 1)
+    if header.chunks is not None:
+        chunks_yx = (min(header.chunks[axes.index("Y")], height), min(header.chunks[axes.index("X")], width))
+    storage = _Storage(fmt=fmt, axes=axes, key=header.key, convert=header.convert, chunks_yx=chunks_yx,
+                       raw=header.raw)
     source = ImageSource(path=path, shape_yxc=(height, width, channels), dtype=header.dtype.newbyteorder("="),
                          storage=storage)
     _VERIFIERS[fmt](source)
@@ -492,6 +586,8 @@ def _tiff_header(path: Path, max_pixels: int, role: str) -> _Header:
         series = tif.series[0].levels[0]
         shape, axes = tuple(int(n) for n in series.shape), series.axes
         dtype = np.dtype(series.dtype)
+        raw = _tiff_raw(tif, series, shape)
+        chunks = None if raw is not None else _tiff_chunks(series.keyframe, axes, shape)
     letters = []
     for axis, n in zip(axes, shape):
         if axis in "YX":
@@ -503,7 +599,26 @@ def _tiff_header(path: Path, max_pixels: int, role: str) -> _Header:
         else:
             letters.append("?")  # pages of some kind (I, Q, Z, T): judge from the shape
     named = "".join(letters)
-    return _Header(shape=shape, dtype=dtype, axes=None if "?" in named else named)
+    return _Header(shape=shape, dtype=dtype, axes=None if "?" in named else named, chunks=chunks, raw=raw)
+
+
+def _tiff_raw(tif: tifffile.TiffFile, series: Any, shape: tuple[int, ...]) -> _Raw | None:
+    """Where an uncompressed TIFF keeps its pixels contiguously (read by memory map), else None.
+
+    tifffile's Zarr view of such a file has the whole strip as one chunk, often the whole image, so a region read
+    would decode everything; a memory map reads only the region's rows.
+    """
+    offset = series.dataoffset
+    if offset is None or not all(p is not None and p.is_memmappable for p in series.pages):
+        return None
+    return _Raw(offset=int(offset), shape=shape, dtype=np.dtype(series.dtype).newbyteorder(tif.byteorder).str)
+
+
+def _tiff_chunks(page: Any, axes: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Decode unit per series axis: a tile, or a strip (rows x full width)."""
+    rows, cols = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, page.imagewidth)
+    sizes = {"Y": int(rows) or 1, "X": int(cols) or 1}
+    return tuple(sizes.get(axis, 1 if axis not in "SC" else n) for axis, n in zip(axes, shape))
 
 
 def _verify_tiff(source: ImageSource) -> None:
@@ -521,7 +636,9 @@ def _verify_tiff(source: ImageSource) -> None:
                                  "copy or download the file again")
 
 
-def _open_tiff(path: Path, storage: _Storage) -> tuple[Any, Any]:
+def _open_tiff(path: Path, storage: _Storage) -> Any:
+    if storage.raw is not None:
+        return _RawArray(path, storage.raw)
     with _wrap(path, "not a readable TIFF file"):
         store = tifffile.imread(path, aszarr=True, series=0, level=0)
         return store, zarr.open(store, mode="r")
@@ -531,8 +648,11 @@ def _npy_header(path: Path, max_pixels: int, role: str) -> _Header:
     with _wrap(path, "not a valid .npy file"), open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = reader(fh)
-    return _Header(shape=tuple(int(n) for n in shape), dtype=np.dtype(dtype), axes=None)
+        shape, fortran, dtype = reader(fh)
+        offset = fh.tell()
+    shape = tuple(int(n) for n in shape)
+    raw = _Raw(offset=offset, shape=shape, dtype=np.dtype(dtype).str, order="F" if fortran else "C")
+    return _Header(shape=shape, dtype=np.dtype(dtype), axes=None, raw=raw)
 
 
 def _verify_npy(source: ImageSource) -> None:
@@ -548,9 +668,9 @@ def _verify_npy(source: ImageSource) -> None:
                          "save the array again")
 
 
-def _open_npy(path: Path, storage: _Storage) -> np.ndarray:
-    with _wrap(path, "not a valid .npy file"):
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+def _open_npy(path: Path, storage: _Storage) -> _RawArray:
+    assert storage.raw is not None, "the .npy header reader always locates the data"
+    return _RawArray(path, storage.raw)
 
 
 def _zarr_header(path: Path, max_pixels: int, role: str) -> _Header:
@@ -574,7 +694,8 @@ def _zarr_header(path: Path, max_pixels: int, role: str) -> _Header:
         if not isinstance(array, zarr.Array):
             raise InputError(path, f"Zarr node '{key}' is not an array")
         shape, dtype = tuple(int(n) for n in array.shape), np.dtype(str(array.dtype))
-    return _Header(shape=shape, dtype=dtype, axes=_zarr_axes(path, axes, shape), key=key)
+        chunks = tuple(int(n) for n in array.chunks)
+    return _Header(shape=shape, dtype=dtype, axes=_zarr_axes(path, axes, shape), key=key, chunks=chunks)
 
 
 def _zarr_axes(path: Path, axes: Any, shape: tuple[int, ...]) -> str | None:
@@ -656,31 +777,31 @@ _OPENERS = {"tiff": _open_tiff, "npy": _open_npy, "zarr": _open_zarr, "pil": _op
 # --- mask checking ------------------------------------------------------------------------------------------
 
 
-def _scan_mask(raw: ImageSource, n_classes: int) -> set[int]:
-    """Check a mask band by band; return the set of values seen (all in [0, n_classes) or 255 when binary)."""
-    path, channels = raw.path, raw.shape_yxc[2]
-    seen: set[int] = set()
-    for ys, band in iter_row_bands(raw):
-        if channels > 1:
-            colour = band[..., :3]
-            if not (colour == colour[..., :1]).all():
-                raise InputError(path, f"mask has {channels} channels that differ (rows {ys.start}-{ys.stop})",
-                                 "save the mask as a single-channel label image")
-        band = band[..., 0]
-        if band.dtype.kind == "f":
-            whole = np.isfinite(band) & (band == np.floor(band))
-            if not whole.all():
-                example = band[~whole].flat[0]
-                raise InputError(path, f"float mask holds non-integer values (e.g. {example:g})",
-                                 "masks must hold whole class indices")
-        values = _band_values(band)
-        bad = [v for v in values if not (0 <= v < n_classes or (n_classes == 2 and v == 255))]
-        if bad:
-            shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
-            raise InputError(path, f"mask values {shown} outside [0, {n_classes})",
-                             "set num_classes to the number of classes, or fix the mask")
-        seen.update(int(v) for v in values)
-    return seen
+def _check_mask_band(path: Path, band: np.ndarray, n_classes: int, row0: int) -> set[int]:
+    """Check a band ``(h, w, C)`` of stored mask values; return the values seen.
+
+    Values must be whole numbers in ``[0, n_classes)``, or 255 in a binary mask; colour channels must be equal.
+    """
+    channels = band.shape[-1]
+    if channels > 1:
+        colour = band[..., :3]
+        if not (colour == colour[..., :1]).all():
+            raise InputError(path, f"mask has {channels} channels that differ (rows {row0}-{row0 + band.shape[0]})",
+                             "save the mask as a single-channel label image")
+    band = band[..., 0]
+    if band.dtype.kind == "f":
+        whole = np.isfinite(band) & (band == np.floor(band))
+        if not whole.all():
+            example = band[~whole].flat[0]
+            raise InputError(path, f"float mask holds non-integer values (e.g. {example:g})",
+                             "masks must hold whole class indices")
+    values = _band_values(band)
+    bad = [v for v in values if not (0 <= v < n_classes or (n_classes == 2 and v == 255))]
+    if bad:
+        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
+        raise InputError(path, f"mask values {shown} outside [0, {n_classes})",
+                         "set num_classes to the number of classes, or fix the mask")
+    return {int(v) for v in values}
 
 
 def _band_values(band: np.ndarray) -> list[float]:

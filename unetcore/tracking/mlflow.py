@@ -7,8 +7,10 @@ no code is ever unpickled from an artifact.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
+import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -109,39 +111,89 @@ def register(
     val_dice: float,
     val_set: str,
     evaluate_champion: Callable[[Path], float] | None = None,
+    model_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Register the run's model folder as a new version and apply the promotion gate.
 
     The alias ``champion`` moves to the new version only if its validation Dice beats the champion's on the
-    same validation set (the stored figure when the sets match, else ``evaluate_champion(champion_dir)``);
-    otherwise the new version becomes ``challenger``. Returns ``{"version", "alias", "champion_dice"}``.
+    same validation set: the champion's stored figure when its ``val_set`` tag matches, else
+    ``evaluate_champion(champion_dir)`` (its Dice measured now on this set). A champion built for other
+    classes or channels (``model_config``) cannot be compared and keeps its alias. Otherwise the new version
+    becomes ``challenger``. The version's ``gate`` tag says why.
+
+    Returns:
+        ``{"version", "alias", "champion_dice", "gate"}``.
     """
     client = MlflowClient()
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="UNet segmentation model (weights-only + config.json)")
+    task = _task_tags(model_config)
     version = client.create_model_version(
-        name, source=artifact_uri, run_id=run_id, tags={"val_dice": f"{val_dice:.6f}", "val_set": val_set}
+        name, source=artifact_uri, run_id=run_id, tags={"val_dice": f"{val_dice:.6f}", "val_set": val_set, **task}
     )
-    champion_dice = _champion_dice(client, name, val_set, evaluate_champion)
-    alias = CHAMPION if champion_dice is None or val_dice > champion_dice else CHALLENGER
+    champion_dice, gate = _champion_dice(client, name, val_set, task, evaluate_champion)
+    wins = gate is None and (champion_dice is None or val_dice > champion_dice)
+    if gate is None:
+        verdict = "beats" if wins else "does not beat"
+        gate = ("first model under this name" if champion_dice is None else
+                f"val Dice {val_dice:.4f} {verdict} the champion's {champion_dice:.4f} on the same validation set")
+    alias = CHAMPION if wins else CHALLENGER
     client.set_registered_model_alias(name, alias, version.version)
-    return {"version": int(version.version), "alias": alias, "champion_dice": champion_dice}
+    client.set_model_version_tag(name, version.version, "gate", gate)
+    return {"version": int(version.version), "alias": alias, "champion_dice": champion_dice, "gate": gate}
+
+
+def _task_tags(model_config: dict[str, Any] | None) -> dict[str, str]:
+    """The model's task as version tags: what another model must share to be compared with it."""
+    if not model_config:
+        return {}
+    return {"num_classes": str(model_config["num_classes"]), "in_channels": str(model_config["in_channels"])}
 
 
 def _champion_dice(
-    client: MlflowClient, name: str, val_set: str, evaluate: Callable[[Path], float] | None
-) -> float | None:
+    client: MlflowClient,
+    name: str,
+    val_set: str,
+    task: dict[str, str],
+    evaluate: Callable[[Path], float] | None,
+) -> tuple[float | None, str | None]:
+    """The champion's validation Dice on ``val_set`` (None: no champion), and a gate reason if not comparable."""
     try:
         champion = client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
-        return None
+        return None, None
+    for key, value in task.items():
+        if champion.tags.get(key, value) != value:
+            return float("nan"), (f"not comparable: the champion (v{champion.version}) has {key}="
+                                  f"{champion.tags[key]}, this model {value}; promote it by hand if intended")
     if champion.tags.get("val_set") == val_set and "val_dice" in champion.tags:
-        return float(champion.tags["val_dice"])
+        return float(champion.tags["val_dice"]), None
     if evaluate is None:
-        return float(champion.tags.get("val_dice", "nan"))
-    return evaluate(download_model(f"models:/{name}@{CHAMPION}"))
+        return float(champion.tags.get("val_dice", "nan")), None
+    return float(evaluate(download_model(f"models:/{name}@{CHAMPION}"))), None
+
+
+def code_version_tags() -> dict[str, str]:
+    """Which code trained the model: the package version and, in a git checkout, the commit (``-dirty`` if edited)."""
+    try:
+        version = importlib.metadata.version("unet-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    tags = {"package_version": version, "code_version": version}
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return tags
+    if commit.returncode == 0 and commit.stdout.strip():
+        sha = commit.stdout.strip()
+        tags["git_commit"] = sha
+        tags["code_version"] = sha[:12] + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    return tags
 
 
 def download_model(uri: str, tracking_uri: str | None = None, dst: Path | None = None) -> Path:

@@ -1,0 +1,194 @@
+"""Training benchmarks: pipeline throughput against an in-memory loop, and the default recipe's held-out Dice.
+
+Part ``throughput``: images/s of the real training path (OME-Zarr patch sampling + augmentation through the
+DataLoader + :func:`unetcore.training.loop.train_step`) against the same model, batch and step fed from tensors
+already in memory; and, for reference, a naive loop (default memory layout, no clipping). The sides alternate in
+rounds within one process, so machine noise hits them alike; the figure of merit is the ratio.
+
+Part ``recipe``: the generated sample (10 images of 512², seed 0) ingested and trained with ``TrainConfig``'s
+defaults, then the Dice of the best model on the held-out 2048² image (seed 1), never seen in training, through
+the inference code path; wall-clock time of the whole thing.
+
+    .venv/bin/python benchmarks/bench_train.py --part throughput
+    .venv/bin/python benchmarks/bench_train.py --part recipe [--set epochs=10 --set patch_size=128 ...]
+
+Writes ``benchmarks/results/train_<part>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+from unetcore.config import IngestConfig, ModelConfig, TrainConfig  # noqa: E402
+from unetcore.data.synthetic import write_sample  # noqa: E402
+from unetcore.inference.predict import BlockPredictor  # noqa: E402
+from unetcore.ingest import ingest_folder  # noqa: E402
+from unetcore.model import build_model, load_model  # noqa: E402
+from unetcore.store import manifest as mf  # noqa: E402
+from unetcore.training import loop  # noqa: E402
+from unetcore.training.losses import SegmentationLoss  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_sample(root: Path) -> tuple[Path, Path]:
+    """The demo's sample: 10 training images of 512² and one held-out 2048² image, ingested."""
+    write_sample(root / "train", n_images=10, size=512, large_size=0, seed=0)
+    write_sample(root / "holdout", n_images=0, size=512, large_size=2048, seed=1)
+    ingest_folder(IngestConfig(images=str(root / "train/images"), masks=str(root / "train/masks"),
+                               output=str(root / "ds")))
+    ingest_folder(IngestConfig(images=str(root / "holdout/images"), masks=str(root / "holdout/masks"),
+                               output=str(root / "holdout_ds"), val_fraction=0.0))
+    return root / "ds", root / "holdout_ds"
+
+
+def _timed_steps(step: Any, batches: Any, n: int) -> float:
+    """Seconds for ``n`` calls of ``step`` on successive items of ``batches``."""
+    it = iter(batches)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step(next(it))
+    return time.perf_counter() - t0
+
+
+def throughput(cfg: TrainConfig, rounds: int, steps: int, workers: list[int]) -> dict[str, Any]:
+    """Images/s of the pipeline (per worker count), the in-memory loop and the naive loop, alternating."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = build_model(cfg.model).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    loss_fn = SegmentationLoss(cfg.loss, cfg.model.num_classes)
+    params = list(model.parameters())
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        loop.train_step(model, params, batch, loss_fn, optimizer, device, cfg.grad_clip)
+
+    naive_model = build_model(cfg.model)
+    naive_opt = torch.optim.AdamW(naive_model.parameters(), lr=cfg.lr)
+
+    def naive_step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
+        images, targets = batch
+        loss = loss_fn(naive_model(images), targets)
+        naive_opt.zero_grad()
+        loss.backward()
+        naive_opt.step()
+
+    loaders = {}
+    for w in workers:
+        loader, sampler = loop.make_loader(cfg.model_copy(update={"num_workers": w}), Path(cfg.dataset))
+        loaders[w] = (loader, sampler)
+    memory_loader, _ = loaders[workers[0]]
+    in_memory = [(x.clone(), y.clone()) for x, y in memory_loader][:steps]  # real patches, already in RAM
+    sides: dict[str, list[float]] = {f"pipeline_w{w}": [] for w in workers}
+    sides.update(in_memory=[], naive=[])
+    for r in range(rounds + 1):  # round 0 warms up every side and is not counted
+        for w, (loader, sampler) in loaders.items():
+            sampler.set_epoch(r)
+            sides[f"pipeline_w{w}"].append(_timed_steps(step, loader, steps))
+        sides["in_memory"].append(_timed_steps(step, in_memory, steps))
+        sides["naive"].append(_timed_steps(naive_step, in_memory, steps))
+    rates = {k: steps * cfg.batch_size / statistics.median(v[1:]) for k, v in sides.items()}
+    return {"images_per_s": rates, "ratio_vs_in_memory": {k: v / rates["in_memory"] for k, v in rates.items()},
+            "rounds": rounds, "steps_per_round": steps, "batch_size": cfg.batch_size, "patch_size": cfg.patch_size,
+            "model": cfg.model.model_dump(), "torch_threads": torch.get_num_threads()}
+
+
+def sampler_speed(cfg: TrainConfig, n: int) -> dict[str, float]:
+    """Milliseconds per patch of the sampler alone, with and without augmentation."""
+    out = {}
+    for aug in (False, True):
+        loader, _ = loop.make_loader(cfg.model_copy(update={"augment": aug}), Path(cfg.dataset))
+        data = loader.dataset
+        data[0]
+        t0 = time.perf_counter()
+        for i in range(n):
+            data[i]
+        out["ms_per_patch_augmented" if aug else "ms_per_patch_plain"] = 1000 * (time.perf_counter() - t0) / n
+    return out
+
+
+def recipe(root: Path, overrides: dict[str, Any], budget_s: float) -> dict[str, Any]:
+    """Ingest the sample, train with the defaults (plus overrides), score the held-out image."""
+    t0 = time.perf_counter()
+    dataset, holdout = make_sample(root)
+    model = ModelConfig(**overrides.pop("model", {}))
+    cfg = TrainConfig(dataset=str(dataset), model=model, output=str(root / "run"), time_budget_s=budget_s,
+                      tracking_uri=f"sqlite:///{root / 'mlflow.db'}", **overrides)
+    curve = []
+    result = loop.train(cfg, on_epoch=lambda e, m: curve.append(
+        {"epoch": e, "val_dice": round(m["val_dice"], 4), "s": round(time.perf_counter() - t0, 1)}))
+    trained_s = time.perf_counter() - t0
+    best, config = load_model(Path(result.model_dir))
+    predictor = BlockPredictor.from_model(best, config, torch.device("cpu"), tile=cfg.val_tile, overlap=0.5,
+                                          batch_size=4)
+    scores = loop.evaluate(predictor, holdout, mf.entries(mf.require(holdout)))
+    return {"held_out_dice": scores["val_dice"], "val_dice": result.best_val_dice, "epochs_run": result.epochs_run,
+            "stop_reason": result.stop_reason, "train_s": round(trained_s, 1),
+            "total_s": round(time.perf_counter() - t0, 1), "config": cfg.flat_params(), "curve": curve}
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs (JSON values where they parse; ``model.x=`` goes into the model section)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        if key.startswith("model."):
+            out.setdefault("model", {})[key[6:]] = parsed
+        else:
+            out[key] = parsed
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["throughput", "recipe"], default="throughput")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8, help="Steps per side and round (throughput).")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader workers to compare.")
+    parser.add_argument("--budget", type=float, default=540.0, help="Training time budget in s (recipe).")
+    parser.add_argument("--set", action="append", default=[], help="TrainConfig override key=value (recipe).")
+    parser.add_argument("--name", default="", help="Suffix of the result file.")
+    args = parser.parse_args()
+    RESULTS.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        root = Path(tmp)
+        if args.part == "throughput":
+            dataset, _ = make_sample(root)
+            cfg = TrainConfig(dataset=str(dataset))  # the defaults: base 16, depth 4, batch 4, 256² patches
+            result = {"throughput": throughput(cfg, args.rounds, args.steps, args.workers),
+                      "sampler": sampler_speed(cfg, 100)}
+            print(f"{'side':<14}{'images/s':>10}{'x in-memory':>13}")
+            tp = result["throughput"]
+            for side, rate in tp["images_per_s"].items():
+                print(f"{side:<14}{rate:>10.2f}{tp['ratio_vs_in_memory'][side]:>13.2f}")
+            print("sampler ms/patch: " + ", ".join(f"{k}={v:.2f}" for k, v in result["sampler"].items()))
+        else:
+            result = recipe(root, _parse_set(args.set), args.budget)
+            for point in result["curve"]:
+                print(f"epoch {point['epoch']:>3}  val Dice {point['val_dice']:.4f}  at {point['s']:>6.0f} s")
+            print(f"held-out Dice {result['held_out_dice']:.4f} (val {result['val_dice']:.4f}), "
+                  f"{result['epochs_run']} epochs ({result['stop_reason']}), total {result['total_s']:.0f} s")
+    out = RESULTS / f"train_{args.part}{'_' + args.name if args.name else ''}.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

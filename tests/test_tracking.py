@@ -1,0 +1,197 @@
+"""MLflow tracking: fail-fast URI checks, the promotion gate, weights-only registered models, run tags.
+
+The gate is tested twice: with scripted Dice figures on hand-made model versions (every branch, exact), and
+end to end, where a second training that barely trained must not take the champion alias.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from unetcore.config import IngestConfig, ModelConfig, TrainConfig
+from unetcore.data.synthetic import write_sample
+from unetcore.errors import InputError, ServiceError
+from unetcore.ingest import ingest_folder
+from unetcore.model import build_model, load_model, save_model
+from unetcore.tracking import mlflow as tracking
+from unetcore.training import loop
+
+
+@pytest.fixture(scope="module")
+def store_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def tracking_uri(store_uri: str) -> str:
+    """The module's store, made the current one (other tests may have pointed MLflow elsewhere)."""
+    tracking.configure(store_uri, "gate")
+    return store_uri
+
+
+def _logged_model(tmp_path: Path, num_classes: int = 1, seed: int = 0) -> tuple[str, str]:
+    """A run holding a tiny untrained model artifact: ``(run_id, artifact_uri)``."""
+    torch.manual_seed(seed)
+    folder = save_model(tmp_path / f"model{seed}", build_model(ModelConfig(base_channels=4, depth=1,
+                                                                             num_classes=num_classes)))
+    with mlflow.start_run(experiment_id=MlflowClient().get_experiment_by_name("gate").experiment_id) as run:
+        mlflow.log_artifacts(str(folder), tracking.MODEL_ARTIFACT)
+        return run.info.run_id, mlflow.get_artifact_uri(tracking.MODEL_ARTIFACT)
+
+
+def _register(tmp_path: Path, name: str, dice: float, val_set: str = "A", seed: int = 0, num_classes: int = 1,
+              evaluate=None) -> dict:
+    run_id, uri = _logged_model(tmp_path, num_classes, seed)
+    return tracking.register(name, run_id, uri, dice, val_set, evaluate,
+                             model_config={"num_classes": num_classes, "in_channels": 1})
+
+
+def _champion(name: str) -> int:
+    return int(MlflowClient().get_model_version_by_alias(name, tracking.CHAMPION).version)
+
+
+def test_first_model_becomes_champion(tracking_uri: str, tmp_path: Path) -> None:
+    reg = _register(tmp_path, "first", 0.5)
+    assert reg["alias"] == "champion" and _champion("first") == reg["version"] == 1
+    assert MlflowClient().get_model_version("first", "1").tags["gate"] == "first model under this name"
+
+
+@pytest.mark.parametrize(("second", "alias"), [(0.79, "challenger"), (0.8, "challenger"), (0.81, "champion")])
+def test_champion_moves_only_to_a_strictly_better_model(
+    tracking_uri: str, tmp_path: Path, second: float, alias: str
+) -> None:
+    name = f"strict-{alias}-{second}"
+    _register(tmp_path, name, 0.8, seed=1)
+    reg = _register(tmp_path, name, second, seed=2)
+    assert reg["alias"] == alias and reg["champion_dice"] == pytest.approx(0.8)
+    assert _champion(name) == (2 if alias == "champion" else 1)
+    if alias == "challenger":
+        version = MlflowClient().get_model_version_by_alias(name, "challenger")
+        assert int(version.version) == 2 and "does not beat" in version.tags["gate"]
+
+
+def test_other_validation_set_re_evaluates_the_champion(tracking_uri: str, tmp_path: Path) -> None:
+    """The champion's stored 0.9 was on set A; on set B it scores 0.6 (measured now), so 0.7 on B wins."""
+    seen: list[Path] = []
+
+    def champion_on_b(folder: Path) -> float:
+        seen.append(folder)
+        model, config = load_model(folder)  # what the loop does: a plain weights-only load
+        assert config["model"]["base_channels"] == 4
+        return 0.6
+
+    _register(tmp_path, "valset", 0.9, val_set="A", seed=1)
+    reg = _register(tmp_path, "valset", 0.7, val_set="B", seed=2, evaluate=champion_on_b)
+    assert len(seen) == 1 and reg["alias"] == "champion" and reg["champion_dice"] == pytest.approx(0.6)
+
+
+def test_model_for_other_classes_is_not_compared(tracking_uri: str, tmp_path: Path) -> None:
+    _register(tmp_path, "task", 0.5, seed=1, num_classes=1)
+    reg = _register(tmp_path, "task", 0.99, seed=2, num_classes=3)
+    assert reg["alias"] == "challenger" and _champion("task") == 1
+    assert "not comparable" in MlflowClient().get_model_version("task", "2").tags["gate"]
+
+
+def test_registered_model_loads_without_unpickling(tracking_uri: str, tmp_path: Path) -> None:
+    """models:/name@champion resolves to weights.pt + config.json only, and a pickled payload is refused."""
+    _register(tmp_path, "safe", 0.5, seed=3)
+    folder = tracking.download_model("models:/safe@champion", tracking_uri, dst=tmp_path / "dl")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "weights.pt"]
+    model, config = load_model(folder)
+    torch.manual_seed(3)
+    reference = build_model(ModelConfig(base_channels=4, depth=1))
+    x = torch.rand(1, 1, 16, 16)
+    reference.eval()
+    torch.testing.assert_close(model(x), reference(x))
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    with open(folder / "weights.pt", "wb") as fh:  # a tampered artifact: pickled code instead of tensors
+        torch.save({"w": Payload()}, fh)
+    with pytest.raises(InputError, match="refused|not a readable"):
+        load_model(folder)
+    assert not marker.exists()  # unpickling the payload would have created the marker
+
+
+def test_unknown_model_uri_is_one_clear_error(tracking_uri: str) -> None:
+    with pytest.raises(InputError, match="models:/nope@champion"):
+        tracking.download_model("models:/nope@champion", tracking_uri)
+
+
+def test_unreachable_server_fails_fast() -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(ServiceError, match=r"http://127.0.0.1:9.*unreachable"):
+        tracking.check_tracking_uri("http://127.0.0.1:9")
+    assert time.perf_counter() - t0 < 5
+
+
+def test_sqlite_store_in_an_uncreatable_folder_is_an_input_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(InputError, match="cannot create"):
+        tracking.check_tracking_uri(f"sqlite:///{blocker}/sub/mlflow.db")
+
+
+def test_preview_strip_is_image_truth_prediction_side_by_side() -> None:
+    image = np.linspace(0, 1, 8 * 6, dtype=np.float32).reshape(1, 8, 6)
+    truth = np.zeros((8, 6), np.uint8)
+    truth[2:4, 2:4] = 1
+    strip = tracking.preview_strip(image, truth, np.zeros((8, 6), np.uint8))
+    assert strip.shape == (8, 18, 3) and strip.dtype == np.uint8
+    assert np.array_equal(strip[:, :6], strip[:, 12:])  # empty prediction: the bare image
+    assert (strip[2:4, 8:10, 1] > strip[2:4, 2:4, 1]).all()  # truth tinted green
+
+
+def test_code_version_names_the_commit_in_a_checkout() -> None:
+    tags = tracking.code_version_tags()
+    assert tags["package_version"]
+    if "git_commit" in tags:
+        assert len(tags["git_commit"]) == 40 and tags["code_version"].startswith(tags["git_commit"][:12])
+
+
+def test_barely_trained_model_does_not_take_champion(tracking_uri: str, tmp_path: Path) -> None:
+    """End to end: a real training becomes champion; a 1-step run on the same data stays challenger."""
+    write_sample(tmp_path / "raw", n_images=5, size=128, large_size=0, seed=0)
+    ingest_folder(IngestConfig(images=str(tmp_path / "raw/images"), masks=str(tmp_path / "raw/masks"),
+                               output=str(tmp_path / "ds")))
+    base = dict(dataset=str(tmp_path / "ds"), model=ModelConfig(base_channels=8, depth=2), patch_size=64,
+                batch_size=4, val_tile=64, tracking_uri=tracking_uri, experiment="e2e", registered_model="e2e")
+    good = loop.train(TrainConfig(**base, epochs=3, steps_per_epoch=10, output=str(tmp_path / "good")))
+    assert good.alias == "champion" and good.best_val_dice > 0.7
+    bad = loop.train(TrainConfig(**base, epochs=1, steps_per_epoch=1, output=str(tmp_path / "bad")))
+    assert bad.best_val_dice < good.best_val_dice
+    assert bad.alias == "challenger" and _champion("e2e") == good.model_version
+    folder = tracking.download_model("models:/e2e@champion", tracking_uri, dst=tmp_path / "dl")
+    _, config = load_model(folder)
+    assert config["val_dice"] == pytest.approx(good.best_val_dice)
+
+
+@pytest.mark.slow
+def test_train_flow_tags_the_run_with_its_prefect_flow_run(tracking_uri: str, tmp_path: Path) -> None:
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.train import train as train_flow
+
+    write_sample(tmp_path / "raw", n_images=3, size=96, large_size=0, seed=2)
+    ingest_folder(IngestConfig(images=str(tmp_path / "raw/images"), masks=str(tmp_path / "raw/masks"),
+                               output=str(tmp_path / "ds")))
+    cfg = TrainConfig(dataset=str(tmp_path / "ds"), model=ModelConfig(base_channels=4, depth=2), patch_size=64,
+                      batch_size=2, epochs=1, steps_per_epoch=2, val_tile=64, output=str(tmp_path / "out"),
+                      tracking_uri=tracking_uri, experiment="flow", registered_model="flow")
+    with prefect_test_harness(server_startup_timeout=300):
+        state = train_flow(cfg, return_state=True)
+        flow_run_id = str(state.state_details.flow_run_id)
+        result = state.result()
+    tags = MlflowClient(tracking_uri).get_run(result["run_id"]).data.tags
+    assert tags["prefect_flow_run_id"] == flow_run_id

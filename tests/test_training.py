@@ -1,0 +1,384 @@
+"""Training: sampling, augmentation, the loop's recipe, resume, stopping rules and bad inputs.
+
+Everything runs on tiny generated datasets (128² images, 64² patches) with tiny UNets (base 4-8, depth 2), so
+each training takes a few seconds on two cores. One MLflow sqlite store serves the whole module (creating one
+costs seconds); each test uses its own experiment and registered-model names.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from PIL import Image
+
+from unetcore.config import IngestConfig, ModelConfig, NormalizationConfig, TrainConfig
+from unetcore.data.synthetic import generate_image, instances_to_semantic, write_sample
+from unetcore.errors import ConfigError, InputError, ServiceError
+from unetcore.ingest import ingest_folder
+from unetcore.training import loop
+from unetcore.training.augment import AugmentConfig, augment_pair
+from unetcore.training.sampler import EpochSampler, PatchDataset, class_locations, load_images
+
+TINY = ModelConfig(base_channels=8, depth=2)
+
+
+def _ingest(root: Path, **options) -> Path:
+    cfg = IngestConfig(images=str(root / "images"), masks=str(root / "masks"), output=str(root / "ds"), **options)
+    assert ingest_folder(cfg).status == "ok"
+    return root / "ds"
+
+
+@pytest.fixture(scope="module")
+def binary_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five 128² nuclei images with 0/1 masks; at least one in the validation split."""
+    root = tmp_path_factory.mktemp("binary")
+    write_sample(root, n_images=5, size=128, large_size=0, seed=0)
+    return _ingest(root)
+
+
+@pytest.fixture(scope="module")
+def three_class_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five 128² images with background / nucleus / boundary masks (classes 0, 1, 2)."""
+    root = tmp_path_factory.mktemp("three")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    for i in range(5):
+        image, instances = generate_image((128, 128), seed=100 + i)
+        Image.fromarray(image).save(root / "images" / f"img_{i}.png")
+        Image.fromarray(instances_to_semantic(instances, "boundary")).save(root / "masks" / f"img_{i}.png")
+    return _ingest(root, num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def _cfg(dataset: Path, out: Path, uri: str, name: str, **options) -> TrainConfig:
+    """A tiny recipe: 64² patches, batch 4, few steps; its own experiment and registered model."""
+    values = dict(dataset=str(dataset), model=TINY, patch_size=64, batch_size=4, epochs=2, steps_per_epoch=4,
+                  val_tile=64, output=str(out), tracking_uri=uri, experiment=name, registered_model=name)
+    values.update(options)
+    return TrainConfig(**values)
+
+
+# --- sampling ---------------------------------------------------------------------------------------------
+
+
+def _dataset(ds: Path, **options) -> PatchDataset:
+    values = dict(patch_size=64, batch_size=3, steps=4, normalization=NormalizationConfig(),
+                  foreground_fraction=1 / 3, augment=None, seed=7)
+    values.update(options)
+    return PatchDataset(load_images(ds, "train"), **values)
+
+
+def test_patches_depend_only_on_seed_epoch_and_index(binary_ds: Path) -> None:
+    a, b = _dataset(binary_ds, augment=AugmentConfig()), _dataset(binary_ds, augment=AugmentConfig())
+    for i in (0, 5, 11):
+        assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1])
+    # index e * len + i is item i of epoch e: the same as selecting the epoch with set_epoch
+    b.set_epoch(1)
+    assert torch.equal(a[len(a) + 5][0], b[5][0])
+    assert not torch.equal(a[5][0], b[5][0])
+    assert not torch.equal(a[5][0], _dataset(binary_ds, augment=AugmentConfig(), seed=8)[5][0])
+
+
+def test_batches_are_the_same_with_persistent_workers(binary_ds: Path, tmp_path: Path) -> None:
+    """Workers hold their own dataset copy; the epoch rides in the index, so epoch 2 is epoch 2 there too."""
+    batches = {}
+    for workers in (0, 2):
+        cfg = _cfg(binary_ds, tmp_path, "sqlite:///unused.db", "w", num_workers=workers, steps_per_epoch=2)
+        loader, sampler = loop.make_loader(cfg, binary_ds)
+        got = []
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            got += [images for images, _ in loader]
+        batches[workers] = got
+        assert loader.persistent_workers == (workers > 0)
+    assert len(batches[0]) == 4
+    for serial, parallel in zip(batches[0], batches[2]):
+        assert torch.equal(serial, parallel)
+    assert not torch.equal(batches[0][0], batches[0][2])  # epochs differ
+
+
+def test_epoch_sampler_yields_the_epochs_index_range() -> None:
+    sampler = EpochSampler(4)
+    sampler.set_epoch(2)
+    assert list(sampler) == [8, 9, 10, 11] and len(sampler) == 4
+
+
+def test_foreground_slots_always_hold_foreground(binary_ds: Path) -> None:
+    data = _dataset(binary_ds, steps=30)  # batch 3, a third oversampled: item 2 of every batch
+    assert data.n_fg == 1
+    fg = [bool(data[i][1].any()) for i in range(len(data)) if data.is_foreground_slot(i)]
+    assert len(fg) == 30 and all(fg)
+
+
+def test_default_oversamples_a_third_of_each_batch() -> None:
+    cfg = TrainConfig(dataset="x")
+    assert cfg.foreground_fraction == pytest.approx(1 / 3, abs=0.01)
+    assert cfg.sampling == "foreground"
+
+
+def test_class_balanced_sampling_centres_the_rare_class_half_the_time(three_class_ds: Path) -> None:
+    """Boundary pixels are ~20 % of foreground: class-balanced slots centre on them ~50 % of the time."""
+    images = load_images(three_class_ds, "train")
+    share = {}
+    for mode in ("foreground", "class_balanced"):
+        # 2² patches: the sampled pixel is at (1, 1) unless it lies on the image's first row or column
+        data = PatchDataset(images, 2, 1, 400, NormalizationConfig(), 1.0, None, seed=1, sampling=mode)
+        centres = [int(data[i][1][1, 1]) for i in range(len(data))]
+        share[mode] = centres.count(2) / max(1, centres.count(1) + centres.count(2))
+    assert share["foreground"] < 0.35
+    assert 0.4 < share["class_balanced"] < 0.6
+
+
+@pytest.mark.parametrize(
+    ("labels", "ignore", "expected"),
+    [
+        (np.array([[0, 1], [2, 1]]), None, {1: [[0, 1], [1, 1]], 2: [[1, 0]]}),
+        (np.array([[0, 1], [2, 1]]), 2, {1: [[0, 1], [1, 1]]}),
+        (np.zeros((2, 2), int), None, {}),
+    ],
+)
+def test_class_locations(labels: np.ndarray, ignore: int | None, expected: dict) -> None:
+    got = class_locations(labels, ignore)
+    assert {k: v.tolist() for k, v in got.items()} == expected
+
+
+def test_class_locations_keep_at_most_the_cap() -> None:
+    got = class_locations(np.ones((100, 100), int), max_per_class=50)
+    assert got[1].shape == (50, 2) and len({tuple(c) for c in got[1]}) == 50
+
+
+# --- augmentation -----------------------------------------------------------------------------------------
+
+
+def test_augmentation_keeps_mask_values_exact() -> None:
+    rng = np.random.default_rng(0)
+    image = rng.random((2, 64, 64), dtype=np.float32)
+    mask = rng.integers(0, 3, (64, 64))
+    everything = AugmentConfig(p_flip=1, p_rot90=1, p_affine=1, p_intensity=1, p_gamma=1, p_noise=1, p_blur=1)
+    for seed in range(5):
+        out_image, out_mask = augment_pair(image, mask, np.random.default_rng(seed), everything)
+        assert out_image.shape == (2, 64, 64) and out_image.dtype == np.float32
+        assert out_mask.shape == (64, 64) and set(np.unique(out_mask)) <= {0, 1, 2}
+
+
+def test_flip_only_augmentation_moves_image_and_mask_together() -> None:
+    image = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    mask = (image[0] % 3).astype(np.int64)  # the mask is a function of the image: must stay so
+    flips = AugmentConfig(p_flip=1, p_rot90=1, p_affine=0, p_intensity=0, p_gamma=0, p_noise=0, p_blur=0)
+    out_image, out_mask = augment_pair(image, mask, np.random.default_rng(3), flips)
+    assert not np.array_equal(out_image, image)
+    assert np.array_equal(out_mask, (out_image[0] % 3).astype(np.int64))
+
+
+# --- the loop ---------------------------------------------------------------------------------------------
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return torch.load(folder, map_location="cpu", weights_only=True)["model"]
+
+
+def test_resume_gives_the_weights_and_metrics_of_an_uninterrupted_run(
+    binary_ds: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """4 epochs straight == 2 epochs, a crash, then resume: same weights, each epoch's metrics logged once.
+
+    The crash comes after epoch 1's checkpoint but before its metrics reach MLflow, the worst moment: the
+    resume must log them from the checkpoint, and must not log epoch 0's again.
+    """
+    straight = loop.train(_cfg(binary_ds, tmp_path / "a", tracking_uri, "resume-a", epochs=4))
+
+    real_log = loop.log_epoch
+
+    def crash_at_epoch_1(metrics: dict[str, float], epoch: int) -> None:
+        if epoch == 1:
+            raise KeyboardInterrupt("simulated crash")
+        real_log(metrics, epoch)
+
+    monkeypatch.setattr(loop, "log_epoch", crash_at_epoch_1)
+    cfg = _cfg(binary_ds, tmp_path / "b", tracking_uri, "resume-b", epochs=4)
+    with pytest.raises(KeyboardInterrupt):
+        loop.train(cfg)
+    monkeypatch.setattr(loop, "log_epoch", real_log)
+    resumed = loop.train(cfg.model_copy(update={"resume": True}))
+
+    a, b = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    client = MlflowClient(tracking_uri)
+    for key in ("train_loss", "val_dice", "lr", "images_per_s"):
+        history = client.get_metric_history(resumed.run_id, key)
+        assert sorted(m.step for m in history) == [0, 1, 2, 3], key
+    losses = {m.step: m.value for m in client.get_metric_history(straight.run_id, "train_loss")}
+    for m in client.get_metric_history(resumed.run_id, "train_loss"):
+        assert m.value == pytest.approx(losses[m.step], rel=1e-4)
+    run = client.get_run(resumed.run_id)
+    assert run.data.tags["resumed_at_epoch"] == "2"  # epoch 1 was checkpointed before the crash
+    assert run.info.status == "FINISHED"
+    assert resumed.epochs_run == 4 and resumed.best_val_dice == pytest.approx(straight.best_val_dice, abs=1e-4)
+
+
+def test_resume_refuses_a_checkpoint_of_another_recipe(binary_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
+    cfg = _cfg(binary_ds, tmp_path, tracking_uri, "foreign", epochs=1, steps_per_epoch=1)
+    loop.train(cfg)
+    with pytest.raises(ConfigError, match="lr"):
+        loop.train(cfg.model_copy(update={"resume": True, "epochs": 2, "lr": 0.1}))
+    with pytest.raises(ConfigError, match="raise --epochs"):  # finished and registered: nothing left to do
+        loop.train(cfg.model_copy(update={"resume": True}))
+
+
+def _scripted_dice(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> None:
+    """Replace validation by a script of val Dice values, one per call."""
+    it = iter(scores)
+
+    def fake(*args, **kwargs) -> dict[str, float]:
+        return {"val_dice": next(it), "val_iou": 0.5}
+
+    monkeypatch.setattr(loop, "evaluate", fake)
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(
+    binary_ds: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # EMA (0.9) of 0.5, 0.6, 0.4, 0.4, 0.4: 0.5, 0.51, 0.499, ... best at epoch 1, then 2 bad epochs
+    _scripted_dice(monkeypatch, [0.5, 0.6, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4] + [0.4] * 4)
+    result = loop.train(_cfg(binary_ds, tmp_path, tracking_uri, "patience", epochs=8, steps_per_epoch=1, patience=2))
+    assert result.stop_reason == "patience"
+    assert result.epochs_run == 4 and result.best_epoch == 1
+    assert result.best_val_dice == pytest.approx(0.6)  # the best epoch's own Dice, chosen by its EMA
+
+
+def test_time_budget_stops_after_the_current_epoch(binary_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
+    result = loop.train(_cfg(binary_ds, tmp_path, tracking_uri, "budget", epochs=50, time_budget_s=1e-3))
+    assert result.stop_reason == "time_budget" and result.epochs_run == 1
+    assert (tmp_path / "last.pt").exists() and result.model_version == 1  # still checkpointed and registered
+
+
+def test_three_class_training_reports_per_class_dice(three_class_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
+    cfg = _cfg(three_class_ds, tmp_path, tracking_uri, "three", model=ModelConfig(base_channels=8, depth=2, num_classes=3),
+               sampling="class_balanced", epochs=3, steps_per_epoch=8, hd95=True)
+    result = loop.train(cfg)
+    run = MlflowClient(tracking_uri).get_run(result.run_id)
+    metrics = run.data.metrics
+    for key in ("val_dice_class1", "val_dice_class2", "val_iou_class1", "val_iou_class2", "val_hd95"):
+        assert key in metrics, key
+    assert metrics["val_dice_class1"] > 0.5  # nuclei are learnt within a few steps
+    assert metrics["val_dice"] == pytest.approx((metrics["val_dice_class1"] + metrics["val_dice_class2"]) / 2)
+    assert metrics["val_truth_empty_class1"] == 0 and metrics["val_truth_empty_class2"] == 0
+    assert run.data.params["sampling"] == "class_balanced"
+
+
+def test_ignore_label_is_left_out_of_loss_and_metrics(three_class_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
+    """A binary model on the 3-class masks with the boundary class (2) as the ignore label trains and scores."""
+    cfg = _cfg(three_class_ds, tmp_path, tracking_uri, "ignore", ignore_index=2, class_weights=[1.0, 2.0])
+    result = loop.train(cfg)
+    metrics = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
+    assert "val_dice_class1" in metrics and "val_dice_class2" not in metrics
+    with pytest.raises(ConfigError, match="class 2"):  # without the ignore label, class 2 is undeclared
+        loop.train(cfg.model_copy(update={"ignore_index": None, "class_weights": None}))
+
+
+def test_evaluate_makes_empty_ground_truth_explicit(binary_ds: Path) -> None:
+    """A model that predicts nothing on a set whose truth holds nothing: Dice undefined (NaN), flagged."""
+    from unetcore.inference.predict import BlockPredictor
+    from unetcore.store import manifest as mf
+
+    def nothing(batch: np.ndarray) -> np.ndarray:
+        return np.full((batch.shape[0], 1, *batch.shape[2:]), -10.0, np.float32)
+
+    predictor = BlockPredictor(nothing, 1, NormalizationConfig(), tile=64, overlap=0.5, batch_size=4)
+    entries = mf.entries(mf.require(binary_ds), "val")
+    scores = loop.evaluate(predictor, binary_ds, entries)
+    assert scores["val_dice"] == 0.0 and scores["val_truth_empty_class1"] == 0.0  # truth has nuclei: Dice 0
+    scores = loop.evaluate(predictor, binary_ds, entries, ignore_index=1)  # every nucleus pixel ignored
+    assert np.isnan(scores["val_dice"]) and scores["val_truth_empty_class1"] == 1.0
+
+
+# --- bad inputs: refused before any compute, one line naming the thing ----------------------------------
+
+
+def test_dataset_without_masks_is_refused(tmp_path: Path, tracking_uri: str) -> None:
+    write_sample(tmp_path / "raw", n_images=2, size=64, large_size=0)
+    cfg = IngestConfig(images=str(tmp_path / "raw/images"), output=str(tmp_path / "ds"))
+    ingest_folder(cfg)
+    with pytest.raises(InputError, match="no image in the dataset has a mask"):
+        loop.train(_cfg(tmp_path / "ds", tmp_path / "out", tracking_uri, "nomask"))
+
+
+def test_masks_with_undeclared_classes_are_refused(three_class_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.num_classes.*class 2"):
+        loop.train(_cfg(three_class_ds, tmp_path, tracking_uri, "undeclared"))  # binary model, classes 0..2
+
+
+def test_empty_validation_split_is_refused(tmp_path: Path, tracking_uri: str) -> None:
+    write_sample(tmp_path, n_images=2, size=64, large_size=0)
+    ds = _ingest(tmp_path, val_fraction=0.0)
+    with pytest.raises(InputError, match="validation split is empty"):
+        loop.train(_cfg(ds, tmp_path / "out", tracking_uri, "noval"))
+
+
+def test_patch_larger_than_every_image_is_refused(binary_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"patch_size.*256.*128"):
+        loop.train(_cfg(binary_ds, tmp_path, tracking_uri, "patch", patch_size=256))
+
+
+def test_unreachable_tracking_server_fails_fast_before_training(binary_ds: Path, tmp_path: Path) -> None:
+    t0 = time.perf_counter()
+    with pytest.raises(ServiceError, match="127.0.0.1:9"):
+        loop.train(_cfg(binary_ds, tmp_path / "out", "http://127.0.0.1:9", "down"))
+    assert time.perf_counter() - t0 < 10
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_class_weights_must_match_the_classes() -> None:
+    from unetcore.config import validated
+
+    with pytest.raises(ConfigError, match="class_weights"):
+        validated(TrainConfig, dataset="x", model=ModelConfig(num_classes=3), class_weights=[1.0, 2.0])
+    with pytest.raises(ConfigError, match="ignore_index"):
+        validated(TrainConfig, dataset="x", model=ModelConfig(num_classes=3), ignore_index=2)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [("constant", [1.0, 1.0, 1.0]), ("poly", [1.0, 0.5**0.9, 0.0]), ("cosine", [0.5, 1.0, 0.0])],
+)
+def test_lr_schedules(schedule: str, expected: list[float]) -> None:
+    """Factors at steps 0, total/2 (+warm-up for cosine) and total; cosine warms up over 5 % of the steps."""
+    factor = loop._lr_lambda(TrainConfig(dataset="x", schedule=schedule), 40)
+    steps = [0, 20, 40] if schedule != "cosine" else [0, 1, 40]
+    assert [factor(s) for s in steps] == pytest.approx(expected)
+
+
+def test_sgd_is_nesterov_with_high_momentum() -> None:
+    opt = loop._optimizer(TrainConfig(dataset="x", optimizer="sgd", lr=0.01), torch.nn.Linear(2, 2))
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.99
+
+
+def test_training_logs_lr_throughput_previews_and_code_version(
+    binary_ds: Path, tracking_uri: str, tmp_path: Path
+) -> None:
+    result = loop.train(_cfg(binary_ds, tmp_path, tracking_uri, "logged", epochs=3, preview_every=2),
+                        tags={"prefect_flow_run_id": "abc"})
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(result.run_id)
+    for key in ("train_loss", "val_dice", "val_iou", "val_dice_class1", "lr", "images_per_s", "ema_val_dice"):
+        assert len(client.get_metric_history(result.run_id, key)) == 3, key
+    assert run.data.tags["prefect_flow_run_id"] == "abc"
+    assert run.data.tags["code_version"] and run.data.tags["package_version"]
+    assert len(run.data.tags["manifest_hash"]) == 32
+    assert run.data.params["loss"] == "dice_ce" and run.data.params["model.base_channels"] == "8"
+    previews = [a.path for a in client.list_artifacts(result.run_id, "images")]
+    assert sum("preview" in p and p.endswith(".png") for p in previews) == 2  # epochs 0 and 2 (the last)
+    mlflow.set_tracking_uri(tracking_uri)
