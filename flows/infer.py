@@ -2,20 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 
 from flows.reporting import log_failure, markdown, progress_artifact, retry_unless_user_error, table
 from unetcore.config import InferConfig
 from unetcore.inference.engine import predict_dataset, results_to_dicts
 
 
+@contextlib.contextmanager
+def engine_logs_in_run() -> Iterator[None]:
+    """Forward the engine's INFO lines (the Dask dashboard link, the cluster's shape) to the run's log."""
+    run_logger = get_run_logger()
+
+    class Forward(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            run_logger.log(record.levelno, record.getMessage())
+
+    engine_log, handler = logging.getLogger("unetcore.inference"), Forward(logging.INFO)
+    old_level = engine_log.level
+    engine_log.addHandler(handler)
+    engine_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        engine_log.removeHandler(handler)
+        engine_log.setLevel(old_level)
+
+
 @task(name="predict-images", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,
       on_failure=[log_failure], timeout_seconds=7 * 24 * 3600)
 def predict_task(config: InferConfig) -> list[dict[str, Any]]:
     """Predict every chosen image; completed blocks are skipped on a retry."""
-    with progress_artifact("infer-progress", f"Predicting {config.dataset}"):
+    with progress_artifact("infer-progress", f"Predicting {config.dataset}"), engine_logs_in_run():
         return results_to_dicts(predict_dataset(config))
 
 
@@ -28,8 +51,9 @@ def publish_infer_report(results: list[dict[str, Any]], model: str) -> None:
              f"## Inference\n\nModel `{model}`: {len(results)} images, {pixels / 1e6:.1f} MP in {seconds:.1f} s "
              f"({pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s); mean Dice where ground truth exists: {dice}",
              "Summary of the inference run")
-    table("infer-images", [{k: r[k] for k in ("id", "pixels", "blocks", "blocks_skipped", "seconds",
-                                              "megapixels_per_s", "dice", "output")} for r in results],
+    keys = ("id", "pixels", "blocks", "blocks_skipped", "tile_evaluations", "grid_tiles", "instances", "seconds",
+            "megapixels_per_s", "dice", "output")
+    table("infer-images", [{k: r.get(k) for k in keys} for r in results],
           "Per-image results")
 
 

@@ -120,6 +120,32 @@ def test_halve_equals_the_store_downsampling(dtype: str, shape: tuple[int, ...])
     np.testing.assert_array_equal(ingest._halve(block, "image"), expected)
 
 
+@pytest.mark.parametrize(
+    ("decode_unit", "leaf", "count"),
+    [
+        ((1, 1), (128, 128), 3 * 8),  # memory map or decoded PNG: 2 x chunk squares
+        ((32, 32), (128, 128), 3 * 8),  # small tiles
+        ((16, 1000), (128, 1000), 3),  # strips as wide as the image: full-width bands
+        ((200, 200), (256, 256), 2 * 4),  # big chunks: whole ones per leaf, never decoded twice
+    ],
+)
+def test_leaves_cover_whole_chunks_and_decode_units(decode_unit: tuple[int, int], leaf: tuple[int, int],
+                                                    count: int) -> None:
+    leaves = ingest._leaves((300, 1000), 64, decode_unit)
+    assert len(leaves) == count
+    assert (leaves[0][0].stop, leaves[0][1].stop) == leaf
+    covered = np.zeros((300, 1000), np.int64)
+    for ys, xs in leaves:
+        covered[ys, xs] += 1
+        assert ys.start % 128 == 0 and xs.start % 128 == 0
+    assert (covered == 1).all()
+
+
+def test_threads_shrink_when_leaves_are_huge() -> None:
+    assert ingest._thread_count(4, 10 << 20) == 4
+    assert ingest._thread_count(4, 200 << 20) == 1
+
+
 def test_result_does_not_depend_on_the_thread_count(tmp_path: Path) -> None:
     (tmp_path / "img").mkdir()
     tifffile.imwrite(tmp_path / "img" / "a.tif", ramp((700, 900, 3), "uint16"), tile=(64, 64), photometric="rgb")

@@ -84,34 +84,38 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(root: Path) -> Iterator[dict[str, str]]:
-    """`prefect server start` on a free port; yields the environment a client process needs."""
-    port = free_port()
+def servers(root: Path) -> Iterator[tuple[dict[str, str], str]]:
+    """`prefect server start` and `mlflow server` (sqlite, proxied artifacts) on free ports, started side by side.
+
+    Yields the environment a Prefect client process needs (PREFECT_API_URL, PREFECT_HOME) and the MLflow URL.
+    """
+    prefect_port, mlflow_port = free_port(), free_port()
     home = root / "prefect-home"
     home.mkdir()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "true", "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("PREFECT_API_URL", None)
-    log = root / "prefect-server.log"
-    with background([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)], env,
-                    log) as proc:
-        url = f"http://127.0.0.1:{port}/api"
-        wait_until(lambda: http_ok(f"{url}/health"), "prefect server", 150, proc, log)
-        yield {**env, "PREFECT_API_URL": url}
+    prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
+    mlflow_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+                  "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
+                  "--artifacts-destination", str(root / "mlartifacts")]
+    prefect_log, mlflow_log = root / "prefect-server.log", root / "mlflow-server.log"
+    with background(prefect_cmd, env, prefect_log) as prefect_proc, \
+            background(mlflow_cmd, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, mlflow_log) as mlflow_proc:
+        api, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+        wait_until(lambda: http_ok(f"{mlflow_url}/health"), "mlflow server", 120, mlflow_proc, mlflow_log)
+        wait_until(lambda: http_ok(f"{api}/health"), "prefect server", 150, prefect_proc, prefect_log)
+        yield {**env, "PREFECT_API_URL": api}, mlflow_url
 
 
 @pytest.fixture(scope="module")
-def mlflow_url(root: Path) -> Iterator[str]:
-    """`mlflow server` with a sqlite backend and proxied artifacts in a temporary folder."""
-    port = free_port()
-    log = root / "mlflow-server.log"
-    cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--serve-artifacts",
-           "--artifacts-destination", str(root / "mlartifacts")]
-    with background(cmd, dict(os.environ), log) as proc:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_ok(f"{url}/health"), "mlflow server", 90, proc, log)
-        yield url
+def prefect_api(servers) -> dict[str, str]:
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def mlflow_url(servers) -> str:
+    return servers[1]
 
 
 @pytest.fixture(scope="module")
@@ -194,11 +198,14 @@ def yaml_deployments(prefect_api: dict[str, str], root: Path) -> dict[str, Any]:
         done = subprocess.run(base + args, env=prefect_api, cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-    async def read_all(client: Any) -> dict[str, Any]:
-        return {n: await client.read_deployment_by_name(f"{n}/{n}")
-                for n in ("ingest", "train", "infer", "pipeline", "nightly")}
+    async def read_then_delete(client: Any) -> dict[str, Any]:
+        found = {n: await client.read_deployment_by_name(f"{n}/{n}")
+                 for n in ("ingest", "train", "infer", "pipeline", "nightly")}
+        for dep in found.values():  # one server, one mode: `unet serve` below must not inherit the pool's pull steps
+            await client.delete_deployment(dep.id)
+        return found
 
-    return prefect_client_call(prefect_api, read_all)
+    return prefect_client_call(prefect_api, read_then_delete)
 
 
 def test_prefect_yaml_deploys_five_deployments_to_the_pool(yaml_deployments) -> None:
@@ -213,7 +220,7 @@ def test_prefect_yaml_deploys_five_deployments_to_the_pool(yaml_deployments) -> 
 
 @pytest.fixture(scope="module")
 def served(prefect_api: dict[str, str], yaml_deployments, root: Path, mlflow_url: str) -> Iterator[Path]:
-    """`unet serve` in a subprocess (it takes over the yaml's deployments); yields the nightly inbox it watches."""
+    """`unet serve` in a subprocess (after the yaml's deployments were removed); yields the nightly inbox it watches."""
     inbox = root / "served-inbox"
     cmd = [str(BIN / "unet"), "serve", "--nightly-images", str(inbox), "--nightly-workdir", str(root / "served-night"),
            "--tracking-uri", mlflow_url, "--registered-model", MODEL]

@@ -169,6 +169,12 @@ def train(
     registered_model: Optional[str] = typer.Option(None, help="Registered model name."),
     resume: bool = typer.Option(False, help="Resume from the last checkpoint in --output."),
     seed: Optional[int] = typer.Option(None),
+    sampling: Optional[str] = typer.Option(None, help="foreground or class_balanced (oversampled patches)."),
+    class_weights: Optional[str] = typer.Option(None, help="Comma-separated cross-entropy weight per class."),
+    ignore_index: Optional[int] = typer.Option(None, help="Mask value left out of loss and metrics."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the training forward pass."),
+    hd95: bool = typer.Option(False, "--hd95", help="Also report the 95th-percentile Hausdorff distance."),
     use_prefect: bool = PREFECT_OPT,
 ) -> None:
     """Train a UNet on an ingested dataset; track it in MLflow and register it (champion gate)."""
@@ -184,7 +190,9 @@ def train(
                       steps_per_epoch=steps_per_epoch, patch_size=patch_size, batch_size=batch_size, lr=lr,
                       optimizer=optimizer, schedule=schedule, loss=loss, model=model, time_budget_s=time_budget_s,
                       patience=patience, device=device, tracking_uri=tracking_uri, registered_model=registered_model,
-                      resume=resume, seed=seed)
+                      resume=resume, seed=seed, sampling=sampling, ignore_index=ignore_index, num_workers=num_workers,
+                      class_weights=class_weights.split(",") if class_weights else None,
+                      compile=compile_model or None, hd95=hd95 or None)
         _check_inputs(cfg)
         check_tracking_uri(cfg.tracking_uri)
         from flows.train import train as train_flow

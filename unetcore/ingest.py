@@ -277,6 +277,16 @@ def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tup
     return total.result()
 
 
+def _work_plan(source: readers.ImageSource, mask: readers.MaskSource | None, chunk: int,
+               threads: int) -> tuple[list[tuple[slice, slice]], int]:
+    """The leaves of an image (whole decode units of the image and of its mask) and the threads to use."""
+    units = [source.chunks_yx] + ([mask.chunks_yx] if mask is not None else [])
+    leaves = _leaves(source.shape_yxc[:2], chunk, (max(u[0] for u in units), max(u[1] for u in units)))
+    ys, xs = leaves[0]
+    leaf_bytes = (ys.stop - ys.start) * (xs.stop - xs.start) * source.shape_yxc[2] * source.dtype.itemsize
+    return leaves, _thread_count(threads, leaf_bytes)
+
+
 def ingest_image(
     image_path: Path,
     mask_path: Path | None,
@@ -294,40 +304,32 @@ def ingest_image(
     Raises:
         InputError: the image or mask cannot be used; nothing is left behind in the dataset.
     """
-    image_path = Path(image_path)
-    mask_path = Path(mask_path) if mask_path else None
+    image_path, mask_path = Path(image_path), Path(mask_path) if mask_path else None
     entry_id = entry_id or mf.image_id(image_path)
-    fingerprints = (_fingerprint(image_path), _fingerprint(mask_path))
+    fingerprints = (_fingerprint(image_path), _fingerprint(mask_path))  # before reading: a later edit shows
     source = readers.open_image(image_path, channel_axis=cfg.channel_axis, max_pixels=cfg.max_pixels)
-    height, width, channels = source.shape_yxc
     mask = None
     if mask_path is not None:
         mask = readers.open_mask(mask_path, source, cfg.num_classes, max_pixels=cfg.max_pixels, scan=False)
-    chunk = cfg.chunk_size
-    units = [source.chunks_yx] + ([mask.chunks_yx] if mask is not None else [])
-    leaves = _leaves((height, width), chunk, (max(u[0] for u in units), max(u[1] for u in units)))
-    leaf_rows, leaf_cols = leaves[0][0].stop - leaves[0][0].start, leaves[0][1].stop - leaves[0][1].start
-    workers = _thread_count(cfg.threads if threads is None else threads,
-                            leaf_rows * leaf_cols * channels * source.dtype.itemsize)
+    leaves, workers = _work_plan(source, mask, cfg.chunk_size, cfg.threads if threads is None else threads)
+    height, width, channels = source.shape_yxc
     n_levels = omezarr.n_levels_for((height, width)) if cfg.pyramid else 1
-    final = mf.store_path(dataset, entry_id)
     classes: frozenset[int] = frozenset()
     pool = ThreadPoolExecutor(workers, thread_name_prefix=f"ingest-{entry_id}")
     try:
-        with omezarr.atomic_store(final) as tmp:
+        with omezarr.atomic_store(mf.store_path(dataset, entry_id)) as tmp:
             try:
-                image_hash = pool.submit(mf.file_hash, image_path)  # overlaps with the writing
-                mask_hash = pool.submit(mf.file_hash, mask_path) if mask_path is not None else None
-                root = omezarr.create_image(tmp, (channels, height, width), source.dtype, chunk, name=entry_id,
-                                            n_levels=n_levels)
+                hashes = [pool.submit(mf.file_hash, p) if p else None for p in (image_path, mask_path)]
+                root = omezarr.create_image(tmp, (channels, height, width), source.dtype, cfg.chunk_size,
+                                            name=entry_id, n_levels=n_levels)
                 if mask is not None:
-                    classes = _write_mask(mask, root, leaves, pool, 2 * workers, chunk, n_levels)
-                image_stats = _write_image(source, root, leaves, pool, 2 * workers)
-                hashes = (image_hash.result(), mask_hash.result() if mask_hash is not None else None)
+                    classes = _write_mask(mask, root, leaves, pool, 2 * workers, cfg.chunk_size, n_levels)
+                stats = _write_image(source, root, leaves, pool, 2 * workers)
+                image_hash, mask_hash = (h.result() if h else None for h in hashes)
             finally:  # no thread may still write into the store when it is renamed or deleted
                 pool.shutdown(wait=True, cancel_futures=True)
-            omezarr.set_unet_attrs(root, {"id": entry_id, "source": str(image_path), "source_hash": hashes[0],
-                                          "stats": image_stats})
+            omezarr.set_unet_attrs(root, {"id": entry_id, "source": str(image_path), "source_hash": image_hash,
+                                          "stats": stats})
     finally:
         source.close()
         if mask is not None:
@@ -335,20 +337,20 @@ def ingest_image(
     return {
         "id": entry_id,
         "source": str(image_path.resolve()),
-        "source_hash": hashes[0],
+        "source_hash": image_hash,
         "source_fingerprint": fingerprints[0],
         "mask": str(mask_path.resolve()) if mask_path else None,
-        "mask_hash": hashes[1],
+        "mask_hash": mask_hash,
         "mask_fingerprint": fingerprints[1],
-        "store": final.name,
+        "store": mf.store_path(dataset, entry_id).name,
         "shape": [height, width],
         "channels": channels,
         "dtype": str(np.dtype(source.dtype)),
-        "chunk": chunk,
+        "chunk": cfg.chunk_size,
         "options": _options(cfg),
         "has_mask": mask is not None,
         "classes": sorted(classes),
-        "stats": image_stats,
+        "stats": stats,
     }
 
 

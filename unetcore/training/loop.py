@@ -328,6 +328,18 @@ def _log_if_missing(run_id: str, state: dict[str, Any]) -> None:
         log_epoch(state["metrics"], epoch)
 
 
+def _build(
+    cfg: TrainConfig, device: torch.device
+) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], torch.optim.Optimizer, Any]:
+    """Seeded model (channels_last), its forward (compiled if asked), optimiser and LR scheduler."""
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if cfg.compile else model
+    optimizer = _optimizer(cfg, model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.epochs * cfg.steps_per_epoch))
+    return model, forward, optimizer, scheduler
+
+
 def _start_run(experiment_id: str, run_id: str | None, tags: dict[str, str], name: str) -> mlflow.ActiveRun:
     """Start a new run, or reopen ``run_id`` (a resume); ConfigError when that run is not in this store."""
     system = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
@@ -369,12 +381,8 @@ def train(
     if state is not None:
         _check_resumable(cfg, state, ckpt_path)
 
-    torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if cfg.compile else model
-    optimizer = _optimizer(cfg, model)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, cfg.epochs * cfg.steps_per_epoch))
+    model, forward, optimizer, scheduler = _build(cfg, device)
     loss_fn = SegmentationLoss(cfg.loss, cfg.model.num_classes, cfg.ignore_index, cfg.class_weights).to(device)
     loader, sampler = make_loader(cfg, dataset)
     prog = _Progress()

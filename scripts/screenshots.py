@@ -1,0 +1,203 @@
+"""Look at the pipeline as a person would, and keep pictures of it in docs/.
+
+Starts `prefect server` and `mlflow server` on 127.0.0.1 (free ports, everything in a temporary folder), serves the
+deployments with `unet serve`, triggers a small `pipeline` run and one `nightly` run through the Prefect API, then
+takes screenshots with headless chromium (Debian: `apt-get install -y chromium`):
+
+* docs/prefect-pipeline-run.png: the completed pipeline run (its subflows ingest, train, infer);
+* docs/prefect-infer-report.png: the infer-report artifact (images, MP/s, Dice);
+* docs/prefect-nightly-report.png: the nightly-report artifact;
+* docs/mlflow-metrics.png: the training run's metric curves in the MLflow UI.
+
+Usage (from the repository root, about 4 minutes on 2 cores)::
+
+    .venv/bin/python scripts/screenshots.py [--keep]    # --keep: leave the servers up until Enter is pressed
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DOCS = ROOT / "docs"
+MAX_BYTES = 300_000
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
+                  "--window-size=1400,900", "--virtual-time-budget=10000"]
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> None:
+    """Wait until ``url`` answers 200; raise with the log's tail if the process dies or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not come up:\n{log.read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def background(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    """Run ``cmd`` in its own process group; stop that group on exit."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def chromium() -> str:
+    """The chromium binary, or a one-line explanation of how to get it."""
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if found := shutil.which(name):
+            return found
+    raise SystemExit("chromium not found: apt-get update && apt-get install -y chromium")
+
+
+def screenshot(url: str, dst: Path, profile: Path) -> None:
+    """Render ``url`` headless at 1400×900 into ``dst`` (PNG), re-encoded with a palette if it is too big."""
+    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={dst}", url]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    if dst.stat().st_size > MAX_BYTES:
+        from PIL import Image
+
+        Image.open(dst).convert("RGB").quantize(colors=128).save(dst, optimize=True)
+    print(f"  {dst.relative_to(ROOT)}  ({dst.stat().st_size // 1000} KB)  <- {url}")
+
+
+def run_and_wait(env: dict[str, str], name: str, parameters: dict[str, Any], timeout_s: float = 900) -> Any:
+    """Trigger deployment ``name`` through the API and wait for its final state."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        run = run_deployment(name, parameters=parameters, timeout=timeout_s, poll_interval=2)
+    print(f"{name}: {run.state.name} ({run.id})")
+    if not run.state.is_completed():
+        raise SystemExit(f"{name} ended {run.state.name}: {run.state.message}")
+    return run
+
+
+def wait_for_deployments(env: dict[str, str], proc: subprocess.Popen, log: Path) -> None:
+    """Wait until `unet serve` has registered the nightly deployment (the last one it registers)."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def registered() -> bool:
+        async with get_client() as client:
+            with contextlib.suppress(Exception):
+                await client.read_deployment_by_name("nightly/nightly")
+                return True
+        return False
+
+    deadline = time.monotonic() + 120
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        while time.monotonic() < deadline and proc.poll() is None:
+            if anyio.run(registered):
+                return
+            time.sleep(1)
+    raise RuntimeError(f"unet serve did not register its deployments:\n{log.read_text()[-2000:]}")
+
+
+def mlflow_run_url(mlflow_url: str, run_id: str) -> str:
+    """The MLflow UI page with the run's metric charts."""
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(mlflow_url).get_run(run_id).info.experiment_id
+    return f"{mlflow_url}/#/experiments/{experiment}/runs/{run_id}/model-metrics"
+
+
+def take_all(work: Path, keep: bool) -> None:
+    """Start the servers, run a small pipeline and one night through them, and photograph the UIs."""
+    from unetcore.data.synthetic import write_sample
+
+    write_sample(work / "train", n_images=6, size=256, large_size=0, seed=0)
+    write_sample(work / "holdout", n_images=2, size=384, large_size=0, seed=1)
+    prefect_port, mlflow_port = free_port(), free_port()
+    home = work / "prefect-home"
+    home.mkdir()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("PREFECT_API_URL", None)
+    api, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+    ui = api.removesuffix("/api")
+    prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
+    mlflow_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+                  "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--serve-artifacts",
+                  "--artifacts-destination", str(work / "mlartifacts")]
+    with background(prefect_cmd, env, work / "prefect.log") as prefect_proc, \
+            background(mlflow_cmd, env, work / "mlflow.log") as mlflow_proc:
+        wait_http(f"{api}/health", prefect_proc, work / "prefect.log")
+        wait_http(f"{mlflow_url}/health", mlflow_proc, work / "mlflow.log")
+        print(f"Prefect UI {ui}, MLflow UI {mlflow_url}")
+        env["PREFECT_API_URL"] = api
+        serve_cmd = [str(BIN / "unet"), "serve", "--nightly-images", str(work / "holdout" / "images"),
+                     "--nightly-workdir", str(work / "nightly"), "--tracking-uri", mlflow_url]
+        with background(serve_cmd, env, work / "serve.log") as serve_proc:
+            wait_for_deployments(env, serve_proc, work / "serve.log")
+            pipeline = run_and_wait(env, "pipeline/pipeline", {"config": {
+                "images": str(work / "train" / "images"), "masks": str(work / "train" / "masks"),
+                "predict_images": str(work / "holdout" / "images"), "predict_masks": str(work / "holdout" / "masks"),
+                "workdir": str(work / "pipeline"), "epochs": 6, "steps_per_epoch": 10, "patch_size": 128,
+                "batch_size": 4, "model": {"base_channels": 8, "depth": 3}, "tracking_uri": mlflow_url,
+                "tile": 128, "n_workers": 1}})
+            run_and_wait(env, "nightly/nightly", {"config": {
+                "images": str(work / "holdout" / "images"), "masks": str(work / "holdout" / "masks"),
+                "dataset": str(work / "nightly" / "dataset"), "output": str(work / "nightly" / "predictions"),
+                "tracking_uri": mlflow_url, "tile": 128, "n_workers": 1}})
+            from mlflow import MlflowClient
+
+            train_run_id = MlflowClient(mlflow_url).get_model_version_by_alias("unet", "champion").run_id
+            DOCS.mkdir(exist_ok=True)
+            profile = work / "chromium-profile"
+            screenshot(f"{ui}/runs/flow-run/{pipeline.id}", DOCS / "prefect-pipeline-run.png", profile)
+            screenshot(f"{ui}/artifacts/key/infer-report", DOCS / "prefect-infer-report.png", profile)
+            screenshot(f"{ui}/artifacts/key/nightly-report", DOCS / "prefect-nightly-report.png", profile)
+            screenshot(mlflow_run_url(mlflow_url, train_run_id), DOCS / "mlflow-metrics.png", profile)
+            if keep:
+                input(f"servers still up (Prefect {ui}, MLflow {mlflow_url}); press Enter to stop them ")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the servers up until Enter is pressed")
+    args = parser.parse_args()
+    chromium()
+    with tempfile.TemporaryDirectory(prefix="unet-screenshots-") as work:
+        take_all(Path(work), args.keep)
+
+
+if __name__ == "__main__":
+    main()
