@@ -152,6 +152,7 @@ def recipe(root: Path, overrides: dict[str, Any], budget_s: float, track: bool) 
             spent[0] += time.perf_counter() - w
             spent[1] += time.process_time() - c
         curve.append(point)
+        print(point, flush=True)
 
     result = loop.train(cfg, on_epoch=on_epoch)
     score = held_out_dice(Path(result.model_dir), holdout, cfg.val_tile)

@@ -2,7 +2,8 @@
 
 Starts `prefect server` and `mlflow server` on 127.0.0.1 (free ports, everything in a temporary folder), serves the
 deployments with `unet serve`, triggers a small `pipeline` run and one `nightly` run through the Prefect API, then
-takes screenshots with headless chromium (Debian: `apt-get install -y chromium`):
+takes 1400×900 screenshots with headless chromium (Debian: `apt-get install -y chromium`), driven over its DevTools
+port so pages can finish drawing and MLflow's assistant panel can be closed:
 
 * docs/prefect-pipeline-run.png: the completed pipeline run (its subflows ingest, train, infer);
 * docs/prefect-infer-report.png: the infer-report artifact (images, MP/s, Dice);
@@ -35,9 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 DOCS = ROOT / "docs"
 MAX_BYTES = 300_000
+WIDTH, HEIGHT = 1400, 900
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-                  "--window-size=1400,900", "--virtual-time-budget=10000"]
+                  f"--window-size={WIDTH},{HEIGHT}"]
 
 
 def free_port() -> int:
@@ -85,15 +87,80 @@ def chromium() -> str:
     raise SystemExit("chromium not found: apt-get update && apt-get install -y chromium")
 
 
-def screenshot(url: str, dst: Path, profile: Path) -> None:
-    """Render ``url`` headless at 1400×900 into ``dst`` (PNG), re-encoded with a palette if it is too big."""
-    cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={dst}", url]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
-    if dst.stat().st_size > MAX_BYTES:
-        from PIL import Image
+class Browser:
+    """Headless chromium driven over the DevTools protocol: open a page, tidy it with a little JS, save a PNG.
 
-        Image.open(dst).convert("RGB").quantize(colors=128).save(dst, optimize=True)
-    print(f"  {dst.relative_to(ROOT)}  ({dst.stat().st_size // 1000} KB)  <- {url}")
+    Plain ``chromium --screenshot`` cannot close MLflow's assistant panel or wait for charts, hence the protocol.
+    """
+
+    def __init__(self, profile: Path) -> None:
+        import json
+
+        port = free_port()
+        cmd = [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}",
+               "--remote-allow-origins=*", "about:blank"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as resp:
+                    pages = [t for t in json.load(resp) if t["type"] == "page"]
+                    if pages:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError("chromium did not open its DevTools port")
+            time.sleep(0.3)
+        from websockets.sync.client import connect
+
+        self.ws = connect(pages[0]["webSocketDebuggerUrl"], max_size=64 * 2**20)
+        self.next_id = 0
+        self.call("Emulation.setDeviceMetricsOverride", width=WIDTH, height=HEIGHT, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one DevTools command and return its result (events in between are skipped)."""
+        import json
+
+        self.next_id += 1
+        self.ws.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv(timeout=60))
+            if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    raise RuntimeError(f"{method}: {msg['error']}")
+                return msg.get("result", {})
+
+    def shot(self, url: str, dst: Path, settle_s: float = 8.0, script: str = "") -> None:
+        """Load ``url``, let it render, run ``script``, and save the viewport as ``dst`` (kept under 300 KB)."""
+        import base64
+
+        self.call("Page.navigate", url=url)
+        time.sleep(settle_s)  # single-page apps keep fetching after load; give them time to draw
+        if script:
+            self.call("Runtime.evaluate", expression=script)
+            time.sleep(2)
+        png = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
+        dst.write_bytes(png)
+        if dst.stat().st_size > MAX_BYTES:
+            from PIL import Image
+
+            Image.open(dst).convert("RGB").quantize(colors=128).save(dst, optimize=True)
+        print(f"  {dst.relative_to(ROOT)}  ({dst.stat().st_size // 1000} KB)  <- {url}")
+
+    def close(self) -> None:
+        self.ws.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.wait(timeout=20)
+
+
+# Close MLflow's assistant side panel so the charts get the width.
+CLOSE_MLFLOW_ASSISTANT = """
+for (const el of document.querySelectorAll('button, [role=button]')) {
+  const label = (el.getAttribute('aria-label') || '') + ' ' + (el.getAttribute('data-component-id') || '');
+  if (/assistant/i.test(label) && /close/i.test(label)) { el.click(); }
+}
+"""
 
 
 def run_and_wait(env: dict[str, str], name: str, parameters: dict[str, Any], timeout_s: float = 900) -> Any:
@@ -132,11 +199,11 @@ def wait_for_deployments(env: dict[str, str], proc: subprocess.Popen, log: Path)
 
 
 def mlflow_run_url(mlflow_url: str, run_id: str) -> str:
-    """The MLflow UI page with the run's metric charts."""
+    """The MLflow UI page with the run's metric charts (in the "Model training" view, not the GenAI one)."""
     from mlflow import MlflowClient
 
     experiment = MlflowClient(mlflow_url).get_run(run_id).info.experiment_id
-    return f"{mlflow_url}/#/experiments/{experiment}/runs/{run_id}/model-metrics"
+    return f"{mlflow_url}/#/experiments/{experiment}/runs/{run_id}/model-metrics?workflowType=machine_learning"
 
 
 def take_all(work: Path, keep: bool) -> None:
@@ -148,10 +215,11 @@ def take_all(work: Path, keep: bool) -> None:
     prefect_port, mlflow_port = free_port(), free_port()
     home = work / "prefect-home"
     home.mkdir()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("PREFECT_API_URL", None)
     api, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+    # PREFECT_UI_API_URL: the UI's browser code calls this API (it would assume port 4200 otherwise).
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": api, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("PREFECT_API_URL", None)
     ui = api.removesuffix("/api")
     prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
     mlflow_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
@@ -181,11 +249,15 @@ def take_all(work: Path, keep: bool) -> None:
 
             train_run_id = MlflowClient(mlflow_url).get_model_version_by_alias("unet", "champion").run_id
             DOCS.mkdir(exist_ok=True)
-            profile = work / "chromium-profile"
-            screenshot(f"{ui}/runs/flow-run/{pipeline.id}", DOCS / "prefect-pipeline-run.png", profile)
-            screenshot(f"{ui}/artifacts/key/infer-report", DOCS / "prefect-infer-report.png", profile)
-            screenshot(f"{ui}/artifacts/key/nightly-report", DOCS / "prefect-nightly-report.png", profile)
-            screenshot(mlflow_run_url(mlflow_url, train_run_id), DOCS / "mlflow-metrics.png", profile)
+            browser = Browser(work / "chromium-profile")
+            try:
+                browser.shot(f"{ui}/runs/flow-run/{pipeline.id}", DOCS / "prefect-pipeline-run.png")
+                browser.shot(f"{ui}/artifacts/key/infer-report", DOCS / "prefect-infer-report.png")
+                browser.shot(f"{ui}/artifacts/key/nightly-report", DOCS / "prefect-nightly-report.png")
+                browser.shot(mlflow_run_url(mlflow_url, train_run_id), DOCS / "mlflow-metrics.png",
+                             script=CLOSE_MLFLOW_ASSISTANT)
+            finally:
+                browser.close()
             if keep:
                 input(f"servers still up (Prefect {ui}, MLflow {mlflow_url}); press Enter to stop them ")
 

@@ -343,10 +343,10 @@ def _build(
 def _start_run(experiment_id: str, run_id: str | None, tags: dict[str, str], name: str) -> mlflow.ActiveRun:
     """Start a new run, or reopen ``run_id`` (a resume); ConfigError when that run is not in this store."""
     system = os.environ.get("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true").lower() not in ("false", "0")
-    try:
-        if run_id is not None:
-            return mlflow.start_run(run_id=run_id, tags=tags, log_system_metrics=system)
+    if run_id is None:
         return mlflow.start_run(experiment_id=experiment_id, tags=tags, run_name=name, log_system_metrics=system)
+    try:
+        return mlflow.start_run(run_id=run_id, tags=tags, log_system_metrics=system)
     except MlflowException as exc:
         first = str(exc).splitlines()[0][:160]
         raise ConfigError("resume", f"cannot reopen MLflow run {run_id} ({first}); "
