@@ -1,15 +1,18 @@
 """Peak memory of distributed inference does not grow with the image: 64 megapixels vs 1 gigapixel.
 
 For each size, a synthetic OME-Zarr store (uint8, chunk 1024, texture + noise so no tile is skipped) is written
-band by band, then ``predict_dataset`` runs on a fresh local cluster of the default shape with a tiny UNet
-(depth 1, base 4: the model is not what is measured), default options (tile 256, overlap 0.5, float16
-probabilities, label pyramid). A sampler adds up the resident set size (RSS) of this process and all its
-children (scheduler, nannies, workers) every 0.2 s; the peak of that sum is reported. Shared library pages
-count once per process, so the sum overstates real use (PSS would be lower); it is the conservative figure.
+band by band, then ``predict_dataset`` runs on a fresh local cluster of the default shape with default options
+(tile 256, overlap 0.5, float16 probabilities, label pyramid, no export). The predictor is a tiny UNet (depth 1,
+base 4) or, with ``--predictor identity`` (to make a gigapixel affordable on 2 cores: the tiny UNet costs
+~25-50 ms a tile here), the identity on the normalised input, installed on each worker in place of the loaded
+model; everything else (Zarr reads, normalisation, batching, blending, writes, pyramid) is the engine's. A sampler
+adds up the resident set size (RSS) of this process and all its children (scheduler, nannies, workers) every
+0.2 s; the peak of that sum is reported. Shared library pages count once per process, so the sum overstates
+real use (PSS would be lower); it is the conservative figure.
 
-Usage: ``.venv/bin/python benchmarks/bench_infer_memory.py [--sizes 8192 32768] [--tmp DIR]``
-(the 1-gigapixel case writes ~2 GB to the temporary folder and takes several minutes on 2 cores).
-Writes ``benchmarks/results/bench_infer_memory.json``.
+Usage: ``.venv/bin/python benchmarks/bench_infer_memory.py [--sizes 8192 32768] [--predictor identity|unet]``
+(the 1-gigapixel case writes ~2 GB to the temporary folder).
+Writes ``benchmarks/results/bench_infer_memory_<predictor>.json``.
 """
 
 from __future__ import annotations
@@ -95,7 +98,20 @@ def write_store(dataset: Path, image_id: str, size: int, seed: int = 0) -> None:
                            "has_mask": False, "classes": [], "stats": result, "split": "train"})
 
 
-def measure(tmp: Path, size: int, model_dir: Path) -> dict[str, Any]:
+def install_identity() -> None:
+    """On a worker: replace the model with the identity (logits = normalised channel 0); keeps the rest."""
+    from unetcore.config import NormalizationConfig as Norm
+    from unetcore.inference import engine
+    from unetcore.inference.predict import BlockPredictor
+
+    def identity(spec: Any) -> BlockPredictor:
+        return BlockPredictor(lambda batch: batch[:, :1], 1, Norm(), spec.tile, spec.overlap, spec.batch_size,
+                              spec.threshold)
+
+    engine._worker_predictor = identity
+
+
+def measure(tmp: Path, size: int, model_dir: Path, predictor: str) -> dict[str, Any]:
     dataset = tmp / f"ds{size}"
     start = time.perf_counter()
     write_store(dataset, "img", size)
@@ -104,9 +120,11 @@ def measure(tmp: Path, size: int, model_dir: Path) -> dict[str, Any]:
     with PeakRss() as rss:
         start = time.perf_counter()
         with dask_client(None) as client:
+            if predictor == "identity":
+                client.run(install_identity)
             [res] = predict_dataset(cfg, client=client)
         seconds = time.perf_counter() - start
-    return {"size": size, "megapixels": size * size / 1e6, "peak_rss_mb": round(rss.peak / 2**20, 1),
+    return {"size": size, "predictor": predictor, "megapixels": size * size / 1e6, "peak_rss_mb": round(rss.peak / 2**20, 1),
             "samples": rss.samples, "seconds": round(seconds, 1), "write_store_s": round(write_s, 1),
             "megapixels_per_s": round(size * size / 1e6 / seconds, 2), "blocks": res.blocks,
             "block_shape": res.block_shape}
@@ -116,6 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[8192, 32768])
     parser.add_argument("--tmp", type=Path, default=None, help="Where to write the stores (default: system temp).")
+    parser.add_argument("--predictor", choices=["unet", "identity"], default="unet")
     args = parser.parse_args()
     workers, threads = local_cluster_shape(os.cpu_count() or 1, 0)
     rows = []
@@ -124,7 +143,7 @@ def main() -> None:
         model = build_model(ModelConfig(base_channels=4, depth=1))
         save_model(tmp / "model", model, {"normalization": NormalizationConfig().model_dump()})
         for size in args.sizes:
-            rows.append(measure(tmp, size, tmp / "model"))
+            rows.append(measure(tmp, size, tmp / "model", args.predictor))
             r = rows[-1]
             print(f"{size}x{size} ({r['megapixels']:.0f} MP): peak RSS {r['peak_rss_mb']:.0f} MB over all processes, "
                   f"{r['seconds']} s ({r['megapixels_per_s']} MP/s), {r['blocks']} blocks of {r['block_shape']}",
@@ -133,7 +152,7 @@ def main() -> None:
     print(f"\npeak RSS {rows[-1]['megapixels']:.0f} MP / {rows[0]['megapixels']:.0f} MP: {ratio:.3f} "
           f"({workers} workers x {threads} thread(s))")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_infer_memory.json").write_text(json.dumps(
+    (RESULTS / f"bench_infer_memory_{args.predictor}.json").write_text(json.dumps(
         {"rows": rows, "ratio_largest_to_smallest": ratio, "workers": workers, "threads": threads}, indent=2))
 
 

@@ -6,9 +6,9 @@ takes 1400×900 screenshots with headless chromium (Debian: `apt-get install -y 
 port so pages can finish drawing and MLflow's assistant panel can be closed:
 
 * docs/prefect-pipeline-run.png: the completed pipeline run (its subflows ingest, train, infer);
-* docs/prefect-infer-report.png: the infer-report artifact (images, MP/s, Dice);
-* docs/prefect-nightly-report.png: the nightly-report artifact;
-* docs/mlflow-metrics.png: the training run's metric curves in the MLflow UI.
+* docs/prefect-infer-artifacts.png: the pipeline's infer subflow run with its artifacts;
+* docs/prefect-nightly-report.png: the nightly-report artifact of the nightly run;
+* docs/mlflow-metrics.png: the training run's loss and Dice curves in the MLflow UI.
 
 Usage (from the repository root, about 4 minutes on 2 cores)::
 
@@ -161,6 +161,16 @@ for (const el of document.querySelectorAll('button, [role=button]')) {
   if (/assistant/i.test(label) && /close/i.test(label)) { el.click(); }
 }
 """
+# Show only the loss and Dice curves (the chart search takes a regular expression).
+MLFLOW_CHART_FILTER = """
+const box = document.querySelector('input[placeholder="Search metric charts"]');
+Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(box, 'loss|val_dice');
+box.dispatchEvent(new Event('input', {bubbles: true}));
+"""
+# Open the Artifacts tab of a Prefect flow-run page.
+PREFECT_ARTIFACTS_TAB = """
+for (const el of document.querySelectorAll('li.p-tab')) { if (el.textContent.trim() === 'Artifacts') el.click(); }
+"""
 
 
 def run_and_wait(env: dict[str, str], name: str, parameters: dict[str, Any], timeout_s: float = 900) -> Any:
@@ -196,6 +206,23 @@ def wait_for_deployments(env: dict[str, str], proc: subprocess.Popen, log: Path)
                 return
             time.sleep(1)
     raise RuntimeError(f"unet serve did not register its deployments:\n{log.read_text()[-2000:]}")
+
+
+def latest_artifact(env: dict[str, str], key: str) -> tuple[str, str]:
+    """(artifact id, flow-run id) of the newest artifact under ``key``."""
+    import anyio
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    async def newest() -> Any:
+        async with get_client() as client:
+            found = await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            return max(found, key=lambda a: a.created)
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        art = anyio.run(newest)
+    return str(art.id), str(art.flow_run_id)
 
 
 def mlflow_run_url(mlflow_url: str, run_id: str) -> str:
@@ -249,17 +276,21 @@ def take_all(work: Path, keep: bool) -> None:
 
             train_run_id = MlflowClient(mlflow_url).get_model_version_by_alias("unet", "champion").run_id
             DOCS.mkdir(exist_ok=True)
+            _, infer_run = latest_artifact(env, "infer-report")
+            nightly_report, _ = latest_artifact(env, "nightly-report")
             browser = Browser(work / "chromium-profile")
             try:
                 browser.shot(f"{ui}/runs/flow-run/{pipeline.id}", DOCS / "prefect-pipeline-run.png")
-                browser.shot(f"{ui}/artifacts/key/infer-report", DOCS / "prefect-infer-report.png")
-                browser.shot(f"{ui}/artifacts/key/nightly-report", DOCS / "prefect-nightly-report.png")
+                browser.shot(f"{ui}/runs/flow-run/{infer_run}", DOCS / "prefect-infer-artifacts.png",
+                             script=PREFECT_ARTIFACTS_TAB)
+                browser.shot(f"{ui}/artifacts/artifact/{nightly_report}", DOCS / "prefect-nightly-report.png")
                 browser.shot(mlflow_run_url(mlflow_url, train_run_id), DOCS / "mlflow-metrics.png",
-                             script=CLOSE_MLFLOW_ASSISTANT)
+                             script=CLOSE_MLFLOW_ASSISTANT + MLFLOW_CHART_FILTER)
             finally:
                 browser.close()
             if keep:
-                input(f"servers still up (Prefect {ui}, MLflow {mlflow_url}); press Enter to stop them ")
+                with contextlib.suppress(EOFError):
+                    input(f"servers still up (Prefect {ui}, MLflow {mlflow_url}); press Enter to stop them ")
 
 
 def main() -> None:

@@ -92,8 +92,10 @@ def servers(root: Path) -> Iterator[tuple[dict[str, str], str]]:
     prefect_port, mlflow_port = free_port(), free_port()
     home = root / "prefect-home"
     home.mkdir()
+    api = f"http://127.0.0.1:{prefect_port}/api"
+    # PREFECT_UI_API_URL: the UI's browser code would look for the API on port 4200 otherwise.
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "true", "PREFECT_LOGGING_LEVEL": "INFO"}
+           "PREFECT_UI_ENABLED": "true", "PREFECT_UI_API_URL": api, "PREFECT_LOGGING_LEVEL": "INFO"}
     env.pop("PREFECT_API_URL", None)
     prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
     mlflow_cmd = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
@@ -102,7 +104,7 @@ def servers(root: Path) -> Iterator[tuple[dict[str, str], str]]:
     prefect_log, mlflow_log = root / "prefect-server.log", root / "mlflow-server.log"
     with background(prefect_cmd, env, prefect_log) as prefect_proc, \
             background(mlflow_cmd, {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, mlflow_log) as mlflow_proc:
-        api, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+        mlflow_url = f"http://127.0.0.1:{mlflow_port}"
         wait_until(lambda: http_ok(f"{mlflow_url}/health"), "mlflow server", 120, mlflow_proc, mlflow_log)
         wait_until(lambda: http_ok(f"{api}/health"), "prefect server", 150, prefect_proc, prefect_log)
         yield {**env, "PREFECT_API_URL": api}, mlflow_url
@@ -162,6 +164,16 @@ def artifact_keys(env: dict[str, str], flow_run_id: Any) -> dict[str, list[Any]]
     for art in sorted(found, key=lambda a: a.created):
         out.setdefault(art.key, []).append(art)
     return out
+
+
+def test_prefect_ui_is_served_and_points_at_this_api(prefect_api) -> None:
+    import json
+
+    ui = prefect_api["PREFECT_API_URL"].removesuffix("/api")
+    with urllib.request.urlopen(f"{ui}/ui-settings", timeout=10) as resp:
+        assert json.load(resp)["api_url"] == prefect_api["PREFECT_API_URL"]
+    with urllib.request.urlopen(f"{ui}/", timeout=10) as resp:
+        assert resp.status == 200 and b"<html" in resp.read(2000).lower()
 
 
 # ---------------------------------------------------------------- (b) MLflow server
@@ -253,7 +265,7 @@ def test_served_infer_run_completes_with_non_default_parameters(prefect_api, ser
               "tracking_uri": mlflow_url, "tile": 64, "overlap": 0.25, "batch_size": 2, "block_size": 128,
               "threshold": 0.4, "export": "tiff", "n_workers": 1, "split": "all"}
     with temporary_settings({PREFECT_API_URL: prefect_api["PREFECT_API_URL"]}):
-        flow_run = run_deployment("infer/infer", parameters={"config": config}, timeout=240)
+        flow_run = run_deployment("infer/infer", parameters={"config": config}, timeout=240, poll_interval=1)
     assert flow_run.state.is_completed(), (flow_run.state, (root / "serve.log").read_text()[-3000:])
     assert flow_run.parameters["config"]["tile"] == 64
     for image_id in ("sample_000", "sample_001", "sample_002"):

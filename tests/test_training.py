@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pytest
 import torch
@@ -381,4 +380,14 @@ def test_training_logs_lr_throughput_previews_and_code_version(
     assert run.data.params["loss"] == "dice_ce" and run.data.params["model.base_channels"] == "8"
     previews = [a.path for a in client.list_artifacts(result.run_id, "images")]
     assert sum("preview" in p and p.endswith(".png") for p in previews) == 2  # epochs 0 and 2 (the last)
-    mlflow.set_tracking_uri(tracking_uri)
+
+
+@pytest.mark.slow
+def test_compiled_forward_trains_like_eager(binary_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
+    """compile=True (torch.compile, CPU inductor) gives the eager run's losses: same model, faster kernels."""
+    losses: dict[bool, float] = {}
+    for compiled in (False, True):
+        cfg = _cfg(binary_ds, tmp_path / str(compiled), tracking_uri, f"compile-{compiled}", epochs=1,
+                   steps_per_epoch=3, model=ModelConfig(base_channels=4, depth=2), compile=compiled)
+        loop.train(cfg, on_epoch=lambda e, m, c=compiled: losses.__setitem__(c, m["train_loss"]))
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)

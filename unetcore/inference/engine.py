@@ -286,6 +286,8 @@ def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int
         yield client
     finally:
         client.close()
+        # A busy worker may take more than the nanny's 4 s to exit; it is then killed, which is fine at shutdown.
+        logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
         cluster.close()
 
 
