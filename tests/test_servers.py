@@ -296,6 +296,13 @@ def test_out_of_bounds_parameter_is_refused_before_any_run(prefect_api, served) 
                            timeout=0)
     assert prefect_client_call(prefect_api, count_runs) == before
 
+    # The README's command line, with the same mistake: refused the same way, nothing runs.
+    done = subprocess.run([str(BIN / "prefect"), "deployment", "run", "infer/infer", "--param",
+                           'config={"dataset": "d", "output": "o", "tile": -1}'],
+                          env=prefect_api, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "config.tile" in done.stdout + done.stderr, done.stdout + done.stderr
+    assert prefect_client_call(prefect_api, count_runs) == before
+
 
 # ---------------------------------------------------------------- (c) nightly flow on the real API
 

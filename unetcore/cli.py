@@ -249,11 +249,31 @@ def predict(
             check_tracking_uri(cfg.tracking_uri)
         from flows.infer import infer as infer_flow
 
-        results = _flow_or_library(use_prefect, infer_flow, lambda c: results_to_dicts(predict_dataset(c)), cfg)
+        with _engine_log_to_stderr(not use_prefect):  # flows forward it to the run's log themselves
+            results = _flow_or_library(use_prefect, infer_flow, lambda c: results_to_dicts(predict_dataset(c)), cfg)
         _print_predictions(results)
         return 0
 
     _run(body)
+
+
+@contextlib.contextmanager
+def _engine_log_to_stderr(enabled: bool) -> Iterator[None]:
+    """Show the inference engine's INFO lines (Dask dashboard link, cluster shape) on stderr while running."""
+    import logging
+
+    if not enabled:
+        yield
+        return
+    engine_log, handler = logging.getLogger("unetcore.inference"), logging.StreamHandler(sys.stderr)
+    old_level = engine_log.level
+    engine_log.addHandler(handler)
+    engine_log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        engine_log.removeHandler(handler)
+        engine_log.setLevel(old_level)
 
 
 def _print_predictions(results: list[dict[str, Any]]) -> None:

@@ -285,7 +285,8 @@ def predict_new(cfg: NightlyConfig, model: ModelRef, todo: list[dict[str, Any]])
     model_dir = _model_folder(model, cfg.tracking_uri, output / ".models")
     rows: list[dict[str, Any]] = []
     progress_bus.report(PREDICT_STAGE, 0, len(todo))
-    with dask_client(cfg.scheduler_address, cfg.n_workers) as client:
+    with dask_client(cfg.scheduler_address, n_workers=cfg.n_workers, threads_per_worker=infer_cfg.threads_per_worker,
+                     device=cfg.device) as client:
         for index, entry in enumerate(todo):
             base = {"id": entry["id"], "model_version": model.version}
             try:
