@@ -24,10 +24,11 @@ from unetcore import ingest
 from unetcore.cli import app
 from unetcore.config import IngestConfig
 from unetcore.errors import InputError
-from unetcore.ingest import LeafStats, ingest_folder
+from unetcore.ingest import ingest_folder
 from unetcore.io.readers import ImageSource, MaskSource
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
+from unetcore.store import stats as stats_module
 from unetcore.store.stats import StreamingStats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,10 +91,10 @@ def test_leaf_stats_merged_in_order_equal_streaming_stats(dtype: str, channels: 
     data = ramp((300, 500, channels), dtype)
     whole = StreamingStats(channels, np.dtype(dtype))
     whole.update(data)
-    merged = LeafStats(channels, np.dtype(dtype), 300 * 500)
+    merged = StreamingStats(channels, np.dtype(dtype), 300 * 500)
     for ys in (slice(0, 128), slice(128, 256), slice(256, 300)):
         for xs in (slice(0, 256), slice(256, 500)):
-            part = LeafStats(channels, np.dtype(dtype), 300 * 500)
+            part = StreamingStats(channels, np.dtype(dtype), 300 * 500)
             part.update(data[ys, xs])
             merged.merge(part)
     got, want = merged.result(), whole.result()
@@ -105,8 +106,8 @@ def test_leaf_stats_merged_in_order_equal_streaming_stats(dtype: str, channels: 
 
 
 def test_float_sample_stays_bounded_however_many_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ingest, "_FLOAT_SAMPLE", 1000)
-    stats = LeafStats(1, np.dtype("float32"), 100 * 100)
+    monkeypatch.setattr(stats_module, "_FLOAT_SAMPLE", 1000)
+    stats = StreamingStats(1, np.dtype("float32"), 100 * 100)
     for _ in range(100):  # 100 leaves of 10 x 10
         stats.update(np.ones((10, 10, 1), np.float32))
     assert sum(s.shape[0] for s in stats._samples) == 1000
@@ -508,14 +509,15 @@ _KILLER = textwrap.dedent("""
     import os, signal, sys
     from unetcore import ingest
     from unetcore.config import IngestConfig
+    from unetcore.store.stats import StreamingStats
     merges = []
-    original = ingest.LeafStats.merge
+    original = StreamingStats.merge
     def merge(self, other):
         original(self, other)
         merges.append(1)
         if len(merges) == int(sys.argv[3]):  # mid-way through the second image: no clean-up code runs
             os.kill(os.getpid(), signal.SIGKILL)
-    ingest.LeafStats.merge = merge
+    StreamingStats.merge = merge
     ingest.ingest_folder(IngestConfig(images=sys.argv[1], output=sys.argv[2], chunk_size=64, threads=2))
 """)
 

@@ -48,8 +48,6 @@ RUN_LOCK = ".ingest.lock"
 Status = Literal["ok", "partial", "failed", "empty"]
 log = logging.getLogger("unetcore.ingest")
 
-_SUB_BLOCK = 1 << 20  # pixels per statistics update: bounds its float64 temporaries to ~24 MB per thread
-_FLOAT_SAMPLE = 2_000_000  # about this many pixels per channel kept for float percentiles
 _MAX_AUTO_THREADS = 8
 _LEAF_MEMORY = 1 << 30  # bytes of leaves in flight, at most (unless a single leaf is bigger)
 _LEFTOVER_PATTERNS = (".*.ome.zarr.tmp-*", ".*.ome.zarr.old-*")
@@ -85,67 +83,6 @@ class IngestReport:
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
-
-
-class LeafStats(StreamingStats):
-    """:class:`StreamingStats` that leaves fill in parallel and the driver merges in order.
-
-    Same statistics and result as the parent; three changes make it fit parallel leaves: :meth:`merge`;
-    integer histograms are counted directly (mean and std follow exactly from them, about 3x faster than the
-    parent's float64 pass, which matters because ``bincount`` holds the GIL); the float sample takes every
-    ``n``-th pixel with ``n`` fixed by the image size, so it stays near ``_FLOAT_SAMPLE`` however many leaves.
-    """
-
-    def __init__(self, channels: int, dtype: np.dtype, image_pixels: int) -> None:
-        super().__init__(channels, dtype)
-        self._stride = max(1, image_pixels // _FLOAT_SAMPLE)
-        if self._integer:
-            values = np.arange(self._hist.shape[1], dtype=np.float64) - self._offset
-            self._values, self._squares = values, values * values
-
-    def update(self, band: np.ndarray) -> None:
-        """Add a region of pixels, shape (h, w, C)."""
-        flat = band.reshape(-1, self.channels)
-        for start in range(0, flat.shape[0], _SUB_BLOCK):
-            part = flat[start : start + _SUB_BLOCK]
-            self.count += part.shape[0]
-            if self._integer:
-                for c in range(self.channels):
-                    hist = _histogram(part[:, c])
-                    self._hist[c] += hist
-                    self.sum[c] += hist @ self._values
-                    self.sumsq[c] += hist @ self._squares
-            else:
-                as_float = part.astype(np.float64)
-                self.sum += as_float.sum(axis=0)
-                self.sumsq += np.einsum("ij,ij->j", as_float, as_float)
-                self._samples.append(part[:: self._stride].astype(np.float32))
-
-    def merge(self, other: LeafStats) -> None:
-        """Add another leaf's statistics (call in leaf order for a reproducible result)."""
-        self.count += other.count
-        self.sum += other.sum
-        self.sumsq += other.sumsq
-        if self._integer:
-            self._hist += other._hist
-        else:
-            self._samples.extend(other._samples)
-
-
-def _histogram(values: np.ndarray) -> np.ndarray:
-    """Counts of every value of a uint8/uint16/int16 vector, indexed from the dtype's minimum."""
-    values = np.ascontiguousarray(values)
-    if values.dtype == np.uint8:
-        # count pixel pairs as uint16 (half the elements for bincount's slow loop), then split the pairs
-        even = values.size // 2 * 2
-        pairs = np.bincount(values[:even].view(np.uint16), minlength=1 << 16).reshape(256, 256)
-        counts = pairs.sum(axis=0) + pairs.sum(axis=1)
-        if even < values.size:
-            counts[values[-1]] += 1
-        return counts
-    if values.dtype == np.int16:  # count the bit patterns, then rotate so that index 0 is -32768
-        return np.roll(np.bincount(values.view(np.uint16), minlength=1 << 16), 1 << 15)
-    return np.bincount(values, minlength=1 << 16)
 
 
 # --- geometry and pyramid -----------------------------------------------------------------------------------
@@ -255,14 +192,14 @@ def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tup
     level1 = omezarr.image_array(root, 1) if "1" in root else None
     is_float = source.dtype.kind == "f"
 
-    def leaf(region: tuple[slice, slice]) -> LeafStats:
+    def leaf(region: tuple[slice, slice]) -> StreamingStats:
         ys, xs = region
         pixels = source.read(ys, xs)
         if is_float and not np.isfinite(pixels).all():
             y, x = np.argwhere(~np.isfinite(pixels))[0][:2]
             raise InputError(source.path, f"image contains NaN or Inf values (e.g. at row {ys.start + y}, column "
                              f"{xs.start + x})", "replace them (e.g. with 0) before ingesting")
-        stats = LeafStats(channels, source.dtype, height * width)
+        stats = StreamingStats(channels, source.dtype, height * width)
         stats.update(pixels)
         cyx = np.moveaxis(pixels, -1, 0)
         level0[:, ys, xs] = cyx
@@ -270,7 +207,7 @@ def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tup
             level1[:, ys.start // 2 : ys.stop // 2, xs.start // 2 : xs.stop // 2] = _halve(cyx, "image")
         return stats
 
-    total = LeafStats(channels, source.dtype, height * width)
+    total = StreamingStats(channels, source.dtype, height * width)
     for stats in _ordered(pool, leaf, leaves, window):
         total.merge(stats)
     _fill_levels(root, "image", 2, pool)

@@ -18,39 +18,62 @@ PERCENTILES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0,
 _FLOAT_SAMPLE = 2_000_000
 
 
-class StreamingStats:
-    """Accumulate per-channel statistics over bands of an image (h, w, C), then :meth:`result`."""
+_SUB_BLOCK = 1 << 20  # pixels per update step: bounds the float64 temporaries to ~24 MB per thread
 
-    def __init__(self, channels: int, dtype: np.dtype) -> None:
+
+class StreamingStats:
+    """Accumulate per-channel statistics over regions of an image (h, w, C), then :meth:`result`.
+
+    Regions may be filled by parallel workers into separate instances and combined with :meth:`merge` (in a
+    fixed order, for a reproducible result). Integer images keep an exact histogram (mean and std follow from
+    it); float images keep every ``n``-th pixel, with ``n`` set from ``image_pixels`` so the sample stays near
+    ``_FLOAT_SAMPLE`` pixels however many regions (``image_pixels=0``: keep every pixel, for small inputs).
+    """
+
+    def __init__(self, channels: int, dtype: np.dtype, image_pixels: int = 0) -> None:
         self.channels = channels
         self.dtype = np.dtype(dtype)
         self.count = 0
         self.sum = np.zeros(channels, np.float64)
         self.sumsq = np.zeros(channels, np.float64)
         self._integer = np.issubdtype(self.dtype, np.integer) and self.dtype.itemsize <= 2
+        self._stride = max(1, image_pixels // _FLOAT_SAMPLE)
         if self._integer:
             info = np.iinfo(self.dtype)
             self._offset = -int(info.min)
             self._hist = np.zeros((channels, int(info.max) - int(info.min) + 1), np.int64)
+            values = np.arange(self._hist.shape[1], dtype=np.float64) - self._offset
+            self._values, self._squares = values, values * values
         else:
             self._samples: list[np.ndarray] = []
-            self._sampled = 0
 
     def update(self, band: np.ndarray) -> None:
-        """Add a band of pixels, shape (h, w, C)."""
+        """Add a region of pixels, shape (h, w, C)."""
         flat = band.reshape(-1, self.channels)
-        as_float = flat.astype(np.float64)
-        self.count += flat.shape[0]
-        self.sum += as_float.sum(axis=0)
-        self.sumsq += (as_float * as_float).sum(axis=0)
+        for start in range(0, flat.shape[0], _SUB_BLOCK):
+            part = flat[start : start + _SUB_BLOCK]
+            self.count += part.shape[0]
+            if self._integer:
+                for c in range(self.channels):
+                    hist = _histogram(part[:, c])
+                    self._hist[c] += hist
+                    self.sum[c] += hist @ self._values
+                    self.sumsq[c] += hist @ self._squares
+            else:
+                as_float = part.astype(np.float64)
+                self.sum += as_float.sum(axis=0)
+                self.sumsq += np.einsum("ij,ij->j", as_float, as_float)
+                self._samples.append(part[:: self._stride].astype(np.float32))
+
+    def merge(self, other: StreamingStats) -> None:
+        """Add another region's statistics (call in region order for a reproducible result)."""
+        self.count += other.count
+        self.sum += other.sum
+        self.sumsq += other.sumsq
         if self._integer:
-            for c in range(self.channels):
-                self._hist[c] += np.bincount(
-                    flat[:, c].astype(np.int64) + self._offset, minlength=self._hist.shape[1]
-                )
+            self._hist += other._hist
         else:
-            stride = max(1, flat.shape[0] * 8 // _FLOAT_SAMPLE)
-            self._samples.append(flat[::stride].astype(np.float32))
+            self._samples.extend(other._samples)
 
     def _percentiles(self, c: int) -> list[float]:
         if self._integer:
@@ -82,6 +105,22 @@ class StreamingStats:
                 }
             )
         return {"pixels": int(self.count), "channels": channels}
+
+
+def _histogram(values: np.ndarray) -> np.ndarray:
+    """Counts of every value of a uint8/uint16/int16 vector, indexed from the dtype's minimum."""
+    values = np.ascontiguousarray(values)
+    if values.dtype == np.uint8:
+        # count pixel pairs as uint16 (half the elements for bincount's slow loop), then split the pairs
+        even = values.size // 2 * 2
+        pairs = np.bincount(values[:even].view(np.uint16), minlength=1 << 16).reshape(256, 256)
+        counts = pairs.sum(axis=0) + pairs.sum(axis=1)
+        if even < values.size:
+            counts[values[-1]] += 1
+        return counts
+    if values.dtype == np.int16:  # count the bit patterns, then rotate so that index 0 is -32768
+        return np.roll(np.bincount(values.view(np.uint16), minlength=1 << 16), 1 << 15)
+    return np.bincount(values, minlength=1 << 16)
 
 
 def percentile(channel_stats: dict[str, Any], p: float) -> float:
