@@ -34,7 +34,11 @@ def publish_ingest_report(report: dict[str, Any]) -> None:
 
 @flow(name="ingest", log_prints=True)
 def ingest(config: IngestConfig) -> dict[str, Any]:
-    """Ingest a folder of images (and masks) into a dataset of OME-Zarr stores."""
+    """Ingest a folder of images (and masks) into a dataset of OME-Zarr stores.
+
+    Args:
+        config: what to ingest, where to write it, chunking, splits and limits.
+    """
     report = ingest_folder_task(config)
     publish_ingest_report(report)
     print(f"ingest {report['status']}: {len(report['added'])} added, {len(report['updated'])} updated, "

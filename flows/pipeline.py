@@ -14,7 +14,11 @@ from unetcore.config import PipelineConfig
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(config: PipelineConfig) -> dict[str, Any]:
-    """Ingest the labelled folder, train and register a UNet, then predict the held-out images with it."""
+    """Ingest the labelled folder, train and register a UNet, then predict the held-out images with it.
+
+    Args:
+        config: the labelled and held-out folders, the work folder, and the training and inference options.
+    """
     ingested = ingest(config.ingest_config())
     holdout_cfg = config.holdout_config()
     holdout = ingest(holdout_cfg) if holdout_cfg else None

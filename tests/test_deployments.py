@@ -79,20 +79,9 @@ def _literal_fields(model: type) -> dict[str, tuple]:
             if typing.get_origin(f.annotation) is typing.Literal}
 
 
-# Fields whose form entry has no help text yet (unetcore/config.py predates this check). The list may only shrink:
-# give a field `Field(description=...)` and drop it here.
-UNDESCRIBED = {
-    "ingest": set(),
-    "train": {"normalization", "batch_size", "epochs", "weight_decay", "seed"},
-    "infer": {"probability_dtype", "device"},
-    "pipeline": {"model", "epochs", "steps_per_epoch", "patch_size", "batch_size", "tile", "overlap", "seed"},
-    "nightly": set(),
-}
-
-
 @pytest.mark.parametrize("name", sorted(NAMES))
 def test_forms_show_choices_bounds_and_descriptions(served, name: str) -> None:
-    """The deployment form (its OpenAPI schema): Literal → dropdown, bounds → min/max, help text on the fields."""
+    """The deployment form (its OpenAPI schema): Literal → dropdown, bounds → min/max, help text on every field."""
     schema = served[name]._parameter_openapi_schema.model_dump()
     ref = schema["properties"]["config"]["$ref"].rsplit("/", 1)[-1]
     form = schema["definitions"][ref]
@@ -103,7 +92,7 @@ def test_forms_show_choices_bounds_and_descriptions(served, name: str) -> None:
     bounded = [f for f, p in form["properties"].items() if {"minimum", "exclusiveMinimum"} & set(p)]
     assert bounded, "no bounded numeric field"
     undescribed = {f for f, p in form["properties"].items() if not p.get("description")}
-    assert undescribed <= UNDESCRIBED[name], f"give these fields a description: {sorted(undescribed - UNDESCRIBED[name])}"
+    assert not undescribed, f"give these fields a description: {sorted(undescribed)}"
 
 
 def test_nightly_form_is_fully_described_and_runnable_without_input(served) -> None:

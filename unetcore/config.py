@@ -109,13 +109,15 @@ class TrainConfig(_Config):
 
     dataset: str = Field(description="Dataset folder written by ingest.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="UNet architecture.")
-    normalization: NormalizationConfig = Field(default_factory=NormalizationConfig)
+    normalization: NormalizationConfig = Field(
+        default_factory=NormalizationConfig, description="How intensities are normalised (stored with the model)."
+    )
     patch_size: int = Field(256, ge=16, le=2048, description="Training patch edge in pixels.")
-    batch_size: int = Field(4, ge=1, le=512)
-    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(4, ge=1, le=512, description="Patches per optimiser step.")
+    epochs: int = Field(20, ge=1, le=10_000, description="Training epochs (each ends with a validation).")
     steps_per_epoch: int = Field(50, ge=1, le=100_000, description="Optimiser steps per epoch.")
     lr: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate.")
-    weight_decay: float = Field(1e-4, ge=0, le=1.0)
+    weight_decay: float = Field(1e-4, ge=0, le=1.0, description="Weight decay of the optimiser.")
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (Nesterov, momentum 0.99).")
     schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="Learning-rate schedule.")
     loss: Literal["dice_ce", "ce", "dice", "focal"] = Field("dice_ce", description="Training loss.")
@@ -142,7 +144,7 @@ class TrainConfig(_Config):
     preview_every: int = Field(5, ge=1, description="Log a preview image every this many epochs (and the last).")
     patience: int = Field(0, ge=0, description="Stop after this many epochs without improvement (0 = never).")
     time_budget_s: float = Field(0.0, ge=0, description="Stop after this many seconds of training (0 = none).")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed of patch sampling, augmentation and initialisation.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if available, else CPU.")
     output: str = Field("runs/train", description="Folder for checkpoints and the exported model.")
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or http URL).")
@@ -191,7 +193,7 @@ class InferConfig(_Config):
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
     save_probabilities: bool = Field(True, description="Write class probabilities as well as labels.")
-    probability_dtype: Literal["float16", "float32"] = Field("float16")
+    probability_dtype: Literal["float16", "float32"] = Field("float16", description="Stored probability precision.")
     tta: bool = Field(False, description="Flip test-time augmentation (4 passes).")
     min_object_size: int = Field(
         0, ge=0, description="Remove objects and fill holes smaller than this many pixels, sizes measured on the "
@@ -205,7 +207,7 @@ class InferConfig(_Config):
     n_workers: int = Field(0, ge=0, le=512, description="Local cluster workers (0 = one per core; one per GPU).")
     threads_per_worker: int = Field(0, ge=0, le=512, description="Torch threads per local worker (0 = its share "
                                     "of the cores).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if available, else CPU.")
     export: Literal["none", "png", "tiff"] = Field("png", description="Also export label masks for small images.")
     overwrite: bool = Field(False, description="Replace an existing, different prediction.")
 
@@ -221,19 +223,19 @@ class PipelineConfig(_Config):
     predict_masks: str | None = Field(None, description="Masks of predict_images, to report held-out Dice.")
     workdir: str = Field("work", description="Folder for datasets, checkpoints and predictions.")
     num_classes: int = Field(1, ge=1, le=255, description="1 = binary; >= 2 = multi-class.")
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    epochs: int = Field(20, ge=1, le=10_000)
-    steps_per_epoch: int = Field(50, ge=1, le=100_000)
-    patch_size: int = Field(256, ge=16, le=2048)
-    batch_size: int = Field(4, ge=1, le=512)
+    model: ModelConfig = Field(default_factory=ModelConfig, description="UNet architecture.")
+    epochs: int = Field(20, ge=1, le=10_000, description="Training epochs.")
+    steps_per_epoch: int = Field(50, ge=1, le=100_000, description="Optimiser steps per epoch.")
+    patch_size: int = Field(256, ge=16, le=2048, description="Training patch edge in pixels.")
+    batch_size: int = Field(4, ge=1, le=512, description="Patches per optimiser step.")
     time_budget_s: float = Field(0.0, ge=0, description="Stop training after this many seconds (0 = none).")
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
     registered_model: str = Field("unet", description="Registered model name.")
-    tile: int = Field(256, ge=16, le=4096)
-    overlap: float = Field(0.5, ge=0.0, lt=1.0)
+    tile: int = Field(256, ge=16, le=4096, description="Sliding-window tile edge (validation and inference).")
+    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
     n_workers: int = Field(0, ge=0, le=512, description="Local Dask workers (0 = one per core).")
     scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, description="Seed of sampling, augmentation and initialisation.")
 
     def ingest_config(self) -> IngestConfig:
         """The training dataset's ingestion."""

@@ -190,7 +190,8 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
         stage = "raw" if job.components == "all" else "final"
         _label_and_save(job, labels, block, stage, job.components == "all", shape)
     record = {"block": [block.y0, block.y1, block.x0, block.x1], "counts": _counts(src, labels, block, bp.num_classes),
-              "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4)}
+              "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
+              "worker": _worker_identity()[1] + f"/{os.getpid()}"}
     mf.atomic_write_json(_record_path(Path(job.records), block), record)
     return record
 
