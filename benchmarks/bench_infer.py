@@ -12,7 +12,9 @@ random init, the REFERENCE.md model), tile 256, overlap 0.5, 4 tiles per forward
   memory layout, ``torch.no_grad``), on the image in RAM. MONAI is a benchmark-only dependency:
   ``.venv/bin/pip install --no-deps monai==1.6.1`` (``--skip-monai`` leaves it out).
 
-Each side runs ``--repeats`` times, interleaved; the best time of each is reported (the machine is shared).
+Each side runs ``--repeats`` times, interleaved; the best time of each is reported. The machine is shared, so
+each side's CPU time is reported too (this process's, plus the workers' from the completion records for the
+pipeline): image megapixels per CPU-second compare the sides' efficiency whatever the neighbours do.
 
 Usage: ``.venv/bin/python benchmarks/bench_infer.py [--size 2048] [--repeats 3] [--skip-monai]``
 Writes ``benchmarks/results/bench_infer.json``.
@@ -135,36 +137,49 @@ def main() -> None:
         with torch.no_grad():
             plain(torch.from_numpy(tiles[:BATCH]))
         times: dict[str, list[float]] = {"pipeline": [], "bare": [], "library": [], "monai": []}
+        cpu: dict[str, list[float]] = {k: [] for k in times}
+
+        def timed(side: str, fn: Any) -> Any:
+            start, cpu0 = time.perf_counter(), time.process_time()
+            out = fn()
+            times[side].append(time.perf_counter() - start)
+            cpu[side].append(time.process_time() - cpu0)
+            return out
+
         with dask_client(None) as client:
             predict_dataset(cfg("warm"), client=client)  # workers load the model once
             for r in range(args.repeats):
-                start = time.perf_counter()
-                [res] = predict_dataset(cfg(f"run{r}"), client=client)
-                times["pipeline"].append(time.perf_counter() - start)
-                times["bare"].append(bare_forward(fast, tiles))
-                start = time.perf_counter()
-                sliding_window(x, fast, (TILE, TILE), OVERLAP, BATCH)
-                times["library"].append(time.perf_counter() - start)
+                [res] = timed("pipeline", lambda: predict_dataset(cfg(f"run{r}"), client=client))
+                records = (tmp / f"run{r}" / "img.blocks").glob("y*.json")
+                cpu["pipeline"][-1] += sum(json.loads(p.read_text())["cpu_seconds"] for p in records)
+                timed("bare", lambda: bare_forward(fast, tiles))
+                timed("library", lambda: sliding_window(x, fast, (TILE, TILE), OVERLAP, BATCH))
                 if not args.skip_monai:
-                    times["monai"].append(monai_run(plain, image_t))
-                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items() if v), flush=True)
+                    timed("monai", lambda: monai_run(plain, image_t))
+                print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s ({cpu[k][-1]:.1f} cpu-s)"
+                                                     for k, v in times.items() if v), flush=True)
 
     mp = args.size**2 / 1e6
     best = {k: min(v) for k, v in times.items() if v}
+    best_cpu = {k: min(v) for k, v in cpu.items() if v}
     print(f"\n{args.size}x{args.size}, UNet depth 4 base 16, {workers} workers x {threads} thread(s); pipeline "
           f"computed {res.tile_evaluations} tiles (grid {res.grid_tiles}), blocks {res.block_shape}")
-    print(f"{'side':>10} {'best s':>8} {'MP/s':>7}")
+    print(f"{'side':>10} {'best s':>8} {'MP/s':>7} {'cpu-s':>7} {'MP/cpu-s':>9}")
     for k, v in best.items():
-        print(f"{k:>10} {v:>8.2f} {mp / v:>7.3f}")
-    ratios = {"pipeline_vs_bare": best["bare"] / best["pipeline"]}
+        print(f"{k:>10} {v:>8.2f} {mp / v:>7.3f} {best_cpu[k]:>7.1f} {mp / best_cpu[k]:>9.3f}")
+    ratios = {"pipeline_vs_bare": best["bare"] / best["pipeline"],
+              "pipeline_vs_bare_cpu": best_cpu["bare"] / best_cpu["pipeline"]}
     if "monai" in best:
         ratios["pipeline_vs_monai"] = best["monai"] / best["pipeline"]
         ratios["library_vs_monai"] = best["monai"] / best["library"]
+        ratios["pipeline_vs_monai_cpu"] = best_cpu["monai"] / best_cpu["pipeline"]
+        ratios["library_vs_monai_cpu"] = best_cpu["monai"] / best_cpu["library"]
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_infer.json").write_text(json.dumps(
         {"size": args.size, "workers": workers, "threads": threads, "times": times, "best_s": best, "ratios": ratios,
+         "cpu_s": cpu, "best_cpu_s": best_cpu,
          "tile_evaluations": res.tile_evaluations, "grid_tiles": res.grid_tiles, "block_shape": res.block_shape,
          "redundancy": table, "load_avg": os.getloadavg()}, indent=2))
 

@@ -6,6 +6,10 @@ The same prediction (synthetic 2048² uint8 image, UNet depth 4 base 16, tile 25
 best time per shape is reported, with throughput ratios: ``N x 1`` vs ``1 x 1`` is the scaling from one worker
 to N; ``N x 1`` vs ``1 x N`` decides the default local cluster shape.
 
+On a shared machine wall time mostly measures the neighbours, so the script also reports tiles per CPU-second
+(summed over the blocks' process CPU time, from the completion records): with cores to itself, N single-thread
+workers run N times the 1 x 1 rate times this efficiency ratio.
+
 Usage: ``.venv/bin/python benchmarks/bench_infer_scaling.py [--size 2048] [--repeats 2]``
 Writes ``benchmarks/results/bench_infer_scaling.json``.
 """
@@ -41,6 +45,7 @@ def main() -> None:
     shapes = {"1x1": (1, 1), f"{cores}x1": (cores, 1), f"1x{cores}": (1, cores)}
     times: dict[str, list[float]] = {k: [] for k in shapes}
     info: dict[str, dict[str, object]] = {}
+    cpu_rate: dict[str, float] = {}  # best tiles per CPU-second of the workers
     with tempfile.TemporaryDirectory(prefix="bench-infer-scaling-") as tmp_str, contextlib.ExitStack() as stack:
         tmp = Path(tmp_str)
         (tmp / "images").mkdir()
@@ -64,6 +69,9 @@ def main() -> None:
                 start = time.perf_counter()
                 [res] = predict_dataset(cfg(f"{key}-{r}", threads), client=clients[key])
                 times[key].append(time.perf_counter() - start)
+                records = [json.loads(p.read_text()) for p in (tmp / f"{key}-{r}" / "img.blocks").glob("y*.json")]
+                cpu = sum(rec["cpu_seconds"] for rec in records)
+                cpu_rate[key] = max(cpu_rate.get(key, 0.0), res.tile_evaluations / cpu)
                 info[key] = {"blocks": res.blocks, "block_shape": res.block_shape,
                              "tile_evaluations": res.tile_evaluations}
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
@@ -71,16 +79,20 @@ def main() -> None:
     mp = args.size**2 / 1e6
     best = {k: min(v) for k, v in times.items()}
     print(f"\n{args.size}x{args.size}, UNet depth 4 base 16, {cores} cores")
-    print(f"{'workers x threads':>18} {'best s':>8} {'MP/s':>7} {'tiles':>6} {'blocks':>14}")
+    print(f"{'workers x threads':>18} {'best s':>8} {'MP/s':>7} {'tiles':>6} {'tiles/cpu-s':>12} {'blocks':>14}")
     for k, v in best.items():
-        print(f"{k:>18} {v:>8.2f} {mp / v:>7.3f} {info[k]['tile_evaluations']:>6} {str(info[k]['block_shape']):>14}")
+        print(f"{k:>18} {v:>8.2f} {mp / v:>7.3f} {info[k]['tile_evaluations']:>6} {cpu_rate[k]:>12.2f} "
+              f"{str(info[k]['block_shape']):>14}")
     n = f"{cores}x1"
-    ratios = {f"{n}_vs_1x1": best["1x1"] / best[n], f"{n}_vs_1x{cores}": best[f"1x{cores}"] / best[n]}
+    ratios = {f"{n}_vs_1x1": best["1x1"] / best[n], f"{n}_vs_1x{cores}": best[f"1x{cores}"] / best[n],
+              f"cpu_efficiency_{n}_vs_1x1": cpu_rate[n] / cpu_rate["1x1"],
+              f"cpu_efficiency_{n}_vs_1x{cores}": cpu_rate[n] / cpu_rate[f"1x{cores}"]}
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_infer_scaling.json").write_text(json.dumps(
         {"size": args.size, "cores": cores, "times": times, "best_s": best, "ratios": ratios, "info": info,
+         "tiles_per_cpu_s": cpu_rate,
          "load_avg": os.getloadavg()}, indent=2))
 
 

@@ -173,7 +173,7 @@ def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str,
 
 def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block; write its chunks, its component summary if asked, then its completion record."""
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     bp = _worker_predictor(job.spec)
     src = omezarr.open_root(Path(job.input))
     image = omezarr.image_array(src)
@@ -191,7 +191,7 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
         _label_and_save(job, labels, block, stage, job.components == "all", shape)
     record = {"block": [block.y0, block.y1, block.x0, block.x1], "counts": _counts(src, labels, block, bp.num_classes),
               "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
-              "worker": _worker_identity()[1] + f"/{os.getpid()}"}
+              "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
     mf.atomic_write_json(_record_path(Path(job.records), block), record)
     return record
 
