@@ -196,8 +196,6 @@ def test_disk_full_while_saving_a_model_never_leaves_a_mixed_model(
         assert torch.equal(loaded(x), old.eval()(x))
 
 
-@pytest.mark.xfail(strict=True, reason="save_model drops config.json before writing: a failed save into the same "
-                   "folder loses the previous model (fix: write a sibling folder, then swap it in)")
 def test_disk_full_while_saving_a_model_keeps_the_previous_model_loadable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

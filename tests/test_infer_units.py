@@ -12,7 +12,7 @@ from skimage import measure
 
 from unetcore.errors import ServiceError
 from unetcore.inference.components import instances_blockwise, postprocess_blockwise, postprocess_whole
-from unetcore.inference.engine import _probe, _threads_here, local_cluster_shape
+from unetcore.inference.engine import _probe, local_cluster_shape
 from unetcore.inference.stitch import (
     BACKGROUND_LOGIT,
     background_logits,
@@ -182,11 +182,6 @@ def test_postprocessing_table() -> None:
 )
 def test_local_cluster_shape(cores: int, gpus: int, workers: int, threads: int, expected: tuple[int, int]) -> None:
     assert local_cluster_shape(cores, gpus, workers, threads) == expected
-
-
-def test_threads_lookup_by_host() -> None:
-    assert _threads_here((("*", 3),), "10.0.0.1") == 3
-    assert _threads_here((("10.0.0.1", 2), ("*", 1)), "10.0.0.1") == 2
 
 
 def test_unreachable_scheduler_fails_fast() -> None:

@@ -92,7 +92,7 @@ class ModelSpec:
     threshold: float
     tta: bool
     skip_empty: bool
-    threads: tuple[tuple[str, int], ...]  # torch threads per worker host; ("*", n) applies to every host
+    threads: int  # torch threads per task
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,6 @@ def _worker_identity() -> tuple[int, str]:
     return index, urlparse(worker.address).hostname or ""
 
 
-def _threads_here(threads: tuple[tuple[str, int], ...], host: str) -> int:
-    table = dict(threads)
-    return max(1, table.get(host, table.get("*", 1)))
-
-
 @functools.lru_cache(maxsize=4)
 def _worker_predictor(spec: ModelSpec) -> BlockPredictor:
     """Load the model once per worker process (cached by its spec, which includes the weights' hash).
@@ -135,8 +130,8 @@ def _worker_predictor(spec: ModelSpec) -> BlockPredictor:
     Torch gets this worker's share of the host's cores (Dask's nanny sets OMP_NUM_THREADS=1; this overrides it
     for torch); worker ``i`` of a local GPU cluster runs on GPU ``i``.
     """
-    index, host = _worker_identity()
-    torch.set_num_threads(_threads_here(spec.threads, host))
+    index, _ = _worker_identity()
+    torch.set_num_threads(max(1, spec.threads))
     model, config = load_model(Path(spec.model_dir))
     return BlockPredictor.from_model(model, config, resolve_device(spec.device, index), tile=spec.tile,
                                      overlap=spec.overlap, batch_size=spec.batch_size, threshold=spec.threshold,
@@ -297,14 +292,9 @@ def _task_slots(client: Any) -> int:
     return max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
 
 
-def _torch_threads(client: Any, cfg: InferConfig) -> tuple[tuple[str, int], ...]:
-    """Torch threads per task: the option; a local cluster's share; else 1 per task slot of a worker host."""
-    if cfg.threads_per_worker:
-        return (("*", cfg.threads_per_worker),)
-    local = getattr(client, "unet_torch_threads", None)
-    if local:
-        return (("*", int(local)),)
-    return (("*", 1),)
+def _torch_threads(client: Any, cfg: InferConfig) -> int:
+    """Torch threads per task: the option; else a local cluster's share of the cores; else 1 (per task slot)."""
+    return cfg.threads_per_worker or int(getattr(client, "unet_torch_threads", 0) or 1)
 
 
 # ---------------------------------------------------------------- driver side

@@ -5,8 +5,8 @@ Layout::
     <directory>/weights.pt    state_dict written by torch.save, read back with weights_only=True
     <directory>/config.json   {"model": ModelConfig fields, **extra}
 
-Both files are written under a temporary name and moved into place with :func:`os.replace`, weights first and
-``config.json`` last, so a folder with a ``config.json`` is a complete model.
+Both files are written into a hidden sibling folder that replaces ``<directory>`` only once complete
+(:func:`unetcore.store.omezarr.atomic_store`), so a failed save leaves the previous model loadable.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from typing import Any, BinaryIO
 import torch
 from pydantic import ValidationError
 
-from unetcore.config import ModelConfig
+from unetcore.config import ModelConfig, NormalizationConfig
 from unetcore.errors import ConfigError, InputError
 from unetcore.model.unet import UNet
+from unetcore.store.omezarr import atomic_store
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
@@ -61,12 +62,11 @@ def save_model(directory: Path, model: UNet, extra: dict[str, Any] | None = None
         raise ConfigError("extra", "the key 'model' is reserved for the architecture")
     config_text = json.dumps({"model": model.config.model_dump(mode="json"), **extra}, indent=2)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    # Drop the old config first: until the new one lands, the folder reads as incomplete, never as mixed.
-    (directory / CONFIG_FILE).unlink(missing_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_FILE, lambda f: torch.save(state, f))
-    _atomic_write(directory / CONFIG_FILE, lambda f: f.write(config_text.encode()))
+    with atomic_store(directory) as tmp:
+        tmp.mkdir()
+        _atomic_write(tmp / WEIGHTS_FILE, lambda f: torch.save(state, f))
+        _atomic_write(tmp / CONFIG_FILE, lambda f: f.write(config_text.encode()))
     return directory
 
 
@@ -79,6 +79,8 @@ def _read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise InputError(path, "missing: not a saved model, or its save did not finish", "save the model again")
     try:
         config = json.loads(path.read_text())
+        if "normalization" in config:  # inference applies it: refuse a tampered recipe here, in one line
+            NormalizationConfig(**config["normalization"])
         return ModelConfig(**config["model"]), config
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(path, f"not valid JSON ({exc})", "save the model again") from None
@@ -86,7 +88,8 @@ def _read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
         raise InputError(path, f"no valid 'model' section ({exc!r})", "save the model again") from None
     except ValidationError as exc:
         err = exc.errors()[0]
-        reason = f"model.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+        section = "model" if "model" in str(exc.title).lower() else "normalization"
+        reason = f"{section}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
         raise InputError(path, reason, "save the model again") from None
 
 
