@@ -66,8 +66,8 @@ def redundancy_table(sizes: list[int], chunk: int, slots: int) -> list[dict[str,
         grid = TileGrid.build((size, size), (TILE, TILE), OVERLAP)
         for edge in (512, 1024, 2048, 4096):
             if edge <= size:
-                rows.append({"image": size, "block": f"{edge}x{edge}", "tiles_computed": tile_evaluations(grid, (edge, edge)),
-                             "grid_tiles": grid.n_tiles})
+                rows.append({"image": size, "block": f"{edge}x{edge}",
+                             "tiles_computed": tile_evaluations(grid, (edge, edge)), "grid_tiles": grid.n_tiles})
         chosen = choose_block_shape(grid, (chunk, chunk), 2048**2, slots)
         rows.append({"image": size, "block": f"{chosen[0]}x{chosen[1]} (chosen)",
                      "tiles_computed": tile_evaluations(grid, chosen), "grid_tiles": grid.n_tiles})

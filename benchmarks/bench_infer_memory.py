@@ -124,7 +124,8 @@ def measure(tmp: Path, size: int, model_dir: Path, predictor: str) -> dict[str, 
                 client.run(install_identity)
             [res] = predict_dataset(cfg, client=client)
         seconds = time.perf_counter() - start
-    return {"size": size, "predictor": predictor, "megapixels": size * size / 1e6, "peak_rss_mb": round(rss.peak / 2**20, 1),
+    return {"size": size, "predictor": predictor, "megapixels": size * size / 1e6,
+            "peak_rss_mb": round(rss.peak / 2**20, 1),
             "samples": rss.samples, "seconds": round(seconds, 1), "write_store_s": round(write_s, 1),
             "megapixels_per_s": round(size * size / 1e6 / seconds, 2), "blocks": res.blocks,
             "block_shape": res.block_shape}

@@ -364,8 +364,9 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model_dir
     resume = out_path.exists() and _existing_signature(out_path) == signature
     if out_path.exists() and not resume and not cfg.overwrite:
         raise OutputExistsError(out_path, "already holds a prediction made with other inputs, model or options")
-    return ImagePlan(entry=entry, src_path=src_path, out_path=out_path, records=Path(cfg.output) / f"{entry['id']}.blocks",
-                     shape=(height, width), classes=int(model_config["model"]["num_classes"]),
+    records = Path(cfg.output) / f"{entry['id']}.blocks"
+    return ImagePlan(entry=entry, src_path=src_path, out_path=out_path, records=records, shape=(height, width),
+                     classes=int(model_config["model"]["num_classes"]),
                      chunk=min(int(entry.get("chunk", 1024)), cfg.block_size), signature=signature, weights=wh,
                      resume=resume)
 
