@@ -100,8 +100,10 @@ def throughput(cfg: TrainConfig, rounds: int, steps: int, workers: list[int]) ->
             sides[f"pipeline_w{w}"].append(_timed_steps(step, loader, steps))
         sides["in_memory"].append(_timed_steps(step, in_memory, steps))
         sides["naive"].append(_timed_steps(naive_step, in_memory, steps))
+        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in sides.items()), flush=True)
     rates = {k: steps * cfg.batch_size / statistics.median(v[1:]) for k, v in sides.items()}
     return {"images_per_s": rates, "ratio_vs_in_memory": {k: v / rates["in_memory"] for k, v in rates.items()},
+            "seconds_per_round": {k: [round(x, 2) for x in v] for k, v in sides.items()},
             "rounds": rounds, "steps_per_round": steps, "batch_size": cfg.batch_size, "patch_size": cfg.patch_size,
             "model": cfg.model.model_dump(), "torch_threads": torch.get_num_threads()}
 

@@ -398,3 +398,15 @@ def test_real_scheduler_and_two_workers_survive_a_killed_worker(tmp_path: Path) 
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_one_writes(tmp_path: Path, client: Any) -> None:
+    from unetcore.locks import LockedError, exclusive
+
+    dataset = make_dataset(tmp_path, random_image((100, 90)), 64)
+    model = make_model(tmp_path / "model")
+    with exclusive(tmp_path / "out", "predict"), pytest.raises(LockedError, match="another run is writing here"):
+        predict_dataset(config(dataset, tmp_path / "out", model), client=client)
+    assert not (tmp_path / "out" / "img.ome.zarr").exists()
+    [done] = predict_dataset(config(dataset, tmp_path / "out", model), client=client)  # free again
+    assert done.blocks_skipped == 0

@@ -169,9 +169,6 @@ def test_tampered_manifest_makes_ingest_one_line_too(dataset: Path, tmp_path: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="config.json's 'normalization' is validated only inside predict "
-                   "(pydantic ValidationError, exit 1, several lines, after the Dask cluster started); fix: "
-                   "validate it in load_model / BlockPredictor.from_model and raise InputError naming config.json")
 def test_tampered_normalization_in_a_model_folder_is_one_line_through_predict(dataset: Path, tmp_path: Path) -> None:
     folder = save_model(tmp_path / "m", build_model(TINY), {"normalization": {"mode": "bogus"}, "tile": 64})
     result = runner.invoke(app, ["predict", str(dataset), "-o", str(tmp_path / "out"), "--model", str(folder),

@@ -42,7 +42,9 @@ from unetcore.errors import ConfigError, InputError, OutputExistsError, ServiceE
 from unetcore.inference.components import BlockComponents, label_block, merge_faces
 from unetcore.inference.predict import BlockPredictor, logits_to_outputs, resolve_device
 from unetcore.inference.windows import Block, TileGrid, choose_block_shape, plan_blocks, tile_evaluations
+from unetcore.locks import exclusive
 from unetcore.model import load_model
+from unetcore.model.packaging import read_config
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.training.metrics import confusion_counts
@@ -354,7 +356,7 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model_dir
     """
     src_path = mf.store_path(dataset, entry["id"])
     channels, height, width = omezarr.image_array(omezarr.open_root(src_path)).shape
-    model_config = json.loads((Path(model_dir) / "config.json").read_text())
+    _, model_config = read_config(Path(model_dir))  # validated: a tampered config.json is one line, here
     if model_config["model"]["in_channels"] != channels:
         raise ConfigError("model", f"{model_uri} expects {model_config['model']['in_channels']} channels, "
                                    f"image '{entry['id']}' has {channels}")
@@ -638,10 +640,10 @@ def predict_dataset(cfg: InferConfig, client: Any | None = None) -> list[ImageRe
     model_dir, model_uri = _model_dir(cfg, out_dir / ".models")
     for entry in chosen:
         plan_image(entry, dataset, cfg, model_dir, model_uri)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    own = dask_client(cfg.scheduler_address, cfg.n_workers, cfg.threads_per_worker, cfg.device)
-    with contextlib.nullcontext(client) if client is not None else own as active:
-        return [predict_image(entry, dataset, cfg, active, model_dir, model_uri) for entry in chosen]
+    with exclusive(out_dir, "predict"):  # one run writes into an output folder at a time
+        own = dask_client(cfg.scheduler_address, cfg.n_workers, cfg.threads_per_worker, cfg.device)
+        with contextlib.nullcontext(client) if client is not None else own as active:
+            return [predict_image(entry, dataset, cfg, active, model_dir, model_uri) for entry in chosen]
 
 
 def results_to_dicts(results: list[ImageResult]) -> list[dict[str, Any]]:

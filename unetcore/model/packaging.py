@@ -70,7 +70,7 @@ def save_model(directory: Path, model: UNet, extra: dict[str, Any] | None = None
     return directory
 
 
-def _read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
+def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
     """Parse ``config.json`` into the ModelConfig and the whole dict; InputError on any problem."""
     path = directory / CONFIG_FILE
     if not directory.is_dir():
@@ -127,7 +127,7 @@ def load_model(directory: Path, map_location: str | torch.device = "cpu") -> tup
             fit the architecture in ``config.json``.
     """
     directory = Path(directory)
-    model_config, config = _read_config(directory)
+    model_config, config = read_config(directory)
     state = _read_weights(directory / WEIGHTS_FILE, map_location)
     model = UNet(model_config)
     try:
