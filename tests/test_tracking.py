@@ -6,6 +6,11 @@ end to end, where a second training that barely trained must not take the champi
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -177,21 +182,32 @@ def test_barely_trained_model_does_not_take_champion(tracking_uri: str, tmp_path
     assert config["val_dice"] == pytest.approx(good.best_val_dice)
 
 
+_FLOW_RUN = textwrap.dedent("""
+    import json, sys
+    from prefect.testing.utilities import prefect_test_harness
+    from flows.train import train
+    from unetcore.config import TrainConfig
+    cfg = TrainConfig.model_validate_json(sys.argv[1])
+    with prefect_test_harness(server_startup_timeout=300):
+        state = train(cfg, return_state=True)
+        print(json.dumps({"flow_run_id": str(state.state_details.flow_run_id), "run_id": state.result()["run_id"]}))
+""")
+
+
 @pytest.mark.slow
 def test_train_flow_tags_the_run_with_its_prefect_flow_run(tracking_uri: str, tmp_path: Path) -> None:
-    from prefect.testing.utilities import prefect_test_harness
-
-    from flows.train import train as train_flow
-
+    # In a fresh process: Prefect keeps process-wide clients that other tests' (stopped) servers can leave stale.
     write_sample(tmp_path / "raw", n_images=3, size=96, large_size=0, seed=2)
     ingest_folder(IngestConfig(images=str(tmp_path / "raw/images"), masks=str(tmp_path / "raw/masks"),
                                output=str(tmp_path / "ds")))
     cfg = TrainConfig(dataset=str(tmp_path / "ds"), model=ModelConfig(base_channels=4, depth=2), patch_size=64,
                       batch_size=2, epochs=1, steps_per_epoch=2, val_tile=64, output=str(tmp_path / "out"),
                       tracking_uri=tracking_uri, experiment="flow", registered_model="flow")
-    with prefect_test_harness(server_startup_timeout=300):
-        state = train_flow(cfg, return_state=True)
-        flow_run_id = str(state.state_details.flow_run_id)
-        result = state.result()
-    tags = MlflowClient(tracking_uri).get_run(result["run_id"]).data.tags
-    assert tags["prefect_flow_run_id"] == flow_run_id
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-c", _FLOW_RUN, cfg.model_dump_json()], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ids = json.loads(proc.stdout.strip().splitlines()[-1])
+    tags = MlflowClient(tracking_uri).get_run(ids["run_id"]).data.tags
+    assert tags["prefect_flow_run_id"] == ids["flow_run_id"]
