@@ -2,15 +2,15 @@
 
 Part ``throughput``: images/s of the real training path (OME-Zarr patch sampling + augmentation through the
 DataLoader + :func:`unetcore.training.loop.train_step`) against the same model, batch and step fed from tensors
-already in memory; and, for reference, a naive loop (default memory layout, no clipping). The sides alternate in
-rounds within one process, so machine noise hits them alike; the figure of merit is the ratio.
+already in memory; and, for reference, a naive loop (default memory layout, no clipping). The sides alternate
+step by step within one process, so machine noise hits them alike; the figure of merit is the ratio.
 
 Part ``recipe``: the generated sample (10 images of 512², seed 0) ingested and trained with ``TrainConfig``'s
 defaults, then the Dice of the best model on the held-out 2048² image (seed 1), never seen in training, through
 the inference code path; wall-clock time of the whole thing.
 
     .venv/bin/python benchmarks/bench_train.py --part throughput
-    .venv/bin/python benchmarks/bench_train.py --part recipe [--set epochs=10 --set patch_size=128 ...]
+    .venv/bin/python benchmarks/bench_train.py --part recipe --track [--set epochs=10 --set patch_size=128 ...]
 
 Writes ``benchmarks/results/train_<part>.json``.
 """
@@ -18,12 +18,14 @@ Writes ``benchmarks/results/train_<part>.json``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,17 +57,20 @@ def make_sample(root: Path) -> tuple[Path, Path]:
     return root / "ds", root / "holdout_ds"
 
 
-def _timed_steps(step: Any, batches: Any, n: int) -> float:
-    """Seconds for ``n`` calls of ``step`` on successive items of ``batches``."""
-    it = iter(batches)
+def _timed(step: Any, batches: Iterator[Any]) -> float:
+    """Seconds for one ``step`` on the next item of ``batches`` (fetching it included)."""
     t0 = time.perf_counter()
-    for _ in range(n):
-        step(next(it))
+    step(next(batches))
     return time.perf_counter() - t0
 
 
-def throughput(cfg: TrainConfig, rounds: int, steps: int, workers: list[int]) -> dict[str, Any]:
-    """Images/s of the pipeline (per worker count), the in-memory loop and the naive loop, alternating."""
+def throughput(cfg: TrainConfig, steps: int, warmup: int = 2) -> dict[str, Any]:
+    """Images/s of the pipeline, the in-memory loop and the naive loop, interleaved step by step.
+
+    Each round times one step of every side, in an order that rotates from round to round, so that the load of
+    a shared machine, which drifts over seconds, falls on all sides alike. The pipeline side fetches its batch
+    inside the timed step (``num_workers=0``: sampling, reading and augmenting are on the critical path).
+    """
     torch.manual_seed(0)
     device = torch.device("cpu")
     model = build_model(cfg.model).to(memory_format=torch.channels_last)
@@ -86,26 +91,27 @@ def throughput(cfg: TrainConfig, rounds: int, steps: int, workers: list[int]) ->
         loss.backward()
         naive_opt.step()
 
-    loaders = {}
-    for w in workers:
-        loader, sampler = loop.make_loader(cfg.model_copy(update={"num_workers": w}), Path(cfg.dataset))
-        loaders[w] = (loader, sampler)
-    memory_loader, _ = loaders[workers[0]]
-    in_memory = [(x.clone(), y.clone()) for x, y in memory_loader][:steps]  # real patches, already in RAM
-    sides: dict[str, list[float]] = {f"pipeline_w{w}": [] for w in workers}
-    sides.update(in_memory=[], naive=[])
-    for r in range(rounds + 1):  # round 0 warms up every side and is not counted
-        for w, (loader, sampler) in loaders.items():
-            sampler.set_epoch(r)
-            sides[f"pipeline_w{w}"].append(_timed_steps(step, loader, steps))
-        sides["in_memory"].append(_timed_steps(step, in_memory, steps))
-        sides["naive"].append(_timed_steps(naive_step, in_memory, steps))
-        print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in sides.items()), flush=True)
-    rates = {k: steps * cfg.batch_size / statistics.median(v[1:]) for k, v in sides.items()}
+    loader, _ = loop.make_loader(cfg.model_copy(update={"steps_per_epoch": steps + warmup}), Path(cfg.dataset))
+    in_memory = [(x.clone(), y.clone()) for _, (x, y) in zip(range(8), loader)]  # real patches, already in RAM
+    sides = {
+        "pipeline": (step, iter(loader)),
+        "in_memory": (step, itertools.cycle(in_memory)),
+        "naive": (naive_step, itertools.cycle(in_memory)),
+    }
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    names = list(sides)
+    for i in range(steps + warmup):
+        order = names[i % len(names):] + names[: i % len(names)]
+        for name in order:
+            run, batches = sides[name]
+            times[name].append(_timed(run, batches))
+    counted = {k: v[warmup:] for k, v in times.items()}
+    rates = {k: steps * cfg.batch_size / sum(v) for k, v in counted.items()}
     return {"images_per_s": rates, "ratio_vs_in_memory": {k: v / rates["in_memory"] for k, v in rates.items()},
-            "seconds_per_round": {k: [round(x, 2) for x in v] for k, v in sides.items()},
-            "rounds": rounds, "steps_per_round": steps, "batch_size": cfg.batch_size, "patch_size": cfg.patch_size,
-            "model": cfg.model.model_dump(), "torch_threads": torch.get_num_threads()}
+            "median_step_s": {k: statistics.median(v) for k, v in counted.items()},
+            "steps": steps, "batch_size": cfg.batch_size, "patch_size": cfg.patch_size,
+            "model": cfg.model.model_dump(), "torch_threads": torch.get_num_threads(),
+            "load_avg_1min_at_end": os.getloadavg()[0]}
 
 
 def sampler_speed(cfg: TrainConfig, n: int) -> dict[str, float]:
@@ -184,9 +190,7 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["throughput", "recipe"], default="throughput")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=8, help="Steps per side and round (throughput).")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="DataLoader workers to compare.")
+    parser.add_argument("--steps", type=int, default=24, help="Timed steps per side (throughput).")
     parser.add_argument("--budget", type=float, default=0.0, help="Training time budget in s (recipe; 0 = none).")
     parser.add_argument("--track", action="store_true", help="Score the held-out image after every epoch (recipe).")
     parser.add_argument("--set", action="append", default=[], help="TrainConfig override key=value (recipe).")
@@ -198,12 +202,13 @@ def main() -> None:
         if args.part == "throughput":
             dataset, _ = make_sample(root)
             cfg = TrainConfig(dataset=str(dataset))  # the defaults: base 16, depth 4, batch 4, 256² patches
-            result = {"throughput": throughput(cfg, args.rounds, args.steps, args.workers),
+            result = {"throughput": throughput(cfg, args.steps),
                       "sampler": sampler_speed(cfg, 100)}
-            print(f"{'side':<14}{'images/s':>10}{'x in-memory':>13}")
+            print(f"{'side':<14}{'images/s':>10}{'x in-memory':>13}{'median step s':>15}")
             tp = result["throughput"]
             for side, rate in tp["images_per_s"].items():
-                print(f"{side:<14}{rate:>10.2f}{tp['ratio_vs_in_memory'][side]:>13.2f}")
+                print(f"{side:<14}{rate:>10.2f}{tp['ratio_vs_in_memory'][side]:>13.2f}"
+                      f"{tp['median_step_s'][side]:>15.2f}")
             print("sampler ms/patch: " + ", ".join(f"{k}={v:.2f}" for k, v in result["sampler"].items()))
         else:
             result = recipe(root, _parse_set(args.set), args.budget, args.track)
