@@ -226,7 +226,7 @@ class PipelineConfig(_Config):
     workdir: str = Field("work", description="Folder for datasets, checkpoints and predictions.")
     num_classes: int = Field(1, ge=1, le=255, description="1 = binary; >= 2 = multi-class.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="UNet architecture.")
-    epochs: int = Field(20, ge=1, le=10_000, description="Training epochs.")
+    epochs: int = Field(10, ge=1, le=10_000, description="Training epochs.")
     steps_per_epoch: int = Field(50, ge=1, le=100_000, description="Optimiser steps per epoch.")
     patch_size: int = Field(256, ge=16, le=2048, description="Training patch edge in pixels.")
     batch_size: int = Field(4, ge=1, le=512, description="Patches per optimiser step.")
