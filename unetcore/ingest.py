@@ -105,41 +105,6 @@ def _leaves(shape_yx: tuple[int, int], chunk: int, decode_unit: tuple[int, int])
     ]
 
 
-def _halve(block: np.ndarray, kind: Literal["image", "label"]) -> np.ndarray:
-    """Next pyramid level of a block (..., h, w): ``(..., h // 2, w // 2)``, the store's own rule.
-
-    Integer images take the fast path (the 2x2 sum in a wider integer, rounded half to even, which equals the
-    store's float32 mean rounded with ``np.round``); floats and labels use the store's function.
-    """
-    h, w = block.shape[-2] // 2, block.shape[-1] // 2
-    if kind == "image" and block.dtype.kind in "ui" and block.dtype.itemsize <= 2:
-        even = block[..., : 2 * h, : 2 * w]
-        wide = np.int32 if block.dtype.kind == "i" else np.uint32
-        total = even[..., 0::2, 0::2].astype(wide)
-        for dy, dx in ((1, 0), (0, 1), (1, 1)):
-            total += even[..., dy::2, dx::2]
-        quotient, rest = total >> 2, total & 3
-        quotient += (rest > 2) | ((rest == 2) & ((quotient & 1) == 1))
-        return quotient.astype(block.dtype)
-    return omezarr._downsample(block, kind, block.dtype)[..., :h, :w]
-
-
-def _fill_levels(group: zarr.Group, kind: Literal["image", "label"], first: int, pool: ThreadPoolExecutor) -> None:
-    """Build levels ``first``.. of a multiscale group from the level above, one output chunk per job."""
-    levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
-    for level in (lv for lv in levels if lv >= first):
-        src, dst = group[str(level - 1)], group[str(level)]
-        cy, cx = dst.chunks[-2:]
-        height, width = dst.shape[-2:]
-
-        def job(origin: tuple[int, int], src: zarr.Array = src, dst: zarr.Array = dst) -> None:
-            y0, x0 = origin
-            y1, x1 = min(y0 + cy, height), min(x0 + cx, width)
-            dst[..., y0:y1, x0:x1] = _halve(np.asarray(src[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]), kind)
-
-        list(pool.map(job, [(y, x) for y in range(0, height, cy) for x in range(0, width, cx)]))
-
-
 def _ordered(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
     """``fn`` over ``items`` on the pool, results in item order, at most ``window`` items in flight."""
     pending: deque[Any] = deque()
@@ -173,14 +138,14 @@ def _write_mask(mask: readers.MaskSource, root: zarr.Group, leaves: list[tuple[s
         labels = labels[..., 0].astype(np.uint8)
         level0[ys, xs] = labels
         if level1 is not None:
-            level1[ys.start // 2 : ys.stop // 2, xs.start // 2 : xs.stop // 2] = _halve(labels, "label")
+            level1[ys.start // 2 : ys.stop // 2, xs.start // 2 : xs.stop // 2] = omezarr.halve(labels, "label")
         return seen
 
     seen: set[int] = set()
     for values in _ordered(pool, leaf, leaves, window):
         seen |= values
     classes = mask.check_seen(seen)
-    _fill_levels(group, "label", 2, pool)
+    omezarr.build_pyramid(group, "label", first=2, pool=pool)
     return classes
 
 
@@ -204,13 +169,13 @@ def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tup
         cyx = np.moveaxis(pixels, -1, 0)
         level0[:, ys, xs] = cyx
         if level1 is not None:
-            level1[:, ys.start // 2 : ys.stop // 2, xs.start // 2 : xs.stop // 2] = _halve(cyx, "image")
+            level1[:, ys.start // 2 : ys.stop // 2, xs.start // 2 : xs.stop // 2] = omezarr.halve(cyx, "image")
         return stats
 
     total = StreamingStats(channels, source.dtype, height * width)
     for stats in _ordered(pool, leaf, leaves, window):
         total.merge(stats)
-    _fill_levels(root, "image", 2, pool)
+    omezarr.build_pyramid(root, "image", first=2, pool=pool)
     return total.result()
 
 

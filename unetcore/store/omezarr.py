@@ -154,38 +154,55 @@ def create_labels(
     return group
 
 
-def _downsample(block: np.ndarray, kind: Literal["image", "label"], dtype: np.dtype) -> np.ndarray:
-    """Halve the last two axes: 2x2 mean for images (rounded for integers), top-left sample for labels."""
-    if kind == "label":
-        return block[..., ::2, ::2]
+def halve(block: np.ndarray, kind: Literal["image", "label"]) -> np.ndarray:
+    """Next pyramid level of a block (..., h, w) → (..., h // 2, w // 2), same dtype.
+
+    Images: the 2x2 mean (integers rounded half to even, computed as a wide-integer sum: exact and ~10x faster
+    than a float mean); labels: the top-left sample of each 2x2 (never a class that is not there).
+    """
     h, w = block.shape[-2] // 2, block.shape[-1] // 2
+    even = block[..., : 2 * h, : 2 * w]
+    if kind == "label":
+        return even[..., ::2, ::2]
+    if block.dtype.kind in "ui" and block.dtype.itemsize <= 2:
+        total = even[..., 0::2, 0::2].astype(np.int32 if block.dtype.kind == "i" else np.uint32)
+        for dy, dx in ((1, 0), (0, 1), (1, 1)):
+            total += even[..., dy::2, dx::2]
+        quotient, rest = total >> 2, total & 3
+        quotient += (rest > 2) | ((rest == 2) & ((quotient & 1) == 1))
+        return quotient.astype(block.dtype)
     lead = block.shape[:-2]
-    mean = block[..., : 2 * h, : 2 * w].astype(np.float32).reshape(*lead, h, 2, w, 2).mean(axis=(-3, -1))
-    return (np.round(mean) if np.issubdtype(dtype, np.integer) else mean).astype(dtype)
+    mean = even.astype(np.float32).reshape(*lead, h, 2, w, 2).mean(axis=(-3, -1))
+    return (np.round(mean) if np.issubdtype(block.dtype, np.integer) else mean).astype(block.dtype)
 
 
-def build_pyramid(group: zarr.Group, kind: Literal["image", "label"], threads: int = 0) -> None:
-    """Fill levels 1..n from level 0, one output chunk per job (one writer per chunk).
+def build_pyramid(
+    group: zarr.Group, kind: Literal["image", "label"], threads: int = 0, *, first: int = 1,
+    pool: ThreadPoolExecutor | None = None,
+) -> None:
+    """Fill levels ``first``..n from the level above, one output chunk per job (one writer per chunk).
 
     Each level is computed from the one above, reading a 2x-sized region per output chunk, so memory is a few
-    chunks per thread whatever the image size.
+    chunks per thread whatever the image size. ``pool`` reuses the caller's threads.
     """
     levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
-    workers = threads or min(8, os.cpu_count() or 1)
-    for level in levels[1:]:
-        src, dst = group[str(level - 1)], group[str(level)]
-        cy, cx = dst.chunks[-2:]
-        height, width = dst.shape[-2:]
+    own = None if pool is not None else ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
+    workers = pool or own
+    try:
+        for level in (lv for lv in levels if lv >= max(1, first)):
+            src, dst = group[str(level - 1)], group[str(level)]
+            cy, cx = dst.chunks[-2:]
+            height, width = dst.shape[-2:]
 
-        def job(origin: tuple[int, int], src: zarr.Array = src, dst: zarr.Array = dst) -> None:
-            y0, x0 = origin
-            y1, x1 = min(y0 + cy, height), min(x0 + cx, width)
-            block = np.asarray(src[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1])
-            dst[..., y0:y1, x0:x1] = _downsample(block, kind, dst.dtype)[..., : y1 - y0, : x1 - x0]
+            def job(origin: tuple[int, int], src: zarr.Array = src, dst: zarr.Array = dst) -> None:
+                y0, x0 = origin
+                y1, x1 = min(y0 + cy, height), min(x0 + cx, width)
+                dst[..., y0:y1, x0:x1] = halve(np.asarray(src[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]), kind)
 
-        origins = [(y, x) for y in range(0, height, cy) for x in range(0, width, cx)]
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(job, origins))
+            list(workers.map(job, [(y, x) for y in range(0, height, cy) for x in range(0, width, cx)]))
+    finally:
+        if own is not None:
+            own.shutdown()
 
 
 def open_root(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
