@@ -11,7 +11,7 @@ from prefect import flow, get_run_logger, task
 
 from flows.reporting import log_failure, markdown, progress_artifact, retry_unless_user_error, table
 from unetcore.config import InferConfig
-from unetcore.inference.engine import predict_dataset, results_to_dicts
+from unetcore.inference.engine import logs_to, predict_dataset, results_to_dicts
 
 
 @contextlib.contextmanager
@@ -23,15 +23,8 @@ def engine_logs_in_run() -> Iterator[None]:
         def emit(self, record: logging.LogRecord) -> None:
             run_logger.log(record.levelno, record.getMessage())
 
-    engine_log, handler = logging.getLogger("unetcore.inference"), Forward(logging.INFO)
-    old_level = engine_log.level
-    engine_log.addHandler(handler)
-    engine_log.setLevel(logging.INFO)
-    try:
+    with logs_to(Forward(logging.INFO)):
         yield
-    finally:
-        engine_log.removeHandler(handler)
-        engine_log.setLevel(old_level)
 
 
 @task(name="predict-images", retries=1, retry_delay_seconds=10, retry_condition_fn=retry_unless_user_error,

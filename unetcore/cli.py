@@ -262,18 +262,13 @@ def _engine_log_to_stderr(enabled: bool) -> Iterator[None]:
     """Show the inference engine's INFO lines (Dask dashboard link, cluster shape) on stderr while running."""
     import logging
 
+    from unetcore.inference.engine import logs_to
+
     if not enabled:
         yield
         return
-    engine_log, handler = logging.getLogger("unetcore.inference"), logging.StreamHandler(sys.stderr)
-    old_level = engine_log.level
-    engine_log.addHandler(handler)
-    engine_log.setLevel(logging.INFO)
-    try:
+    with logs_to(logging.StreamHandler(sys.stderr)):
         yield
-    finally:
-        engine_log.removeHandler(handler)
-        engine_log.setLevel(old_level)
 
 
 def _print_predictions(results: list[dict[str, Any]]) -> None:

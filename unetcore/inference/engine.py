@@ -54,6 +54,19 @@ INSTANCES_NAME = "instances"
 SCRATCH = "scratch.zarr"
 log = logging.getLogger("unetcore.inference")
 
+
+@contextlib.contextmanager
+def logs_to(handler: logging.Handler) -> Iterator[None]:
+    """Send the engine's INFO lines (Dask dashboard link, cluster shape) to ``handler`` while the block runs."""
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old_level)
+
 Components = Literal["none", "all", "foreground"]
 """What the prediction pass labels: nothing; every region (post-processing); foreground only (instances)."""
 
