@@ -147,12 +147,25 @@ def test_engine_equals_whole_image_sliding_window(
     assert len(list((tmp_path / "out" / "img.blocks").glob("y*_x*.json"))) == result.blocks
 
 
-def test_worker_torch_threads_follow_the_option(tmp_path: Path) -> None:
+def _malloc_tuned() -> int:
+    from unetcore.allocator import keep_tensor_buffers
+
+    return keep_tensor_buffers.cache_info().currsize  # 1 once the process has applied the settings
+
+
+def test_workers_get_their_torch_threads_malloc_settings_and_quiet_config(tmp_path: Path) -> None:
+    import dask
+
     dataset = make_dataset(tmp_path, random_image((150, 150)), 64)
     model = make_model(tmp_path / "model")
     with dask_client(None, 1, 2) as c:
+        assert set(c.run(_malloc_tuned).values()) == {0}
         predict_dataset(config(dataset, tmp_path / "out", model, threads_per_worker=0), client=c)
         assert set(c.run(torch.get_num_threads).values()) == {2}  # 1 worker on 2 cores: both cores for torch
+        assert set(c.run(_malloc_tuned).values()) == {1}
+        intervals = c.run(lambda: (dask.config.get("distributed.worker.profile.interval"),
+                                   dask.config.get("distributed.worker.memory.monitor-interval")))
+        assert set(intervals.values()) == {("100ms", "500ms")}
 
 
 # --- options -------------------------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -189,3 +193,37 @@ def test_unreachable_scheduler_fails_fast() -> None:
     with pytest.raises(ServiceError, match="tcp://127.0.0.1:1: Dask scheduler unreachable"):
         _probe("tcp://127.0.0.1:1")
     assert time.perf_counter() - start < 3.0
+
+
+# --- malloc settings of the processes that run the model ---------------------------------------------
+
+MMAPPED_PROBE = """
+import ctypes, sys
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def mmapped(n):  # bytes glibc maps for a malloc(n) while it is held
+    before = libc.mallinfo2().hblkhd
+    p = libc.malloc(n)
+    during = libc.mallinfo2().hblkhd
+    libc.free(p)
+    return during - before
+from unetcore.allocator import MMAP_BYTES, keep_tensor_buffers
+print(mmapped(4 << 20), keep_tensor_buffers(), mmapped(4 << 20), mmapped(2 * MMAP_BYTES) >= 2 * MMAP_BYTES)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_keep_tensor_buffers_serves_activation_sized_buffers_from_the_heap() -> None:
+    # As in a Dask worker: the nanny's MALLOC_TRIM_THRESHOLD_ pins glibc's mmap threshold at 128 KiB.
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", MMAPPED_PROBE], env=env, capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    before, applied, after, large_still_mapped = out.stdout.split()
+    assert int(before) >= 4 << 20  # a 4 MiB activation was mmapped (and unmapped when freed: page faults again)
+    assert applied == "True" and int(after) == 0 and large_still_mapped == "True"

@@ -37,6 +37,7 @@ import torch
 import zarr
 
 from unetcore import progress as progress_bus
+from unetcore.allocator import keep_tensor_buffers
 from unetcore.config import InferConfig
 from unetcore.errors import ConfigError, InputError, OutputExistsError, ServiceError
 from unetcore.inference.components import BlockComponents, label_block, merge_faces
@@ -184,6 +185,7 @@ def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str,
 def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block; write its chunks, its component summary if asked, then its completion record."""
     t0, cpu0 = time.perf_counter(), time.process_time()
+    keep_tensor_buffers()  # once per process: the Dask nanny's malloc settings slow a CPU forward pass 1.5x
     bp = _worker_predictor(job.spec)
     src = omezarr.open_root(Path(job.input))
     image = omezarr.image_array(src)
@@ -248,6 +250,12 @@ def local_cluster_shape(cores: int, gpus: int, n_workers: int = 0, threads: int 
     return workers, threads or max(1, cores // workers)
 
 
+QUIET_WORKERS = {"distributed.worker.profile.interval": "100ms", "distributed.worker.memory.monitor-interval": "500ms"}
+"""Local workers sample their stacks for the dashboard's profile every 100 ms (not 10) and their memory every 0.5 s
+(not 0.1): with one single-thread worker per core nothing else has a core to run on, and at Dask's defaults these
+background threads took about 3 % of a block's time (BENCHMARKS.md, inference (d))."""
+
+
 def _probe(address: str, timeout_s: float = 3.0) -> None:
     """Fail fast when a tcp:// scheduler address refuses connections (Dask itself retries for its timeout)."""
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
@@ -271,6 +279,7 @@ def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int
     Raises:
         ServiceError: the scheduler address does not answer.
     """
+    import dask
     from distributed import Client, LocalCluster
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
@@ -288,8 +297,9 @@ def dask_client(address: str | None, n_workers: int = 0, threads_per_worker: int
         return
     gpus = torch.cuda.device_count() if resolve_device(device).type == "cuda" else 0
     workers, threads = local_cluster_shape(os.cpu_count() or 1, gpus, n_workers, threads_per_worker)
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
-                           host="127.0.0.1", memory_limit="auto")
+    with dask.config.set(QUIET_WORKERS):  # read by the nannies as they are made; they pass it to their workers
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                               dashboard_address="127.0.0.1:0", host="127.0.0.1", memory_limit="auto")
     client = Client(cluster)
     client.unet_torch_threads = threads  # read by _torch_threads: this cluster's share of cores per worker
     log.info("Dask dashboard: %s (%d workers x %d torch threads)", client.dashboard_link, workers, threads)
@@ -602,7 +612,7 @@ def _export(out_path: Path, out_dir: Path, image_id: str, kind: str, reuse: bool
 
 def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 1024) -> str:
     """A down-sampled overlay PNG (prediction in magenta over the image) from the coarsest pyramid levels."""
-    from skimage import io as skio
+    from PIL import Image
     from skimage.transform import resize
 
     from unetcore.tracking.mlflow import preview_strip
@@ -615,11 +625,13 @@ def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 102
     pred = np.asarray(pred_group[str(plevels[-1])][:])
     scale = min(1.0, max_edge / max(image.shape[1:]))
     shape = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[2] * scale)))
-    image = np.stack([resize(ch.astype(np.float32), shape, preserve_range=True) for ch in image])
-    pred = resize(pred, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+    if shape != image.shape[1:]:
+        image = np.stack([resize(ch.astype(np.float32), shape, preserve_range=True) for ch in image])
+    if shape != pred.shape:
+        pred = resize(pred, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
     strip = preview_strip(image, None, pred)[:, shape[1]:]  # the overlay panel only
     tmp = dst.with_name(f".{dst.name}.tmp.png")
-    skio.imsave(tmp, strip, check_contrast=False)
+    Image.fromarray(strip).save(tmp, format="PNG", compress_level=1)  # a preview: speed over size
     os.replace(tmp, dst)
     return str(dst)
 
