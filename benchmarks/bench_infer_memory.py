@@ -18,6 +18,8 @@ Writes ``benchmarks/results/bench_infer_memory_<predictor>.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import tempfile
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from unetcore.allocator import release_free_memory
 from unetcore.config import InferConfig, ModelConfig, NormalizationConfig
 from unetcore.inference.engine import dask_client, local_cluster_shape, predict_dataset
 from unetcore.model import build_model, save_model
@@ -41,10 +44,15 @@ CHUNK = 1024
 
 
 class PeakRss:
-    """Samples the summed RSS of this process tree in a thread; ``peak`` in bytes."""
+    """Samples the summed RSS of this process tree in a thread; ``peak`` in bytes, ``peaks`` per process.
+
+    With a local cluster the scheduler and the nannies run in this process ("driver"); the children are the
+    workers.
+    """
 
     def __init__(self, interval_s: float = 0.2) -> None:
         self.interval_s, self.peak, self.samples = interval_s, 0, 0
+        self.peaks: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -53,10 +61,33 @@ class PeakRss:
         total = 0
         for p in [me, *me.children(recursive=True)]:
             try:
-                total += p.memory_info().rss
+                rss = p.memory_info().rss
             except psutil.Error:
-                pass  # a process that just ended
+                continue  # a process that just ended
+            total += rss
+            self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
         return total
+
+    @staticmethod
+    def high_water_marks() -> dict[int, int]:
+        """Each live process's own peak RSS so far (Linux ``VmHWM``, exact: no sampling), by pid."""
+        me = psutil.Process()
+        marks = {}
+        for p in [me, *me.children(recursive=True)]:
+            with contextlib.suppress(OSError):
+                status = Path(f"/proc/{p.pid}/status").read_text()
+                marks[p.pid] = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) * 1024
+        return marks
+
+    @staticmethod
+    def reset_high_water_mark() -> None:
+        """Start this process's ``VmHWM`` afresh (writing 5 to ``clear_refs``; Linux >= 4.0)."""
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+
+    def driver_and_largest_child(self) -> tuple[int, int]:
+        me = os.getpid()
+        return self.peaks.get(me, 0), max((v for k, v in self.peaks.items() if k != me), default=0)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -117,15 +148,23 @@ def measure(tmp: Path, size: int, model_dir: Path, predictor: str) -> dict[str, 
     write_store(dataset, "img", size)
     write_s = time.perf_counter() - start
     cfg = InferConfig(dataset=str(dataset), output=str(tmp / f"out{size}"), model=str(model_dir), export="none")
+    gc.collect()
+    release_free_memory()  # what writing the store left in this process's heap is not the inference's
+    PeakRss.reset_high_water_mark()  # forget the store writing above
     with PeakRss() as rss:
         start = time.perf_counter()
         with dask_client(None) as client:
             if predictor == "identity":
                 client.run(install_identity)
             [res] = predict_dataset(cfg, client=client)
+            marks = PeakRss.high_water_marks()  # before the workers exit
         seconds = time.perf_counter() - start
     return {"size": size, "predictor": predictor, "megapixels": size * size / 1e6,
             "peak_rss_mb": round(rss.peak / 2**20, 1),
+            "sum_of_process_peaks_mb": round(sum(marks.values()) / 2**20, 1),
+            "process_peaks_mb": [round(v / 2**20, 1) for v in marks.values()],
+            "peak_rss_driver_mb": round(rss.driver_and_largest_child()[0] / 2**20, 1),
+            "peak_rss_largest_worker_mb": round(rss.driver_and_largest_child()[1] / 2**20, 1),
             "samples": rss.samples, "seconds": round(seconds, 1), "write_store_s": round(write_s, 1),
             "megapixels_per_s": round(size * size / 1e6 / seconds, 2), "blocks": res.blocks,
             "block_shape": res.block_shape}
@@ -146,15 +185,18 @@ def main() -> None:
         for size in args.sizes:
             rows.append(measure(tmp, size, tmp / "model", args.predictor))
             r = rows[-1]
-            print(f"{size}x{size} ({r['megapixels']:.0f} MP): peak RSS {r['peak_rss_mb']:.0f} MB over all processes, "
+            print(f"{size}x{size} ({r['megapixels']:.0f} MP): peak RSS {r['peak_rss_mb']:.0f} MB over all processes (driver with "
+                  f"scheduler {r['peak_rss_driver_mb']:.0f}, largest worker {r['peak_rss_largest_worker_mb']:.0f}); "
+                  f"sum of each process's own peak {r['sum_of_process_peaks_mb']:.0f} MB {r['process_peaks_mb']}, "
                   f"{r['seconds']} s ({r['megapixels_per_s']} MP/s), {r['blocks']} blocks of {r['block_shape']}",
                   flush=True)
     ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
-    print(f"\npeak RSS {rows[-1]['megapixels']:.0f} MP / {rows[0]['megapixels']:.0f} MP: {ratio:.3f} "
-          f"({workers} workers x {threads} thread(s))")
+    hwm_ratio = rows[-1]["sum_of_process_peaks_mb"] / rows[0]["sum_of_process_peaks_mb"]
+    print(f"\n{rows[-1]['megapixels']:.0f} MP / {rows[0]['megapixels']:.0f} MP ({workers} workers x {threads} "
+          f"thread(s)): sampled peak RSS {ratio:.3f}, sum of process peaks {hwm_ratio:.3f}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"bench_infer_memory_{args.predictor}.json").write_text(json.dumps(
-        {"rows": rows, "ratio_largest_to_smallest": ratio, "workers": workers, "threads": threads}, indent=2))
+        {"rows": rows, "ratio_largest_to_smallest": ratio, "hwm_ratio_largest_to_smallest": hwm_ratio, "workers": workers, "threads": threads}, indent=2))
 
 
 if __name__ == "__main__":

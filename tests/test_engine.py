@@ -148,9 +148,9 @@ def test_engine_equals_whole_image_sliding_window(
 
 
 def _malloc_tuned() -> int:
-    from unetcore.allocator import keep_tensor_buffers
+    from unetcore.allocator import tune_for_blocks
 
-    return keep_tensor_buffers.cache_info().currsize  # 1 once the process has applied the settings
+    return tune_for_blocks.cache_info().currsize  # 1 once the process has applied the settings
 
 
 def test_workers_get_their_torch_threads_malloc_settings_and_quiet_config(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import torch
 from unetcore.config import ModelConfig
 from unetcore.errors import InputError
 from unetcore.model import UNet, build_model, load_model, save_model
-from unetcore.model.parts import group_count
+from unetcore.model.parts import fold_batch_norm, group_count
 from unetcore.model.unet import pad_to_multiple, padded_size
 
 
@@ -144,3 +144,27 @@ def test_broken_model_folders_are_input_errors(tmp_path: Path, break_it, message
 def test_missing_folder_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="model folder not found"):
         load_model(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_folded_batch_norm_predicts_the_same_and_leaves_the_model_alone(norm: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(base_channels=8, depth=3, num_classes=2, norm=norm))
+    for m in model.modules():  # trained-looking statistics, so folding has something to get wrong
+        if isinstance(m, (torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)):
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.3, 0.3)
+            if m.running_mean is not None:
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model.train()
+    folded = fold_batch_norm(model)
+    x = torch.rand(2, 1, 67, 45)
+    with torch.inference_mode():
+        expected = model.eval()(x)
+        got = folded(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    norms = 2 * 7  # two per double conv: the input one, 3 down and 3 up
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules()) == 0  # all folded (or none there)
+    assert sum(isinstance(m, torch.nn.InstanceNorm2d) for m in folded.modules()) == (0 if norm == "batch" else norms)
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == (norms if norm == "batch" else 0)

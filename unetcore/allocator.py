@@ -1,41 +1,92 @@
-"""glibc malloc settings for processes that run a model on the CPU.
+"""glibc malloc settings for the processes that predict blocks on the CPU (Dask workers).
 
-A convolution's activations are allocated and freed anew at every forward pass. With glibc's defaults, and much
-more under Dask (its nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also switches off glibc's
-adaptive mmap threshold), those multi-megabyte buffers are mmapped and unmapped, or trimmed back to the kernel,
-at every pass, and each pass then pays page faults to fault them in again: measured here, a single-thread UNet
-forward ran 1.55x slower in a Dask worker than in a plain process, and a plain process 1.2x slower than with the
-settings below (BENCHMARKS.md, inference). Keeping up to :data:`TRIM_BYTES` of freed heap and serving requests
-below :data:`MMAP_BYTES` from the heap makes the buffers reused instead. The memory kept is bounded (it does not
-grow with the image), so flat-memory inference stays flat.
+A convolution's activations are allocated and freed anew at every forward pass. Dask's nanny starts workers with
+``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's mmap threshold at 128 KiB: every multi-megabyte
+activation buffer was then mmapped, unmapped when freed and faulted in again at the next pass, and a
+single-thread UNet forward ran 1.55x slower in a Dask worker than in a plain process (BENCHMARKS.md, inference).
+
+:func:`tune_for_blocks` keeps up to :data:`TRIM_BYTES` of freed heap instead of returning it to the kernel, and
+:func:`heap_buffers` serves requests below :data:`FORWARD_MMAP_BYTES` from the heap while a forward pass runs, so
+its buffers are reused from one pass to the next. Outside forward passes the mmap threshold is back at Dask's
+128 KiB: a block's image, accumulators and outputs are mmapped (unless the heap has room kept from a pass) and go
+back to the kernel when freed, so they do not fragment the heap; :func:`release_free_memory` returns what the heap
+kept after each block. A worker's peak memory then stays what the block size makes it, however many blocks it
+runs (BENCHMARKS.md, inference (c)).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 TRIM_BYTES = 256 * 1024 * 1024
 """Freed memory at the top of the heap that glibc keeps instead of returning it to the kernel."""
 
-MMAP_BYTES = 32 * 1024 * 1024
-"""Requests at least this large are mmapped (and unmapped when freed); smaller ones come from the heap."""
+FORWARD_MMAP_BYTES = 32 * 1024 * 1024
+"""During a forward pass, requests at least this large are mmapped; smaller ones come from the heap."""
+
+ARRAY_MMAP_BYTES = 128 * 1024
+"""Outside forward passes, requests at least this large are mmapped (and unmapped when freed): Dask's setting."""
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 @functools.cache
-def keep_tensor_buffers() -> bool:
-    """Set this process's glibc trim and mmap thresholds (once); False where the C library is not glibc."""
+def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl and others have no mallopt
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_TRIM_THRESHOLD, TRIM_BYTES)) and bool(mallopt(_M_MMAP_THRESHOLD, MMAP_BYTES))
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return None
+    return libc
+
+
+@functools.cache
+def tune_for_blocks() -> bool:
+    """Set this process's trim and mmap thresholds (once); False where the C library is not glibc."""
+    libc = _libc()
+    return libc is not None and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_BYTES)) and bool(
+        libc.mallopt(_M_MMAP_THRESHOLD, ARRAY_MMAP_BYTES))
+
+
+@contextlib.contextmanager
+def heap_buffers() -> Iterator[None]:
+    """While in the block, serve requests below :data:`FORWARD_MMAP_BYTES` from the (kept) heap."""
+    libc = _libc() if tune_for_blocks() else None
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, FORWARD_MMAP_BYTES)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, ARRAY_MMAP_BYTES)
+
+
+def with_heap_buffers(fn: Callable[[_T], _R]) -> Callable[[_T], _R]:
+    """``fn`` (a batch predictor) run inside :func:`heap_buffers`."""
+
+    @functools.wraps(fn)
+    def run(batch: _T) -> _R:
+        with heap_buffers():
+            return fn(batch)
+
+    return run
+
+
+def release_free_memory() -> None:
+    """Return the free pages glibc holds (top of the heap and holes inside it) to the kernel; a no-op elsewhere."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

@@ -37,7 +37,7 @@ import torch
 import zarr
 
 from unetcore import progress as progress_bus
-from unetcore.allocator import keep_tensor_buffers
+from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
 from unetcore.config import InferConfig
 from unetcore.errors import ConfigError, InputError, OutputExistsError, ServiceError
 from unetcore.inference.components import BlockComponents, label_block, merge_faces
@@ -45,6 +45,7 @@ from unetcore.inference.predict import BlockPredictor, logits_to_outputs, resolv
 from unetcore.inference.windows import Block, TileGrid, choose_block_shape, plan_blocks, tile_evaluations
 from unetcore.locks import exclusive
 from unetcore.model import load_model
+from unetcore.model.parts import fold_batch_norm
 from unetcore.model.packaging import read_config
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
@@ -144,14 +145,18 @@ def _worker_predictor(spec: ModelSpec) -> BlockPredictor:
     """Load the model once per worker process (cached by its spec, which includes the weights' hash).
 
     Torch gets this worker's share of the host's cores (Dask's nanny sets OMP_NUM_THREADS=1; this overrides it
-    for torch); worker ``i`` of a local GPU cluster runs on GPU ``i``.
+    for torch), its batch norms are folded into the convolutions and its forward passes reuse their buffers
+    (:mod:`unetcore.allocator`); worker ``i`` of a local GPU cluster runs on GPU ``i``.
     """
     index, _ = _worker_identity()
     torch.set_num_threads(max(1, spec.threads))
     model, config = load_model(Path(spec.model_dir))
-    return BlockPredictor.from_model(model, config, resolve_device(spec.device, index), tile=spec.tile,
-                                     overlap=spec.overlap, batch_size=spec.batch_size, threshold=spec.threshold,
-                                     tta=spec.tta, skip_empty=spec.skip_empty)
+    device = resolve_device(spec.device, index)
+    bp = BlockPredictor.from_model(fold_batch_norm(model), config, device, tile=spec.tile, overlap=spec.overlap,
+                                   batch_size=spec.batch_size, threshold=spec.threshold, tta=spec.tta,
+                                   skip_empty=spec.skip_empty)
+    bp.predictor = with_heap_buffers(bp.predictor)  # activations reused from pass to pass (unetcore.allocator)
+    return bp
 
 
 def _stem(block: Block) -> str:
@@ -185,7 +190,7 @@ def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str,
 def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block; write its chunks, its component summary if asked, then its completion record."""
     t0, cpu0 = time.perf_counter(), time.process_time()
-    keep_tensor_buffers()  # once per process: the Dask nanny's malloc settings slow a CPU forward pass 1.5x
+    tune_for_blocks()  # once per process: the Dask nanny's malloc settings slow a CPU forward pass 1.5x
     bp = _worker_predictor(job.spec)
     src = omezarr.open_root(Path(job.input))
     image = omezarr.image_array(src)
@@ -205,6 +210,8 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
               "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
     mf.atomic_write_json(_record_path(Path(job.records), block), record)
+    del logits, probs, labels
+    release_free_memory()  # what the block's buffers kept goes back: memory stays flat over many blocks
     return record
 
 

@@ -5,6 +5,7 @@ Each block maps ``(N, C_in, H, W)`` tensors to ``(N, C_out, H', W')``; the spati
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
 import torch
@@ -79,3 +80,25 @@ class OutHead(nn.Conv2d):
 
     def __init__(self, in_channels: int, num_classes: int) -> None:
         super().__init__(in_channels, num_classes, kernel_size=1)
+
+
+def fold_batch_norm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference with every ``Conv2d -> BatchNorm2d`` pair of a ``Sequential`` folded into
+    one convolution (the norm's running statistics and affine go into the conv's weights and bias).
+
+    Equal to the eval-mode model up to float rounding (~1e-7 on logits), and about 10 % faster on CPU
+    (BENCHMARKS.md, inference): the norm's pass over every activation is gone. Other norms are left as they are.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    folded = copy.deepcopy(model).eval()
+    for module in folded.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            conv, norm = module._modules[first], module._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and norm.track_running_stats:
+                module._modules[first] = fuse_conv_bn_eval(conv, norm)
+                module._modules[second] = nn.Identity()
+    return folded
