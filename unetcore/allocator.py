@@ -62,7 +62,7 @@ def tune_for_blocks() -> bool:
 
 @contextlib.contextmanager
 def heap_buffers() -> Iterator[None]:
-    """While in the block, serve requests below :data:`FORWARD_MMAP_BYTES` from the (kept) heap."""
+    """Inside the ``with``, serve requests below :data:`FORWARD_MMAP_BYTES` from the (kept) heap."""
     libc = _libc() if tune_for_blocks() else None
     if libc is None:
         yield

@@ -259,8 +259,8 @@ def local_cluster_shape(cores: int, gpus: int, n_workers: int = 0, threads: int 
 
 QUIET_WORKERS = {"distributed.worker.profile.interval": "100ms", "distributed.worker.memory.monitor-interval": "500ms"}
 """Local workers sample their stacks for the dashboard's profile every 100 ms (not 10) and their memory every 0.5 s
-(not 0.1): with one single-thread worker per core nothing else has a core to run on, and at Dask's defaults these
-background threads took about 3 % of a block's time (BENCHMARKS.md, inference (d))."""
+(not 0.1): with one single-thread worker per core, these background threads take CPU from the blocks (one 4096²
+run: 29.8 vs 30.7 s, within this machine's noise; BENCHMARKS.md, inference (d))."""
 
 
 def _probe(address: str, timeout_s: float = 3.0) -> None:
