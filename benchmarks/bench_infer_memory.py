@@ -159,12 +159,13 @@ def measure(tmp: Path, size: int, model_dir: Path, predictor: str) -> dict[str, 
             [res] = predict_dataset(cfg, client=client)
             marks = PeakRss.high_water_marks()  # before the workers exit
         seconds = time.perf_counter() - start
+    driver, largest_worker = rss.driver_and_largest_child()
     return {"size": size, "predictor": predictor, "megapixels": size * size / 1e6,
             "peak_rss_mb": round(rss.peak / 2**20, 1),
             "sum_of_process_peaks_mb": round(sum(marks.values()) / 2**20, 1),
             "process_peaks_mb": [round(v / 2**20, 1) for v in marks.values()],
-            "peak_rss_driver_mb": round(rss.driver_and_largest_child()[0] / 2**20, 1),
-            "peak_rss_largest_worker_mb": round(rss.driver_and_largest_child()[1] / 2**20, 1),
+            "peak_rss_driver_mb": round(driver / 2**20, 1),
+            "peak_rss_largest_worker_mb": round(largest_worker / 2**20, 1),
             "samples": rss.samples, "seconds": round(seconds, 1), "write_store_s": round(write_s, 1),
             "megapixels_per_s": round(size * size / 1e6 / seconds, 2), "blocks": res.blocks,
             "block_shape": res.block_shape}

@@ -53,10 +53,10 @@ def _workers_used(output: Path) -> int:
     return len({json.loads(p.read_text())["worker"] for p in (output / "img.blocks").glob("y*.json")})
 
 
-def measure(tmp: Path, model: Path, size: int, repeats: int, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+def measure(tmp: Path, model: Path, warm: Path, size: int, repeats: int,
+            shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """Best end-to-end time, tile evaluations and tiles per CPU-second of each cluster shape on one image."""
     dataset = _ingest(tmp, f"img{size}", size, 1024)
-    warm = _ingest(tmp, f"warm{size}", 1024, 256)  # 16 chunks: a block for every worker, seconds to predict
     times: dict[str, list[float]] = {k: [] for k in shapes}
     info: dict[str, dict[str, Any]] = {}
     cpu_rate: dict[str, float] = {}
@@ -96,8 +96,9 @@ def main() -> None:
         torch.manual_seed(0)
         save_model(tmp / "model", build_model(ModelConfig(base_channels=16, depth=4)),
                    {"normalization": NormalizationConfig().model_dump()})
+        warm = _ingest(tmp, "warm", 1024, 256)  # 16 chunks: a block for every worker, seconds to predict
         for size in args.sizes:
-            results[str(size)] = measure(tmp, tmp / "model", size, args.repeats, shapes)
+            results[str(size)] = measure(tmp, tmp / "model", warm, size, args.repeats, shapes)
 
     print(f"\nUNet depth 4 base 16, tile 256, overlap 0.5, {cores} cores, best of {args.repeats}")
     print(f"{'image':>6} {'workers x threads':>18} {'best s':>8} {'MP/s':>7} {'tiles':>6} {'tiles/cpu-s':>12} "

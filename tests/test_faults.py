@@ -281,28 +281,21 @@ def _one_line(result) -> str:  # noqa: ANN001 - click's Result
     return lines[0]
 
 
-def test_unreachable_mlflow_fails_fast_before_training(tiny_dataset: Path, tmp_path: Path) -> None:
-    out = tmp_path / "run"
+@pytest.mark.parametrize(
+    ("command", "extra"),
+    [("train", ["--patch-size", "64"]), ("predict", ["--model", "models:/x@champion"])],
+)
+def test_unreachable_mlflow_fails_fast_before_any_work(tiny_dataset: Path, tmp_path: Path, command: str,
+                                                       extra: list[str]) -> None:
+    out = tmp_path / "out"
     start = time.perf_counter()
-    result = runner.invoke(app, ["train", str(tiny_dataset), "--output", str(out), "--patch-size", "64",
-                                 "--tracking-uri", DEAD, "--no-prefect"])
+    result = runner.invoke(app, [command, str(tiny_dataset), "--output", str(out), *extra, "--tracking-uri", DEAD,
+                                 "--no-prefect"])
     elapsed = time.perf_counter() - start
     line = _one_line(result)
     assert DEAD in line and "unreachable" in line
     assert elapsed < 10, elapsed
     assert not out.exists()  # no work started: not even the output folder
-
-
-def test_unreachable_mlflow_fails_fast_before_predicting(tiny_dataset: Path, tmp_path: Path) -> None:
-    out = tmp_path / "pred"
-    start = time.perf_counter()
-    result = runner.invoke(app, ["predict", str(tiny_dataset), "-o", str(out), "--model", "models:/x@champion",
-                                 "--tracking-uri", DEAD, "--no-prefect"])
-    elapsed = time.perf_counter() - start
-    line = _one_line(result)
-    assert DEAD in line and "unreachable" in line
-    assert elapsed < 10, elapsed
-    assert not out.exists()
 
 
 # --- two writers at once --------------------------------------------------------------------------------------

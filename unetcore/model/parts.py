@@ -86,7 +86,7 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
     """A copy of ``model`` for inference with every ``Conv2d -> BatchNorm2d`` pair of a ``Sequential`` folded into
     one convolution (the norm's running statistics and affine go into the conv's weights and bias).
 
-    Equal to the eval-mode model up to float rounding (~1e-7 on logits), and about 10 % faster on CPU
+    Equal to the eval-mode model up to float rounding (~1e-7 on logits), and about 5 % faster on CPU
     (BENCHMARKS.md, inference): the norm's pass over every activation is gone. Other norms are left as they are.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
