@@ -34,7 +34,7 @@ import numpy as np
 import tifffile
 import torch
 
-from unetcore.config import IngestConfig, InferConfig, ModelConfig, NormalizationConfig
+from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
 from unetcore.inference.engine import dask_client, local_cluster_shape, predict_dataset
 from unetcore.inference.predict import torch_predictor
 from unetcore.inference.stitch import sliding_window

@@ -31,9 +31,9 @@ from typing import Any
 
 import tifffile
 import torch
-
 from bench_infer import synthetic_image  # type: ignore[import-not-found]  # sibling script
-from unetcore.config import IngestConfig, InferConfig, ModelConfig, NormalizationConfig
+
+from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
 from unetcore.inference.engine import dask_client, predict_dataset
 from unetcore.ingest import ingest_folder
 from unetcore.model import build_model, save_model

@@ -38,11 +38,11 @@ os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 from unetcore.config import IngestConfig, ModelConfig, TrainConfig  # noqa: E402
 from unetcore.inference.predict import BlockPredictor  # noqa: E402
 from unetcore.ingest import ingest_folder  # noqa: E402
+from unetcore.metrics import confusion_counts  # noqa: E402
 from unetcore.model import load_model  # noqa: E402
 from unetcore.store import manifest as mf  # noqa: E402
 from unetcore.store import omezarr  # noqa: E402
 from unetcore.training import loop  # noqa: E402
-from unetcore.training.metrics import confusion_counts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUADRANT = 256

@@ -9,7 +9,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from flows.reporting import log_failure, markdown, progress_artifact, retry_unless_user_error, table
+from flows.reporting import (
+    log_failure,
+    markdown,
+    progress_artifact,
+    retry_unless_user_error,
+    table,
+)
 from unetcore.config import InferConfig
 from unetcore.inference.engine import logs_to, predict_dataset, results_to_dicts
 

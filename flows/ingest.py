@@ -6,7 +6,13 @@ from typing import Any
 
 from prefect import flow, task
 
-from flows.reporting import log_failure, markdown, progress_artifact, retry_unless_user_error, table
+from flows.reporting import (
+    log_failure,
+    markdown,
+    progress_artifact,
+    retry_unless_user_error,
+    table,
+)
 from unetcore.config import IngestConfig
 from unetcore.ingest import ingest_folder
 

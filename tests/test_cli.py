@@ -84,8 +84,8 @@ def test_each_command_has_help(command: str) -> None:
 
 def test_unreachable_prefect_api_fails_fast_naming_the_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "imgs").mkdir()
-    from skimage import io as skio
     import numpy as np
+    from skimage import io as skio
 
     skio.imsave(tmp_path / "imgs" / "a.png", np.zeros((8, 8), np.uint8), check_contrast=False)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")

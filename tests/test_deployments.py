@@ -14,7 +14,12 @@ from prefect.exceptions import ParameterTypeError
 from prefect.flows import load_flow_from_entrypoint
 from typer.testing import CliRunner
 
-from deployments.serve import NIGHTLY_CRON, NIGHTLY_TIMEZONE, build_deployments, nightly_schedule
+from deployments.serve import (
+    NIGHTLY_CRON,
+    NIGHTLY_TIMEZONE,
+    build_deployments,
+    nightly_schedule,
+)
 from flows import nightly as nightly_flow
 from unetcore.cli import app
 from unetcore.config import NightlyConfig

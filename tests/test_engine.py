@@ -28,7 +28,7 @@ from skimage import measure
 from typer.testing import CliRunner
 
 from unetcore.cli import app
-from unetcore.config import IngestConfig, InferConfig, ModelConfig, NormalizationConfig
+from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
 from unetcore.errors import OutputExistsError
 from unetcore.inference.components import postprocess_whole
 from unetcore.inference.engine import dask_client, predict_dataset

@@ -15,7 +15,11 @@ from hypothesis import strategies as st
 from skimage import measure
 
 from unetcore.errors import ServiceError
-from unetcore.inference.components import instances_blockwise, postprocess_blockwise, postprocess_whole
+from unetcore.inference.components import (
+    instances_blockwise,
+    postprocess_blockwise,
+    postprocess_whole,
+)
 from unetcore.inference.engine import _probe, local_cluster_shape
 from unetcore.inference.stitch import (
     BACKGROUND_LOGIT,
@@ -25,7 +29,13 @@ from unetcore.inference.stitch import (
     skip_empty_predictor,
     sliding_window,
 )
-from unetcore.inference.windows import TileGrid, choose_block_shape, plan_blocks, tile_evaluations, tiles_for_block
+from unetcore.inference.windows import (
+    TileGrid,
+    choose_block_shape,
+    plan_blocks,
+    tile_evaluations,
+    tiles_for_block,
+)
 
 # --- redundant tiles at block borders ------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unetcore.training.metrics import (
+from unetcore.metrics import (
     confusion_counts,
     dice_from_counts,
     hd95,

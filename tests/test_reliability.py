@@ -24,8 +24,8 @@ from typer.testing import CliRunner
 from unetcore.cli import app
 from unetcore.config import IngestConfig, ModelConfig
 from unetcore.errors import InputError
-from unetcore.ingest import ingest_folder
 from unetcore.inference.engine import dask_client
+from unetcore.ingest import ingest_folder
 from unetcore.model import build_model, load_model, save_model
 from unetcore.store import manifest as mf
 

@@ -22,7 +22,12 @@ from unetcore.errors import ConfigError, InputError, ServiceError
 from unetcore.ingest import ingest_folder
 from unetcore.training import loop
 from unetcore.training.augment import AugmentConfig, augment_pair
-from unetcore.training.sampler import EpochSampler, PatchDataset, class_locations, load_images
+from unetcore.training.sampler import (
+    EpochSampler,
+    PatchDataset,
+    class_locations,
+    load_images,
+)
 
 TINY = ModelConfig(base_channels=8, depth=2)
 

@@ -29,7 +29,13 @@ EXIT_PARTIAL = 3
 @contextlib.contextmanager
 def _progress_bar() -> Iterator[None]:
     """Show library progress reports as terminal progress bars (one per stage)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from unetcore import progress
 
@@ -182,7 +188,8 @@ def train(
     def body() -> int:
         from unetcore.config import ModelConfig, TrainConfig
         from unetcore.tracking.mlflow import check_tracking_uri
-        from unetcore.training.loop import _check_inputs, train as train_lib
+        from unetcore.training.loop import _check_inputs
+        from unetcore.training.loop import train as train_lib
 
         model = _config(ModelConfig, num_classes=num_classes, in_channels=in_channels, base_channels=base_channels,
                         depth=depth)

@@ -6,11 +6,33 @@ One pydantic model per stage. Fields carry descriptions (Prefect renders them in
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from unetcore.errors import ConfigError
+from unetcore.modes import (
+    ChannelAxis,
+    Device,
+    ExportKind,
+    LossKind,
+    NormalizationMode,
+    NormKind,
+    OptimizerKind,
+    ProbabilityDtype,
+    SamplingKind,
+    ScheduleKind,
+    SplitChoice,
+    UpsampleKind,
+)
 from unetcore.redact import redact
 
 
@@ -45,7 +67,7 @@ def validated(schema: type[BaseModel], /, **values: Any) -> Any:
 class NormalizationConfig(_Config):
     """How raw intensities become network inputs; stored with the model and applied at inference."""
 
-    mode: Literal["percentile", "zscore"] = Field(
+    mode: NormalizationMode = Field(
         "percentile",
         description="percentile: clip to the image's [low, high] percentiles and scale to [0, 1]; "
         "zscore: subtract the image mean, divide by its std.",
@@ -63,8 +85,8 @@ class ModelConfig(_Config):
     )
     depth: int = Field(4, ge=1, le=6, description="Number of 2x down-sampling stages.")
     base_channels: int = Field(16, ge=4, le=128, description="Channels of the first stage; doubled per stage.")
-    norm: Literal["batch", "instance", "group"] = Field("batch", description="Normalisation layer.")
-    upsample: Literal["transpose", "bilinear"] = Field("transpose", description="Decoder up-sampling.")
+    norm: NormKind = Field("batch", description="Normalisation layer.")
+    upsample: UpsampleKind = Field("transpose", description="Decoder up-sampling.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the bottleneck.")
 
 
@@ -80,7 +102,7 @@ class IngestConfig(_Config):
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of images in the validation split.")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of images in the test split.")
     num_classes: int = Field(1, ge=1, le=255, description="Declared classes; mask values must be < max(2, this).")
-    channel_axis: Literal["auto", "yx", "yxc", "cyx"] = Field("auto", description="Channel layout of the inputs.")
+    channel_axis: ChannelAxis = Field("auto", description="Channel layout of the inputs.")
     max_pixels: int = Field(
         50_000_000_000, ge=1, description="Refuse images with more pixels than this (decompression-bomb guard)."
     )
@@ -120,9 +142,9 @@ class TrainConfig(_Config):
     steps_per_epoch: int = Field(50, ge=1, le=100_000, description="Optimiser steps per epoch.")
     lr: float = Field(2e-3, gt=0, le=1.0, description="Peak learning rate.")
     weight_decay: float = Field(1e-4, ge=0, le=1.0, description="Weight decay of the optimiser.")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (Nesterov, momentum 0.99).")
-    schedule: Literal["poly", "cosine", "constant"] = Field("poly", description="Learning-rate schedule.")
-    loss: Literal["dice_ce", "ce", "dice", "focal"] = Field("dice_ce", description="Training loss.")
+    optimizer: OptimizerKind = Field("adamw", description="adamw, or sgd (Nesterov, momentum 0.99).")
+    schedule: ScheduleKind = Field("poly", description="Learning-rate schedule.")
+    loss: LossKind = Field("dice_ce", description="Training loss.")
     class_weights: list[float] | None = Field(
         None, description="Cross-entropy weight per class (num_classes values; [background, foreground] if binary)."
     )
@@ -132,7 +154,7 @@ class TrainConfig(_Config):
     foreground_fraction: float = Field(
         0.33, ge=0.0, le=1.0, description="Share of each batch whose patch is centred on foreground."
     )
-    sampling: Literal["foreground", "class_balanced"] = Field(
+    sampling: SamplingKind = Field(
         "foreground",
         description="Where oversampled patches are centred: any foreground pixel, or a pixel of a class drawn "
         "uniformly from the classes present (rare classes as often as common ones).",
@@ -147,7 +169,7 @@ class TrainConfig(_Config):
     patience: int = Field(0, ge=0, description="Stop after this many epochs without improvement (0 = never).")
     time_budget_s: float = Field(0.0, ge=0, description="Stop after this many seconds of training (0 = none).")
     seed: int = Field(0, ge=0, description="Seed of patch sampling, augmentation and initialisation.")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if available, else CPU.")
+    device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
     output: str = Field("runs/train", description="Folder for checkpoints and the exported model.")
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or http URL).")
     experiment: str = Field("unet", description="MLflow experiment name.")
@@ -183,7 +205,7 @@ class InferConfig(_Config):
         description="Model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/..., or a local folder.",
     )
     tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI used to resolve models:/ URIs.")
-    split: Literal["all", "train", "val", "test"] = Field("all", description="Which images of the dataset to predict.")
+    split: SplitChoice = Field("all", description="Which images of the dataset to predict.")
     images: list[str] = Field(default_factory=list, description="Predict only these image ids (empty = all).")
     tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network.")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
@@ -195,7 +217,7 @@ class InferConfig(_Config):
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
     save_probabilities: bool = Field(True, description="Write class probabilities as well as labels.")
-    probability_dtype: Literal["float16", "float32"] = Field("float16", description="Stored probability precision.")
+    probability_dtype: ProbabilityDtype = Field("float16", description="Stored probability precision.")
     tta: bool = Field(False, description="Flip test-time augmentation (4 passes).")
     min_object_size: int = Field(
         0, ge=0, description="Remove objects and fill holes smaller than this many pixels, sizes measured on the "
@@ -209,8 +231,8 @@ class InferConfig(_Config):
     n_workers: int = Field(0, ge=0, le=512, description="Local cluster workers (0 = one per core; one per GPU).")
     threads_per_worker: int = Field(0, ge=0, le=512, description="Torch threads per local worker (0 = its share "
                                     "of the cores).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if available, else CPU.")
-    export: Literal["none", "png", "tiff"] = Field("png", description="Also export label masks for small images.")
+    device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
+    export: ExportKind = Field("png", description="Also export label masks for small images.")
     overwrite: bool = Field(False, description="Replace an existing, different prediction.")
 
 
@@ -298,10 +320,10 @@ class NightlyConfig(_Config):
     batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
     block_size: int = Field(1024, ge=64, le=16384, description="Output block edge (a multiple of the chunk).")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
-    export: Literal["none", "png", "tiff"] = Field("png", description="Also export label masks for small images.")
+    export: ExportKind = Field("png", description="Also export label masks for small images.")
     n_workers: int = Field(0, ge=0, le=512, description="Local Dask workers (0 = one per core).")
     scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = CUDA if available, else CPU.")
+    device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
 
     def ingest_config(self) -> IngestConfig:
         """How each new image is ingested (no validation split: these images are only predicted)."""

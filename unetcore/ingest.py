@@ -36,6 +36,7 @@ import numpy as np
 import zarr
 
 from unetcore import progress as progress_bus
+from unetcore.atomic import atomic_write_json
 from unetcore.config import IngestConfig
 from unetcore.errors import InputError, ServiceError
 from unetcore.io import readers
@@ -313,7 +314,7 @@ def _ensure_validation(dataset: Path, val_fraction: float) -> None:
         train = sorted((e for e in items if e["split"] == "train"), key=lambda e: e["source_hash"])
         if len(train) >= 2:
             train[0]["split"] = "val"
-            mf.atomic_write_json(Path(dataset) / mf.MANIFEST, data)
+            atomic_write_json(Path(dataset) / mf.MANIFEST, data)
 
 
 @contextlib.contextmanager
@@ -466,7 +467,7 @@ def ingest_folder(cfg: IngestConfig) -> IngestReport:
             progress_bus.report("ingest", done, total)
         _ensure_validation(dataset, cfg.val_fraction)
         report.seconds = round(time.perf_counter() - start, 3)
-        mf.atomic_write_json(dataset / REPORT, report.to_dict())
+        atomic_write_json(dataset / REPORT, report.to_dict())
     return report
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from unetcore import progress as progress_bus
+from unetcore.atomic import atomic_write_json
 from unetcore.config import NightlyConfig
 from unetcore.errors import InputError
 from unetcore.store import manifest as mf
@@ -234,7 +235,7 @@ def load_state(output: Path) -> dict[str, Any]:
 
 def save_state(output: Path, state: dict[str, Any]) -> None:
     """Write the state atomically (temporary file + rename)."""
-    mf.atomic_write_json(Path(output) / STATE, state)
+    atomic_write_json(Path(output) / STATE, state)
 
 
 def is_done(record: dict[str, Any] | None, entry: dict[str, Any], model: ModelRef, output: Path,

@@ -20,7 +20,6 @@ Everything is a function of ``seed``: the same seed gives the same arrays on eve
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -31,6 +30,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage.segmentation import find_boundaries, relabel_sequential
 
+from unetcore.atomic import replacing
 from unetcore.errors import ConfigError
 
 __all__ = ["SampleInfo", "generate_image", "instances_to_semantic", "write_sample"]
@@ -365,14 +365,10 @@ def _camera(rng: np.random.Generator, image: np.ndarray, dtype: str) -> np.ndarr
 
 def _atomic_write(path: Path, array: np.ndarray, *, tiled: bool) -> None:
     """Write ``array`` to ``path`` under a hidden temporary name, then rename it into place."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+    with replacing(path) as tmp:
         if tiled:
             tifffile.imwrite(tmp, array, tile=(256, 256), compression="zlib")
         elif path.suffix == ".tif":
             tifffile.imwrite(tmp, array, compression="zlib")
         else:
             Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -38,18 +38,25 @@ import zarr
 
 from unetcore import progress as progress_bus
 from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
+from unetcore.atomic import atomic_write_json, replacing
 from unetcore.config import InferConfig
 from unetcore.errors import ConfigError, InputError, OutputExistsError, ServiceError
 from unetcore.inference.components import BlockComponents, label_block, merge_faces
 from unetcore.inference.predict import BlockPredictor, logits_to_outputs, resolve_device
-from unetcore.inference.windows import Block, TileGrid, choose_block_shape, plan_blocks, tile_evaluations
+from unetcore.inference.windows import (
+    Block,
+    TileGrid,
+    choose_block_shape,
+    plan_blocks,
+    tile_evaluations,
+)
 from unetcore.locks import exclusive
+from unetcore.metrics import confusion_counts
 from unetcore.model import load_model
-from unetcore.model.parts import fold_batch_norm
 from unetcore.model.packaging import read_config
+from unetcore.model.parts import fold_batch_norm
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
-from unetcore.training.metrics import confusion_counts
 
 LABELS_NAME = "prediction"
 INSTANCES_NAME = "instances"
@@ -209,7 +216,7 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     record = {"block": [block.y0, block.y1, block.x0, block.x1], "counts": _counts(src, labels, block, bp.num_classes),
               "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
               "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
-    mf.atomic_write_json(_record_path(Path(job.records), block), record)
+    atomic_write_json(_record_path(Path(job.records), block), record)
     del logits, probs, labels
     release_free_memory()  # what the block's buffers kept goes back: memory stays flat over many blocks
     return record
@@ -225,7 +232,7 @@ def postprocess_block(job: ImageJob, block: Block, num_classes: int) -> dict[str
         _label_and_save(job, labels, block, "final", False, _image_shape(job))
     src = omezarr.open_root(Path(job.input))
     record = {"counts": _counts(src, labels, block, num_classes)}
-    mf.atomic_write_json(_record_path(records, block, "post"), record)
+    atomic_write_json(_record_path(records, block, "post"), record)
     return record
 
 
@@ -564,7 +571,7 @@ def predict_image(
 
 def _dice_from_records(records: Path, blocks: list[Block], num_classes: int, kind: str = "") -> float:
     """Mean foreground Dice of the whole image from the per-block confusion counts."""
-    from unetcore.training.metrics import dice_from_counts
+    from unetcore.metrics import dice_from_counts
 
     total = None
     for b in blocks:
@@ -594,15 +601,12 @@ def _export(out_path: Path, out_dir: Path, image_id: str, kind: str, reuse: bool
     if png:
         from skimage import io as skio
 
-        tmp = dst.with_name(f".{dst.name}.tmp.png")
-        skio.imsave(tmp, np.asarray(labels[:]), check_contrast=False)
-        os.replace(tmp, dst)
+        with replacing(dst) as tmp:
+            skio.imsave(tmp, np.asarray(labels[:]), check_contrast=False)
         return str(dst)
     import tifffile
 
     tile = 256
-    tmp = dst.with_name(f".{dst.name}.tmp.tif")
-
     def tiles() -> Iterator[np.ndarray]:
         for y in range(0, h, tile):
             band = np.asarray(labels[y:y + tile, :])
@@ -612,8 +616,9 @@ def _export(out_path: Path, out_dir: Path, image_id: str, kind: str, reuse: bool
                 t[: part.shape[0], : part.shape[1]] = part
                 yield t
 
-    tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True, compression="zlib")
-    os.replace(tmp, dst)
+    with replacing(dst) as tmp:
+        tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
+                         compression="zlib")
     return str(dst)
 
 
@@ -637,9 +642,8 @@ def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 102
     if shape != pred.shape:
         pred = resize(pred, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
     strip = preview_strip(image, None, pred)[:, shape[1]:]  # the overlay panel only
-    tmp = dst.with_name(f".{dst.name}.tmp.png")
-    Image.fromarray(strip).save(tmp, format="PNG", compress_level=1)  # a preview: speed over size
-    os.replace(tmp, dst)
+    with replacing(dst) as tmp:
+        Image.fromarray(strip).save(tmp, format="PNG", compress_level=1)  # a preview: speed over size
     return str(dst)
 
 

@@ -16,7 +16,12 @@ import torch
 import zarr
 
 from unetcore.config import NormalizationConfig
-from unetcore.inference.stitch import Predictor, predict_block, skip_empty_predictor, tta_predictor
+from unetcore.inference.stitch import (
+    Predictor,
+    predict_block,
+    skip_empty_predictor,
+    tta_predictor,
+)
 from unetcore.inference.windows import Block, TileGrid, plan_blocks
 from unetcore.store.stats import normalize
 

@@ -37,7 +37,8 @@ import tifffile
 import zarr
 from PIL import Image
 
-from unetcore.errors import ConfigError, InputError
+from unetcore.errors import InputError
+from unetcore.modes import ChannelAxis, check_mode
 
 __all__ = [
     "IMAGE_DTYPES",
@@ -60,8 +61,6 @@ IMAGE_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
 MASK_DTYPES: tuple[str, ...] = IMAGE_DTYPES + ("bool", "uint32", "int32", "int64", "float64")
 MAX_CHANNELS = 64
 DEFAULT_MAX_PIXELS = 50_000_000_000
-ChannelAxis = Literal["auto", "yx", "yxc", "cyx"]
-_CHANNEL_AXES = ("auto", "yx", "yxc", "cyx")
 _BAND_PIXELS = 1 << 24  # pixels per band when a whole file is checked band by band (16 Mi)
 _FORMATS = {
     ".tif": "tiff", ".tiff": "tiff", ".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".npy": "npy", ".zarr": "zarr"
@@ -495,8 +494,7 @@ class _Header:
 def _open(
     path: Path, channel_axis: str, max_pixels: int, allowed: tuple[str, ...], role: str
 ) -> ImageSource:
-    if channel_axis not in _CHANNEL_AXES:
-        raise ConfigError("channel_axis", f"'{channel_axis}' is not one of {', '.join(_CHANNEL_AXES)}")
+    check_mode(ChannelAxis, channel_axis, "channel_axis")
     if not path.exists():
         raise InputError(path, "file does not exist")
     suffix = path.suffix.lower()

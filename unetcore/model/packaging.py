@@ -12,17 +12,15 @@ Both files are written into a hidden sibling folder that replaces ``<directory>`
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from pydantic import ValidationError
 
+from unetcore.atomic import atomic_write
 from unetcore.config import ModelConfig, NormalizationConfig
 from unetcore.errors import ConfigError, InputError
 from unetcore.model.unet import UNet
@@ -30,20 +28,6 @@ from unetcore.store.omezarr import atomic_store
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder, fsync it, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_model(directory: Path, model: UNet, extra: dict[str, Any] | None = None) -> Path:
@@ -65,8 +49,8 @@ def save_model(directory: Path, model: UNet, extra: dict[str, Any] | None = None
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     with atomic_store(directory) as tmp:
         tmp.mkdir()
-        _atomic_write(tmp / WEIGHTS_FILE, lambda f: torch.save(state, f))
-        _atomic_write(tmp / CONFIG_FILE, lambda f: f.write(config_text.encode()))
+        atomic_write(tmp / WEIGHTS_FILE, lambda f: torch.save(state, f))
+        atomic_write(tmp / CONFIG_FILE, lambda f: f.write(config_text.encode()))
     return directory
 
 

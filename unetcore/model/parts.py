@@ -6,13 +6,11 @@ Each block maps ``(N, C_in, H, W)`` tensors to ``(N, C_out, H', W')``; the spati
 from __future__ import annotations
 
 import copy
-from typing import Literal
 
 import torch
 from torch import nn
 
-NormKind = Literal["batch", "instance", "group"]
-UpsampleKind = Literal["transpose", "bilinear"]
+from unetcore.modes import NormKind, UpsampleKind
 
 
 def group_count(channels: int, max_groups: int = 8) -> int:

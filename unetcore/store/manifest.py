@@ -11,36 +11,18 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from unetcore.atomic import atomic_write_json
 from unetcore.errors import InputError
+from unetcore.modes import Split
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
-Split = Literal["train", "val", "test"]
 _SAFE_ID = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace`` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def file_hash(path: Path, chunk: int = 1 << 22) -> str:

@@ -30,16 +30,17 @@ from mlflow.exceptions import MlflowException
 from torch.utils.data import DataLoader
 
 from unetcore import progress
+from unetcore.atomic import atomic_write
 from unetcore.config import TrainConfig
 from unetcore.errors import ConfigError, InputError
 from unetcore.inference.predict import BlockPredictor, resolve_device
+from unetcore.metrics import confusion_counts, dice_from_counts, hd95, iou_from_counts
 from unetcore.model import build_model, load_model, save_model
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.tracking import mlflow as tracking
 from unetcore.training.augment import AugmentConfig
 from unetcore.training.losses import SegmentationLoss
-from unetcore.training.metrics import confusion_counts, dice_from_counts, hd95, iou_from_counts
 from unetcore.training.sampler import EpochSampler, PatchDataset, load_images
 
 log = logging.getLogger(__name__)
@@ -267,12 +268,7 @@ def _preview(predictor: BlockPredictor, dataset: Path, entry: dict[str, Any], st
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` under a temporary name, fsync it, then rename it over ``path`` (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(state, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda fh: torch.save(state, fh))
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:

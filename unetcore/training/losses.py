@@ -15,15 +15,13 @@ then the per-class scores are averaged over the foreground classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unetcore.errors import ConfigError
-
-LossKind = Literal["dice_ce", "ce", "dice", "focal"]
+from unetcore.modes import LossKind, check_mode
 
 
 def _check_shapes(logits: Tensor, target: Tensor) -> None:
@@ -168,8 +166,7 @@ class SegmentationLoss(nn.Module):
         class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
-        if kind not in get_args(LossKind):
-            raise ConfigError("loss", f"unknown loss {kind!r}; valid: {', '.join(get_args(LossKind))}")
+        check_mode(LossKind, kind, "loss")
         expected = 2 if num_classes == 1 else num_classes
         if class_weights is not None and len(class_weights) != expected:
             raise ConfigError(

@@ -1,0 +1,41 @@
+"""Every mode of the pipeline, declared once: configs, functions and the CLI import these aliases.
+
+Functions that take a mode look it up with :func:`check_mode`, which refuses an unknown value with the valid ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from unetcore.errors import ConfigError
+
+LossKind = Literal["dice_ce", "ce", "dice", "focal"]
+NormKind = Literal["batch", "instance", "group"]
+UpsampleKind = Literal["transpose", "bilinear"]
+NormalizationMode = Literal["percentile", "zscore"]
+ChannelAxis = Literal["auto", "yx", "yxc", "cyx"]
+OptimizerKind = Literal["adamw", "sgd"]
+ScheduleKind = Literal["poly", "cosine", "constant"]
+SamplingKind = Literal["foreground", "class_balanced"]
+Device = Literal["auto", "cpu", "cuda"]
+SplitChoice = Literal["all", "train", "val", "test"]
+Split = Literal["train", "val", "test"]
+ProbabilityDtype = Literal["float16", "float32"]
+ExportKind = Literal["none", "png", "tiff"]
+
+
+def choices(mode: Any) -> tuple[str, ...]:
+    """The valid values of a ``Literal`` mode."""
+    return tuple(get_args(mode))
+
+
+def check_mode(mode: Any, value: str, option: str) -> str:
+    """``value`` if it is one of ``mode``'s values.
+
+    Raises:
+        ConfigError: naming ``option`` and listing the valid values.
+    """
+    valid = choices(mode)
+    if value not in valid:
+        raise ConfigError(option, f"unknown value {value!r}; valid: {', '.join(valid)}")
+    return value
