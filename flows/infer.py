@@ -17,7 +17,7 @@ from flows.reporting import (
     table,
 )
 from unetcore.config import InferConfig
-from unetcore.inference.engine import logs_to, predict_dataset, results_to_dicts
+from unetcore.inference import logs_to, predict_dataset, results_to_dicts
 
 
 @contextlib.contextmanager

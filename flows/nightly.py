@@ -21,23 +21,10 @@ from flows.reporting import link, log_failure, markdown, retry_unless_user_error
 from unetcore import nightly as lib
 from unetcore import progress
 from unetcore.config import NightlyConfig
-from unetcore.errors import ServiceError, UnetError
+from unetcore.tracking import PinnedModel
 
 # Share of the progress bar per stage: (start %, span %).
 _STAGES = {lib.INGEST_STAGE: (0.0, 20.0), lib.PREDICT_STAGE: (20.0, 80.0)}
-
-
-def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry an unreachable server (it may come back) or an unexpected error; never a wrong name or alias."""
-    try:
-        state.result()
-    except ServiceError:
-        return True
-    except UnetError:
-        return False
-    except Exception:
-        return True
-    return False
 
 
 @task(name="ingest-new-images", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=10),
@@ -49,15 +36,15 @@ def ingest_task(config: NightlyConfig) -> lib.IngestOutcome:
 
 
 @task(name="resolve-model", retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5),
-      retry_jitter_factor=0.5, retry_condition_fn=retry_transient, on_failure=[log_failure], timeout_seconds=300)
-def resolve_task(config: NightlyConfig) -> lib.ModelRef:
+      retry_jitter_factor=0.5, retry_condition_fn=retry_unless_user_error, on_failure=[log_failure], timeout_seconds=300)
+def resolve_task(config: NightlyConfig) -> PinnedModel:
     """Pin models:/<name>@<alias> to one version for the whole night."""
-    return lib.resolve_model(config.model_name, config.alias, config.tracking_uri)
+    return lib.resolve_model(config.model_name, config.alias, config.tracking_uri, Path(config.output) / ".models")
 
 
 @task(name="predict-new-images", retries=1, retry_delay_seconds=60, retry_condition_fn=retry_unless_user_error,
       on_failure=[log_failure], timeout_seconds=12 * 3600)
-def predict_task(config: NightlyConfig, model: lib.ModelRef) -> tuple[list[dict[str, Any]], list[str]]:
+def predict_task(config: NightlyConfig, model: PinnedModel) -> tuple[list[dict[str, Any]], list[str]]:
     """Predict the images not yet predicted by this model version; return (rows, ids skipped as done)."""
     todo, skipped = lib.select_todo(Path(config.dataset), Path(config.output), model,
                                     config.repredict_on_new_champion)
@@ -83,7 +70,7 @@ def night_progress(key: str = "nightly-progress") -> Iterator[None]:
     update_progress_artifact(artifact_id, 100.0, description="Nightly: done")
 
 
-def model_url(tracking_uri: str, model: lib.ModelRef) -> str:
+def model_url(tracking_uri: str, model: PinnedModel) -> str:
     """Where a person finds the model version: the MLflow server's page, or the sqlite URI (open with `mlflow ui`)."""
     if tracking_uri.startswith("http"):
         return f"{tracking_uri.rstrip('/')}/#/models/{model.name}/versions/{model.version}"
@@ -125,7 +112,7 @@ def summary_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def publish_night(report: dict[str, Any], tracking_uri: str, model: lib.ModelRef) -> None:
+def publish_night(report: dict[str, Any], tracking_uri: str, model: PinnedModel) -> None:
     """The nightly-report, nightly-images and nightly-model artifacts (stable keys: each night adds a version)."""
     from prefect.artifacts import create_table_artifact
 

@@ -18,13 +18,16 @@ from prefect.artifacts import (
 from prefect.runtime import flow_run
 
 from unetcore import progress
-from unetcore.errors import UnetError
+from unetcore.errors import ServiceError, UnetError
 
 
 def retry_unless_user_error(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry transient failures (I/O, lost workers) but never an error the user caused."""
+    """The one retry policy of every task: retry what may pass (an unreachable server, lost workers, I/O), never
+    an error the user caused (a bad file, option, name or alias: retrying cannot fix it)."""
     try:
         state.result()
+    except ServiceError:
+        return True
     except UnetError:
         return False
     except Exception:

@@ -8,7 +8,7 @@ from prefect import flow, task
 
 from flows.reporting import flow_run_id, link, log_failure, markdown, progress_artifact
 from unetcore.config import TrainConfig
-from unetcore.training.loop import train as train_model
+from unetcore.training import train as train_model
 
 
 @task(name="train-unet", on_failure=[log_failure], timeout_seconds=7 * 24 * 3600)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from unetcore.cli import app
+from app.cli import app
 
 runner = CliRunner()
 
@@ -69,7 +69,7 @@ def test_pipeline_missing_images(tmp_path: Path) -> None:
 
 
 def test_real_process_prints_one_line_and_exits_2(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "unetcore.cli", "ingest", str(tmp_path / "missing"), "-o",
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "ingest", str(tmp_path / "missing"), "-o",
                            str(tmp_path / "ds"), "--no-prefect"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "missing" in proc.stderr

@@ -14,6 +14,7 @@ from prefect.exceptions import ParameterTypeError
 from prefect.flows import load_flow_from_entrypoint
 from typer.testing import CliRunner
 
+from app.cli import app
 from deployments.serve import (
     NIGHTLY_CRON,
     NIGHTLY_TIMEZONE,
@@ -21,7 +22,6 @@ from deployments.serve import (
     nightly_schedule,
 )
 from flows import nightly as nightly_flow
-from unetcore.cli import app
 from unetcore.config import NightlyConfig
 from unetcore.errors import ConfigError
 

@@ -27,7 +27,7 @@ from skimage import io as skio
 from skimage import measure
 from typer.testing import CliRunner
 
-from unetcore.cli import app
+from app.cli import app
 from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
 from unetcore.errors import OutputExistsError
 from unetcore.inference.components import postprocess_whole
@@ -333,7 +333,7 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path: Path, client: Any) -> 
     args = ["--model", str(model), "--tile", "64", "--block-size", "64", "--workers", "2", "--threads-per-worker",
             "1", "--instances", "--min-object-size", "20", "--no-prefect"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "unetcore.cli", "predict", str(dataset), "-o", str(killed), *args],
+    proc = subprocess.Popen([sys.executable, "-m", "app.cli", "predict", str(dataset), "-o", str(killed), *args],
                             cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done_at_kill = _kill_group_after_records(proc, killed / "img.blocks", 4)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"

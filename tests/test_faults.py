@@ -28,7 +28,7 @@ import zarr.storage._local as zarr_local
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from unetcore.cli import app
+from app.cli import app
 from unetcore.config import IngestConfig, ModelConfig
 from unetcore.data.synthetic import write_sample
 from unetcore.errors import InputError, UnetError
@@ -223,7 +223,7 @@ _KILL_MID_EPOCH = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
     loop.train_step = step
-    from unetcore.cli import main
+    from app.cli import main
     sys.argv = ["unet", *sys.argv[2:]]
     main()
 """)

@@ -20,8 +20,8 @@ import zarr
 from PIL import Image
 from typer.testing import CliRunner
 
+from app.cli import app
 from unetcore import ingest
-from unetcore.cli import app
 from unetcore.config import IngestConfig
 from unetcore.errors import InputError
 from unetcore.ingest import ingest_folder
@@ -106,7 +106,7 @@ def test_leaf_stats_merged_in_order_equal_streaming_stats(dtype: str, channels: 
 
 
 def test_float_sample_stays_bounded_however_many_leaves(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(stats_module, "_FLOAT_SAMPLE", 1000)
+    monkeypatch.setattr(stats_module, "FLOAT_SAMPLE", 1000)
     stats = StreamingStats(1, np.dtype("float32"), 100 * 100)
     for _ in range(100):  # 100 leaves of 10 x 10
         stats.update(np.ones((10, 10, 1), np.float32))
@@ -138,7 +138,7 @@ def test_halve_is_the_rounded_2x2_mean(dtype: str, shape: tuple[int, ...]) -> No
 )
 def test_leaves_cover_whole_chunks_and_decode_units(decode_unit: tuple[int, int], leaf: tuple[int, int],
                                                     count: int) -> None:
-    leaves = ingest._leaves((300, 1000), 64, decode_unit)
+    leaves = ingest.chunk_leaves((300, 1000), 64, decode_unit)
     assert len(leaves) == count
     assert (leaves[0][0].stop, leaves[0][1].stop) == leaf
     covered = np.zeros((300, 1000), np.int64)
@@ -149,8 +149,8 @@ def test_leaves_cover_whole_chunks_and_decode_units(decode_unit: tuple[int, int]
 
 
 def test_threads_shrink_when_leaves_are_huge() -> None:
-    assert ingest._thread_count(4, 10 << 20) == 4
-    assert ingest._thread_count(4, 200 << 20) == 1
+    assert ingest.thread_count(4, 10 << 20) == 4
+    assert ingest.thread_count(4, 200 << 20) == 1
 
 
 def test_result_does_not_depend_on_the_thread_count(tmp_path: Path) -> None:
@@ -291,14 +291,14 @@ def test_the_mask_is_read_once_and_a_bad_one_fails_before_the_image_is_read(
     labels[100:200, 50:150] = 255
     np.save(tmp_path / "msk" / "a.npy", labels)
     reads = {"image": 0, "mask": 0}
-    original = ImageSource._read_stored
+    original = ImageSource.read_stored
 
     def spy(self: ImageSource, ys: slice, xs: slice) -> np.ndarray:
         out = original(self, ys, xs)
         reads["mask" if isinstance(self, MaskSource) else "image"] += out.shape[0] * out.shape[1]
         return out
 
-    monkeypatch.setattr(ImageSource, "_read_stored", spy)
+    monkeypatch.setattr(ImageSource, "read_stored", spy)
     ingest_folder(cfg(tmp_path / "img", tmp_path / "ds", masks=str(tmp_path / "msk")))
     assert reads == {"image": 300 * 200, "mask": 300 * 200}
     np.testing.assert_array_equal(level(tmp_path / "ds", "a", labels=True), labels // 255)

@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from unetcore import nightly
-from unetcore.config import ModelConfig, NightlyConfig
+from unetcore.config import InferOptions, IngestOptions, ModelConfig, NightlyConfig
 from unetcore.data.synthetic import write_sample
 from unetcore.errors import InputError
+from unetcore.locks import exclusive
 from unetcore.model import build_model, save_model
 from unetcore.tracking import mlflow as tracking
 
@@ -61,8 +62,9 @@ def scheduler() -> str:
 
 def make_config(tmp_path: Path, uri: str, scheduler: str, name: str, **overrides) -> NightlyConfig:
     values = dict(images=str(tmp_path / "inbox"), dataset=str(tmp_path / "dataset"), output=str(tmp_path / "pred"),
-                  model_name=name, tracking_uri=uri, tile=64, overlap=0.25, block_size=128, chunk_size=128,
-                  export="none", scheduler_address=scheduler)
+                  model_name=name, tracking_uri=uri, ingest=IngestOptions(chunk_size=128, val_fraction=0.0),
+                  predict=InferOptions(tile=64, overlap=0.25, block_size=128, export="none",
+                                       scheduler_address=scheduler))
     return NightlyConfig(**{**values, **overrides})
 
 
@@ -187,11 +189,11 @@ def test_empty_inbox_is_a_quiet_night_and_a_missing_one_an_error(tmp_path, regis
         nightly.ingest_new(cfg.model_copy(update={"images": str(tmp_path / "nowhere")}))
 
 
-def test_unknown_alias_is_one_line_naming_the_uri(registry) -> None:
+def test_unknown_alias_is_one_line_naming_the_uri(tmp_path, registry) -> None:
     uri, register = registry
     register("aliased", 0.5, seed=0)
     with pytest.raises(InputError, match=r"^models:/aliased@nope: does not resolve") as err:
-        nightly.resolve_model("aliased", "nope", uri)
+        nightly.resolve_model("aliased", "nope", uri, tmp_path / ".models")
     assert "\n" not in str(err.value)
 
 
@@ -199,3 +201,38 @@ def test_corrupt_state_file_is_named(tmp_path) -> None:
     (tmp_path / nightly.STATE).write_text("{not json")
     with pytest.raises(InputError, match="nightly_state.json: unreadable nightly state"):
         nightly.load_state(tmp_path)
+
+
+def test_changed_ingestion_options_reingest_the_inbox(tmp_path, sample, registry, scheduler) -> None:
+    """Nightly uses ingestion's own change test: a new chunk size re-ingests every image, like `unet ingest`."""
+    uri, register = registry
+    register("rechunk", 0.5, seed=0)
+    inbox_with(tmp_path, sample, "sample_000", "sample_001")
+    cfg = make_config(tmp_path, uri, scheduler, "rechunk")
+    nightly.run_nightly(cfg)
+    assert nightly.run_nightly(cfg)["ingest"]["ingested"] == []
+
+    rechunked = cfg.model_copy(update={"ingest": IngestOptions(chunk_size=64, val_fraction=0.0)})
+    report = nightly.run_nightly(rechunked)
+    assert sorted(report["ingest"]["ingested"]) == ["sample_000", "sample_001"]
+    from unetcore.store import manifest as mf
+
+    assert {e["chunk"] for e in mf.entries(mf.load(Path(cfg.dataset)))} == {64}
+
+
+def test_nightly_takes_the_output_lock_of_unet_predict(tmp_path, sample, registry, scheduler) -> None:
+    """While another run holds the predictions folder, the night writes nothing there and says why."""
+    uri, register = registry
+    register("locked", 0.5, seed=0)
+    inbox_with(tmp_path, sample, "sample_000")
+    cfg = make_config(tmp_path, uri, scheduler, "locked")
+    with exclusive(Path(cfg.output), "predict"):  # what `unet predict` holds while it writes there
+        report = nightly.run_nightly(cfg)
+    assert report["status"] == "failed"
+    assert [r["status"] for r in report["images"]] == ["failed"]
+    assert "another run is writing here" in report["images"][0]["error"]
+    assert not (Path(cfg.output) / "sample_000.ome.zarr").exists()
+    assert nightly.load_state(Path(cfg.output))["images"] == {}
+
+    again = nightly.run_nightly(cfg)  # the lock is gone: the image is tried again and predicted
+    assert predicted(again) == ["sample_000"]

@@ -14,7 +14,7 @@ import pytest
 import zarr
 from mlflow import MlflowClient
 
-from unetcore.config import ModelConfig, PipelineConfig
+from unetcore.config import InferOptions, ModelConfig, PipelineConfig, TrainOptions
 from unetcore.data.synthetic import write_sample
 
 pytestmark = pytest.mark.slow
@@ -32,9 +32,10 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[PipelineConf
     cfg = PipelineConfig(
         images=str(root / "train/images"), masks=str(root / "train/masks"),
         predict_images=str(root / "holdout/images"), predict_masks=str(root / "holdout/masks"),
-        workdir=str(root / "work"), epochs=4, steps_per_epoch=15, patch_size=128, batch_size=4,
-        tracking_uri=f"sqlite:///{root / 'mlflow.db'}", model=ModelConfig(base_channels=8, depth=3),
-        tile=128, n_workers=1,
+        workdir=str(root / "work"), tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        train=TrainOptions(epochs=4, steps_per_epoch=15, patch_size=128, batch_size=4, val_tile=128,
+                           model=ModelConfig(base_channels=8, depth=3)),
+        predict=InferOptions(tile=128, n_workers=1),
     )
     with prefect_test_harness(server_startup_timeout=300):
         result = pipeline(cfg)

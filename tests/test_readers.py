@@ -442,15 +442,15 @@ def test_mask_is_checked_band_by_band(tmp_path: Path, image: ImageSource, monkey
     labels[39, 49] = 7
     np.save(tmp_path / "m.npy", labels)
     heights: list[int] = []
-    original = ImageSource._read_stored
+    original = ImageSource.read_stored
 
     def spy(self: ImageSource, ys: slice, xs: slice) -> np.ndarray:
         out = original(self, ys, xs)
         heights.append(out.shape[0])
         return out
 
-    monkeypatch.setattr(readers, "_BAND_PIXELS", 500)  # 10 rows of 50
-    monkeypatch.setattr(ImageSource, "_read_stored", spy)
+    monkeypatch.setattr(readers, "BAND_PIXELS", 500)  # 10 rows of 50
+    monkeypatch.setattr(ImageSource, "read_stored", spy)
     with pytest.raises(InputError, match="values 7 outside"):
         open_mask(tmp_path / "m.npy", image, num_classes=2)
     assert heights == [10, 10, 10, 10]

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from unetcore.cli import app
+from app.cli import app
 from unetcore.config import IngestConfig, ModelConfig
 from unetcore.errors import InputError
 from unetcore.inference.engine import dask_client

@@ -24,7 +24,14 @@ import anyio
 import pytest
 import zarr
 
-from unetcore.config import IngestConfig, ModelConfig, NightlyConfig, TrainConfig
+from unetcore.config import (
+    InferOptions,
+    IngestConfig,
+    IngestOptions,
+    ModelConfig,
+    NightlyConfig,
+    TrainConfig,
+)
 from unetcore.data.synthetic import write_sample
 
 pytestmark = pytest.mark.slow
@@ -322,8 +329,10 @@ def test_nightly_flow_twice_then_one_new_image(prefect_api, trained, sample, roo
     reports = []
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
         cfg = NightlyConfig(images=str(inbox), masks=str(sample / "masks"), dataset=str(root / "night-dataset"),
-                            output=str(root / "night-pred"), model_name=MODEL, tracking_uri=mlflow_url, tile=64,
-                            block_size=128, chunk_size=128, export="none", scheduler_address=cluster.scheduler_address)
+                            output=str(root / "night-pred"), model_name=MODEL, tracking_uri=mlflow_url,
+                            ingest=IngestOptions(chunk_size=128, val_fraction=0.0),
+                            predict=InferOptions(tile=64, block_size=128, export="none",
+                                                 scheduler_address=cluster.scheduler_address))
         with temporary_settings({PREFECT_API_URL: prefect_api["PREFECT_API_URL"]}):
             for night in range(3):
                 if night == 2:

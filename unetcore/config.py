@@ -54,6 +54,10 @@ class _Config(BaseModel):
         return out
 
 
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""The one default MLflow store of every entry point: ``mlflow.db`` in the folder the command runs from."""
+
+
 def validated(schema: type[BaseModel], /, **values: Any) -> Any:
     """Build ``schema(**values)``, turning pydantic's report into one :class:`ConfigError` line."""
     try:
@@ -90,12 +94,15 @@ class ModelConfig(_Config):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the bottleneck.")
 
 
-class IngestConfig(_Config):
-    """Options of ``ingest``: a folder of images (and masks) into a dataset of OME-Zarr stores."""
-
+class _IngestTarget(_Config):
     images: str = Field(description="Folder (or glob) of input images: TIFF, PNG, JPEG, NPY, Zarr.")
     masks: str | None = Field(None, description="Folder of masks with the same file stems as the images.")
     output: str = Field(description="Dataset folder to write (manifest.json + one <id>.ome.zarr per image).")
+
+
+class IngestOptions(_Config):
+    """How images are ingested, whatever the folders: chunking, splits, limits, parallelism."""
+
     chunk_size: int = Field(
         1024, ge=64, le=8192, description="Chunk edge in pixels (y and x); 1024 gives chunks of >= 1 MB."
     )
@@ -120,16 +127,27 @@ class IngestConfig(_Config):
     )
 
     @model_validator(mode="after")
-    def _fractions(self) -> IngestConfig:
+    def _fractions(self) -> IngestOptions:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1")
         return self
 
 
-class TrainConfig(_Config):
-    """Options of ``train``: the recipe, the data and where the run is tracked."""
+class IngestConfig(IngestOptions, _IngestTarget):
+    """Options of ``ingest``: a folder of images (and masks) into a dataset of OME-Zarr stores."""
 
+    def options(self) -> IngestOptions:
+        """The options alone (what decides whether a stored image must be re-ingested, with its content)."""
+        return IngestOptions(**{k: getattr(self, k) for k in IngestOptions.model_fields})
+
+
+class _TrainTarget(_Config):
     dataset: str = Field(description="Dataset folder written by ingest.")
+
+
+class TrainOptions(_Config):
+    """The training recipe, whatever the dataset: model, patches, optimiser, schedule, loss, sampling, stopping."""
+
     model: ModelConfig = Field(default_factory=ModelConfig, description="UNet architecture.")
     normalization: NormalizationConfig = Field(
         default_factory=NormalizationConfig, description="How intensities are normalised (stored with the model)."
@@ -170,11 +188,6 @@ class TrainConfig(_Config):
     time_budget_s: float = Field(0.0, ge=0, description="Stop after this many seconds of training (0 = none).")
     seed: int = Field(0, ge=0, description="Seed of patch sampling, augmentation and initialisation.")
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
-    output: str = Field("runs/train", description="Folder for checkpoints and the exported model.")
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or http URL).")
-    experiment: str = Field("unet", description="MLflow experiment name.")
-    registered_model: str = Field("unet", description="Name under which the model is registered.")
-    resume: bool = Field(False, description="Resume from the last checkpoint in `output` if there is one.")
 
     @field_validator("class_weights")
     @classmethod
@@ -195,18 +208,31 @@ class TrainConfig(_Config):
         return value
 
 
-class InferConfig(_Config):
-    """Options of ``predict``: tiled, blended inference of an ingested image on Dask."""
+class TrainConfig(TrainOptions, _TrainTarget):
+    """Options of ``train``: the recipe, the data and where the run is tracked."""
 
+    output: str = Field("runs/train", description="Folder for checkpoints and the exported model.")
+    tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="MLflow tracking URI (sqlite file or http URL).")
+    experiment: str = Field("unet", description="MLflow experiment name.")
+    registered_model: str = Field("unet", description="Name under which the model is registered.")
+    resume: bool = Field(False, description="Resume from the last checkpoint in `output` if there is one.")
+
+
+class _InferTarget(_Config):
     dataset: str = Field(description="Dataset folder written by ingest.")
     output: str = Field(description="Folder for predictions (<id>.ome.zarr per image).")
     model: str = Field(
         "models:/unet@champion",
         description="Model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/..., or a local folder.",
     )
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI used to resolve models:/ URIs.")
+    tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="MLflow tracking URI used to resolve models:/ URIs.")
     split: SplitChoice = Field("all", description="Which images of the dataset to predict.")
     images: list[str] = Field(default_factory=list, description="Predict only these image ids (empty = all).")
+
+
+class InferOptions(_Config):
+    """How images are predicted, whatever the dataset and model: tiles, blocks, outputs, cluster."""
+
     tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network.")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
     batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
@@ -233,11 +259,20 @@ class InferConfig(_Config):
                                     "of the cores).")
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
     export: ExportKind = Field("png", description="Also export label masks for small images.")
+
+
+class InferConfig(InferOptions, _InferTarget):
+    """Options of ``predict``: tiled, blended inference of an ingested image on Dask."""
+
     overwrite: bool = Field(False, description="Replace an existing, different prediction.")
 
 
 class PipelineConfig(_Config):
-    """Options of ``pipeline``: ingest a labelled folder, train on it, predict held-out images."""
+    """Options of ``pipeline``: ingest a labelled folder, train on it, predict held-out images.
+
+    The stage options are the stages' own (``ingest``, ``train``, ``predict``), so a default changes in one place;
+    ``num_classes`` is set once here for ingestion and the model.
+    """
 
     images: str = Field(description="Folder of training images.")
     masks: str = Field(description="Folder of training masks (same file stems).")
@@ -246,53 +281,47 @@ class PipelineConfig(_Config):
     )
     predict_masks: str | None = Field(None, description="Masks of predict_images, to report held-out Dice.")
     workdir: str = Field("work", description="Folder for datasets, checkpoints and predictions.")
-    num_classes: int = Field(1, ge=1, le=255, description="1 = binary; >= 2 = multi-class.")
-    model: ModelConfig = Field(default_factory=ModelConfig, description="UNet architecture.")
-    epochs: int = Field(10, ge=1, le=10_000, description="Training epochs.")
-    steps_per_epoch: int = Field(50, ge=1, le=100_000, description="Optimiser steps per epoch.")
-    patch_size: int = Field(256, ge=16, le=2048, description="Training patch edge in pixels.")
-    batch_size: int = Field(4, ge=1, le=512, description="Patches per optimiser step.")
-    time_budget_s: float = Field(0.0, ge=0, description="Stop training after this many seconds (0 = none).")
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI.")
+    num_classes: int = Field(1, ge=1, le=255, description="1 = binary; >= 2 = multi-class (ingestion and model).")
+    tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="MLflow tracking URI.")
     registered_model: str = Field("unet", description="Registered model name.")
-    tile: int = Field(256, ge=16, le=4096, description="Sliding-window tile edge (validation and inference).")
-    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
-    n_workers: int = Field(0, ge=0, le=512, description="Local Dask workers (0 = one per core).")
-    scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")
-    seed: int = Field(0, ge=0, description="Seed of sampling, augmentation and initialisation.")
+    ingest: IngestOptions = Field(default_factory=IngestOptions, description="How both folders are ingested.")
+    train: TrainOptions = Field(default_factory=TrainOptions, description="The training recipe.")
+    predict: InferOptions = Field(default_factory=InferOptions, description="How the held-out images are predicted.")
+
+    def _ingest(self, images: str, masks: str | None, output: str, **override: Any) -> IngestConfig:
+        values = {**self.ingest.model_dump(), "num_classes": self.num_classes, **override}
+        return IngestConfig(images=images, masks=masks, output=output, **values)
 
     def ingest_config(self) -> IngestConfig:
         """The training dataset's ingestion."""
-        return IngestConfig(images=self.images, masks=self.masks, output=f"{self.workdir}/dataset",
-                            num_classes=self.num_classes, chunk_size=1024)
+        return self._ingest(self.images, self.masks, f"{self.workdir}/dataset")
 
     def holdout_config(self) -> IngestConfig | None:
         """The held-out images' ingestion (all in one split, never trained on)."""
         if not self.predict_images:
             return None
-        return IngestConfig(images=self.predict_images, masks=self.predict_masks, output=f"{self.workdir}/holdout",
-                            num_classes=self.num_classes, val_fraction=0.0, chunk_size=1024)
+        return self._ingest(self.predict_images, self.predict_masks, f"{self.workdir}/holdout", val_fraction=0.0,
+                            test_fraction=0.0)
 
     def train_config(self) -> TrainConfig:
-        model = self.model.model_copy(update={"num_classes": self.num_classes})
-        return TrainConfig(dataset=f"{self.workdir}/dataset", model=model, epochs=self.epochs,
-                           steps_per_epoch=self.steps_per_epoch, patch_size=self.patch_size,
-                           batch_size=self.batch_size, time_budget_s=self.time_budget_s, seed=self.seed,
-                           val_tile=self.tile, output=f"{self.workdir}/train", tracking_uri=self.tracking_uri,
+        model = self.train.model.model_copy(update={"num_classes": self.num_classes})
+        return TrainConfig(**{**self.train.model_dump(), "model": model}, dataset=f"{self.workdir}/dataset",
+                           output=f"{self.workdir}/train", tracking_uri=self.tracking_uri,
                            registered_model=self.registered_model)
 
     def infer_config(self, model_uri: str) -> InferConfig:
         held_out = self.predict_images is not None
-        return InferConfig(dataset=f"{self.workdir}/holdout" if held_out else f"{self.workdir}/dataset",
+        return InferConfig(**self.predict.model_dump(),
+                           dataset=f"{self.workdir}/holdout" if held_out else f"{self.workdir}/dataset",
                            split="all" if held_out else "val", output=f"{self.workdir}/predictions",
-                           model=model_uri, tracking_uri=self.tracking_uri, tile=self.tile, overlap=self.overlap,
-                           n_workers=self.n_workers, scheduler_address=self.scheduler_address, overwrite=True)
+                           model=model_uri, tracking_uri=self.tracking_uri, overwrite=True)
 
 
 class NightlyConfig(_Config):
     """Options of ``nightly``: ingest what is new in an inbox and predict it with the current champion model.
 
-    Defaults suit a scheduled deployment run from the repository root: ``inbox/`` in, ``nightly/`` out.
+    Defaults suit a scheduled deployment run from the repository root: ``inbox/`` in, ``nightly/`` out. How images
+    are ingested and predicted are the stages' own options (``ingest``, ``predict``).
     """
 
     images: str = Field(
@@ -309,31 +338,21 @@ class NightlyConfig(_Config):
     alias: str = Field(
         "champion", min_length=1, description="Alias of that model; resolved to one version at the start of the run."
     )
-    tracking_uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI (sqlite file or http URL).")
+    tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="MLflow tracking URI (sqlite file or http URL).")
     repredict_on_new_champion: bool = Field(
         True, description="Re-predict images made with an older model version when the alias has moved."
     )
-    num_classes: int = Field(1, ge=1, le=255, description="Declared classes; mask values must be < max(2, this).")
-    chunk_size: int = Field(1024, ge=64, le=8192, description="Chunk edge of ingested stores in pixels.")
-    tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network.")
-    overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
-    batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
-    block_size: int = Field(1024, ge=64, le=16384, description="Output block edge (a multiple of the chunk).")
-    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
-    export: ExportKind = Field("png", description="Also export label masks for small images.")
-    n_workers: int = Field(0, ge=0, le=512, description="Local Dask workers (0 = one per core).")
-    scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")
-    device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
+    ingest: IngestOptions = Field(
+        default_factory=lambda: IngestOptions(val_fraction=0.0),
+        description="How new images are ingested (no validation split: nightly images are only predicted).",
+    )
+    predict: InferOptions = Field(default_factory=InferOptions, description="How new images are predicted.")
 
     def ingest_config(self) -> IngestConfig:
-        """How each new image is ingested (no validation split: these images are only predicted)."""
-        return IngestConfig(images=self.images, masks=self.masks, output=self.dataset, chunk_size=self.chunk_size,
-                            num_classes=self.num_classes, val_fraction=0.0)
+        """How each new image is ingested."""
+        return IngestConfig(**self.ingest.model_dump(), images=self.images, masks=self.masks, output=self.dataset)
 
     def infer_config(self, model_uri: str, images: list[str]) -> InferConfig:
         """Inference of ``images`` with one pinned model version; stale predictions are replaced."""
-        return InferConfig(dataset=self.dataset, output=self.output, model=model_uri, tracking_uri=self.tracking_uri,
-                           images=images, tile=self.tile, overlap=self.overlap, batch_size=self.batch_size,
-                           block_size=self.block_size, threshold=self.threshold, export=self.export,
-                           n_workers=self.n_workers, scheduler_address=self.scheduler_address, device=self.device,
-                           overwrite=True)
+        return InferConfig(**self.predict.model_dump(), dataset=self.dataset, output=self.output, model=model_uri,
+                           tracking_uri=self.tracking_uri, images=images, overwrite=True)

@@ -39,6 +39,7 @@ from unetcore import progress as progress_bus
 from unetcore.atomic import atomic_write_json
 from unetcore.config import IngestConfig
 from unetcore.errors import InputError, ServiceError
+from unetcore.fs import check_writable
 from unetcore.io import readers
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
@@ -89,7 +90,7 @@ class IngestReport:
 # --- geometry and pyramid -----------------------------------------------------------------------------------
 
 
-def _leaves(shape_yx: tuple[int, int], chunk: int, decode_unit: tuple[int, int]) -> list[tuple[slice, slice]]:
+def chunk_leaves(shape_yx: tuple[int, int], chunk: int, decode_unit: tuple[int, int]) -> list[tuple[slice, slice]]:
     """Work units in raster order, each whole chunks of levels 0 and 1 and whole decode units of the source.
 
     A leaf is ``2 * chunk`` square, grown to a multiple of the source's decode unit (a TIFF strip, a big Zarr
@@ -117,7 +118,7 @@ def _ordered(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T],
         yield pending.popleft().result()
 
 
-def _thread_count(threads: int, leaf_bytes: int) -> int:
+def thread_count(threads: int, leaf_bytes: int) -> int:
     """Threads for one image: as asked (0 = one per core, at most 8), fewer if their leaves would pass 1 GiB."""
     wanted = threads or min(_MAX_AUTO_THREADS, os.cpu_count() or 1)
     return max(1, min(wanted, _LEAF_MEMORY // max(1, 3 * leaf_bytes)))  # a leaf, its copy and temporaries
@@ -184,10 +185,10 @@ def _work_plan(source: readers.ImageSource, mask: readers.MaskSource | None, chu
                threads: int) -> tuple[list[tuple[slice, slice]], int]:
     """The leaves of an image (whole decode units of the image and of its mask) and the threads to use."""
     units = [source.chunks_yx] + ([mask.chunks_yx] if mask is not None else [])
-    leaves = _leaves(source.shape_yxc[:2], chunk, (max(u[0] for u in units), max(u[1] for u in units)))
+    leaves = chunk_leaves(source.shape_yxc[:2], chunk, (max(u[0] for u in units), max(u[1] for u in units)))
     ys, xs = leaves[0]
     leaf_bytes = (ys.stop - ys.start) * (xs.stop - xs.start) * source.shape_yxc[2] * source.dtype.itemsize
-    return leaves, _thread_count(threads, leaf_bytes)
+    return leaves, thread_count(threads, leaf_bytes)
 
 
 def ingest_image(
@@ -198,7 +199,7 @@ def ingest_image(
     *,
     entry_id: str | None = None,
     threads: int | None = None,
-) -> dict[str, Any]:
+) -> mf.ManifestEntry:
     """Ingest one image (and its mask) into ``dataset/<id>.ome.zarr``; return its manifest entry.
 
     Args:
@@ -436,7 +437,23 @@ def _run_on_dask(jobs: list[_Job], dataset: Path, cfg: IngestConfig) -> Iterator
             yield future.result()
 
 
-def ingest_folder(cfg: IngestConfig) -> IngestReport:
+def check_ingestable(cfg: IngestConfig, *, empty_ok: bool = False) -> list[Path]:
+    """Everything that can be refused before any image is read: the inputs, the mask folder, the output.
+
+    Returns the images to consider (``cfg.images`` is a folder, one file or a glob).
+
+    Raises:
+        InputError: no images (unless ``empty_ok``), a missing mask folder, or an output folder that cannot be
+            created or written.
+    """
+    images = readers.list_images(cfg.images, empty_ok=empty_ok)
+    if cfg.masks is not None and not Path(cfg.masks).is_dir():
+        raise InputError(cfg.masks, "mask folder does not exist", "check --masks")
+    check_writable(Path(cfg.output))
+    return images
+
+
+def ingest_folder(cfg: IngestConfig, *, empty_ok: bool = False) -> IngestReport:
     """Ingest every supported image of ``cfg.images`` (and masks of ``cfg.masks``) into ``cfg.output``.
 
     Incremental: unchanged images are skipped, changed ones re-ingested, new ones added; ``cfg.force``
@@ -444,16 +461,15 @@ def ingest_folder(cfg: IngestConfig) -> IngestReport:
     Dask task each with ``cfg.n_workers`` / ``cfg.scheduler_address``. Returns the report, also written to
     ``<output>/ingest_report.json``.
 
+    ``empty_ok`` makes an input without images a normal, empty run (an inbox on a quiet night).
+
     Raises:
-        InputError: the image folder (or mask folder) does not exist or holds no images, or another ingestion
-            is writing to the dataset.
+        InputError: see :func:`check_ingestable`; or another ingestion is writing to the dataset.
         ServiceError: the Dask scheduler cannot be reached.
     """
     start = time.perf_counter()
     dataset = Path(cfg.output)
-    images = readers.list_images(Path(cfg.images))
-    if cfg.masks is not None and not Path(cfg.masks).is_dir():
-        raise InputError(cfg.masks, "mask folder does not exist", "check --masks")
+    images = check_ingestable(cfg, empty_ok=empty_ok)
     report = IngestReport(dataset=str(dataset))
     with _claimed(dataset) as cleaned:
         report.cleaned = cleaned

@@ -24,6 +24,7 @@ the declared number of classes: at open, or (``scan=False``) while the caller st
 
 from __future__ import annotations
 
+import glob
 import threading
 import warnings
 from collections.abc import Iterator
@@ -49,6 +50,7 @@ __all__ = [
     "check_finite",
     "find_mask",
     "image_stem",
+    "is_supported",
     "iter_row_bands",
     "list_images",
     "open_image",
@@ -61,7 +63,7 @@ IMAGE_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
 MASK_DTYPES: tuple[str, ...] = IMAGE_DTYPES + ("bool", "uint32", "int32", "int64", "float64")
 MAX_CHANNELS = 64
 DEFAULT_MAX_PIXELS = 50_000_000_000
-_BAND_PIXELS = 1 << 24  # pixels per band when a whole file is checked band by band (16 Mi)
+BAND_PIXELS = 1 << 24  # pixels per band when a whole file is checked band by band (16 Mi)
 _FORMATS = {
     ".tif": "tiff", ".tiff": "tiff", ".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".npy": "npy", ".zarr": "zarr"
 }
@@ -202,9 +204,9 @@ class ImageSource:
     # -- reading ----------------------------------------------------------------------------------------------
     def read(self, ys: slice, xs: slice) -> np.ndarray:
         """Read rows ``ys`` and columns ``xs`` (clipped to the image, step 1) as ``(h, w, C)`` of ``dtype``."""
-        return self._read_stored(ys, xs)
+        return self.read_stored(ys, xs)
 
-    def _read_stored(self, ys: slice, xs: slice) -> np.ndarray:
+    def read_stored(self, ys: slice, xs: slice) -> np.ndarray:
         """The stored pixels of a region as ``(h, w, C_stored)``, in the stored dtype (native byte order)."""
         (y0, y1, ystep), (x0, x1, xstep) = ys.indices(self.shape_yxc[0]), xs.indices(self.shape_yxc[1])
         if ystep != 1 or xstep != 1:
@@ -267,7 +269,7 @@ class MaskSource(ImageSource):
 
     def read(self, ys: slice, xs: slice) -> np.ndarray:
         """Read a region as ``(h, w, 1)`` class indices."""
-        return self._to_classes(self._read_stored(ys, xs))
+        return self._to_classes(self.read_stored(ys, xs))
 
     def read_checked(self, ys: slice, xs: slice) -> tuple[np.ndarray, set[int]]:
         """Read a region as ``(h, w, 1)`` class indices and check its stored values on the way.
@@ -278,7 +280,7 @@ class MaskSource(ImageSource):
         Raises:
             InputError: the region has differing colour channels, non-integer or out-of-range values.
         """
-        stored = self._read_stored(ys, xs)
+        stored = self.read_stored(ys, xs)
         seen = _check_mask_band(self.path, stored, self.n_classes, ys.indices(self.shape_yxc[0])[0])
         return self._to_classes(stored), seen
 
@@ -399,7 +401,7 @@ def iter_row_bands(source: ImageSource, band_pixels: int | None = None) -> Itera
     The default band holds 16 Mi values (64 MiB of float32), so memory does not grow with the image.
     """
     height, width, channels = source.shape_yxc
-    rows = max(1, (band_pixels or _BAND_PIXELS) // max(1, width * channels))
+    rows = max(1, (band_pixels or BAND_PIXELS) // max(1, width * channels))
     if 256 <= rows < height:
         rows = rows // 256 * 256  # whole tiles for tiled TIFFs (256 is the common tile edge)
     for y0 in range(0, height, rows):
@@ -407,26 +409,42 @@ def iter_row_bands(source: ImageSource, band_pixels: int | None = None) -> Itera
         yield ys, source.read(ys, slice(0, width))
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """The supported images in ``folder`` (not recursive), sorted by name; hidden files are ignored.
+GLOB_CHARS = frozenset("*?[")
+
+
+def is_supported(path: Path) -> bool:
+    """A visible file (or ``.zarr`` folder) with a supported suffix."""
+    suffix = path.suffix.lower()
+    if path.name.startswith(".") or suffix not in SUPPORTED_SUFFIXES:
+        return False
+    return path.is_dir() if suffix == ".zarr" else path.is_file()
+
+
+def list_images(location: str | Path, *, empty_ok: bool = False) -> list[Path]:
+    """The supported images of ``location``, sorted by path; hidden files are ignored.
+
+    ``location`` is a folder (not recursive), one image file, or a glob such as ``/data/*.tif`` (``**`` recurses).
 
     Raises:
-        InputError: the folder does not exist, is not a folder, or holds no supported image.
+        InputError: the folder or file does not exist, is of an unsupported type, or (unless ``empty_ok``)
+            ``location`` holds no supported image.
     """
-    folder = Path(folder)
-    if not folder.exists():
-        raise InputError(folder, "folder does not exist")
-    if not folder.is_dir():
-        raise InputError(folder, "is not a folder")
-    found = sorted(
-        p
-        for p in folder.iterdir()
-        if not p.name.startswith(".")
-        and p.suffix.lower() in SUPPORTED_SUFFIXES
-        and (p.is_dir() if p.suffix.lower() == ".zarr" else p.is_file())
-    )
-    if not found:
-        raise InputError(folder, "no supported images found", f"supported: {', '.join(SUPPORTED_SUFFIXES)}")
+    text = str(location)
+    hint = f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
+    if GLOB_CHARS & set(text):
+        found = sorted(p for p in map(Path, glob.glob(text, recursive=True)) if is_supported(p))
+    else:
+        path = Path(text)
+        if not path.exists():
+            raise InputError(path, "folder does not exist" if not path.suffix else "file does not exist")
+        if path.is_dir() and path.suffix.lower() != ".zarr":
+            found = sorted(p for p in path.iterdir() if is_supported(p))
+        elif is_supported(path):
+            return [path]
+        else:
+            raise InputError(path, "is not a supported image", hint)
+    if not found and not empty_ok:
+        raise InputError(text, "no supported images found", hint)
     return found
 
 

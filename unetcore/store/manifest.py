@@ -14,11 +14,34 @@ import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict
 
 from unetcore.atomic import atomic_write_json
 from unetcore.errors import InputError
 from unetcore.modes import Split
+
+
+class ManifestEntry(TypedDict):
+    """One ingested image as the manifest lists it (written by ingestion, read by training, inference, nightly)."""
+
+    id: str
+    source: str
+    source_hash: str
+    source_fingerprint: list[int]  # size and mtime (a folder store: file count, bytes, newest mtime)
+    mask: str | None
+    mask_hash: str | None
+    mask_fingerprint: list[int] | None
+    store: str  # <id>.ome.zarr, relative to the dataset
+    shape: list[int]  # [height, width]
+    channels: int
+    dtype: str
+    chunk: int
+    options: dict[str, Any]  # the ingestion options that shaped the store
+    has_mask: bool
+    classes: list[int]
+    stats: dict[str, Any]
+    split: NotRequired[Split]  # given when the entry is put into the manifest
+
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -103,7 +126,7 @@ def locked(dataset: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def put_entry(dataset: Path, entry: dict[str, Any]) -> None:
+def put_entry(dataset: Path, entry: ManifestEntry) -> None:
     """Add or replace one entry (read-modify-write under the lock)."""
     with locked(dataset):
         data = load(dataset)
@@ -111,7 +134,7 @@ def put_entry(dataset: Path, entry: dict[str, Any]) -> None:
         atomic_write_json(Path(dataset) / MANIFEST, data)
 
 
-def entries(manifest: dict[str, Any], split: str = "all") -> list[dict[str, Any]]:
+def entries(manifest: dict[str, Any], split: str = "all") -> list[ManifestEntry]:
     """Entries in id order, optionally only one split."""
     items = [manifest["images"][k] for k in sorted(manifest["images"])]
     return items if split == "all" else [e for e in items if e["split"] == split]

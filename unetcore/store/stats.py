@@ -15,7 +15,7 @@ import numpy as np
 from unetcore.config import NormalizationConfig
 
 PERCENTILES = (0.0, 0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 98.0, 99.0, 99.5, 99.9, 100.0)
-_FLOAT_SAMPLE = 2_000_000
+FLOAT_SAMPLE = 2_000_000
 
 
 _SUB_BLOCK = 1 << 20  # pixels per update step: bounds the float64 temporaries to ~24 MB per thread
@@ -27,7 +27,7 @@ class StreamingStats:
     Regions may be filled by parallel workers into separate instances and combined with :meth:`merge` (in a
     fixed order, for a reproducible result). Integer images keep an exact histogram (mean and std follow from
     it); float images keep every ``n``-th pixel, with ``n`` set from ``image_pixels`` so the sample stays near
-    ``_FLOAT_SAMPLE`` pixels however many regions (``image_pixels=0``: keep every pixel, for small inputs).
+    ``FLOAT_SAMPLE`` pixels however many regions (``image_pixels=0``: keep every pixel, for small inputs).
     """
 
     def __init__(self, channels: int, dtype: np.dtype, image_pixels: int = 0) -> None:
@@ -37,7 +37,7 @@ class StreamingStats:
         self.sum = np.zeros(channels, np.float64)
         self.sumsq = np.zeros(channels, np.float64)
         self._integer = np.issubdtype(self.dtype, np.integer) and self.dtype.itemsize <= 2
-        self._stride = max(1, image_pixels // _FLOAT_SAMPLE)
+        self._stride = max(1, image_pixels // FLOAT_SAMPLE)
         if self._integer:
             info = np.iinfo(self.dtype)
             self._offset = -int(info.min)

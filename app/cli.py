@@ -71,10 +71,14 @@ def _config(schema: type, /, **values: Any) -> Any:
     return validated(schema, **{k: v for k, v in values.items() if v is not None})
 
 
-def check_prefect_api(timeout_s: float = 3.0) -> None:
-    """With ``PREFECT_API_URL`` set, fail fast in one line when that server does not answer.
+def check_prefect_api(required: bool = False, timeout_s: float = 3.0) -> str | None:
+    """The Prefect API URL after checking that it answers (``/health``), or None when none is configured.
 
-    Without it, flows start an ephemeral server in-process, which needs no check.
+    Without ``PREFECT_API_URL`` a flow starts an ephemeral server in-process, which needs no check; ``required``
+    (deployments, which would vanish with a throw-away server) refuses that case.
+
+    Raises:
+        ServiceError: the server does not answer, or ``required`` and no URL is set.
     """
     import urllib.error
     import urllib.request
@@ -82,18 +86,34 @@ def check_prefect_api(timeout_s: float = 3.0) -> None:
     from unetcore.errors import ServiceError
 
     url = os.environ.get("PREFECT_API_URL")
+    if not url and required:
+        from prefect.settings import PREFECT_API_URL
+
+        url = PREFECT_API_URL.value()
+    hint = ("run `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`" if required else
+            "start `prefect server start`, unset PREFECT_API_URL, or use --no-prefect")
     if not url:
-        return
+        if required:
+            raise ServiceError("PREFECT_API_URL", "not set: deployments need a running Prefect server", hint)
+        return None
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s):
-            pass
+        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            resp.read()
     except (urllib.error.URLError, OSError) as exc:
-        raise ServiceError(url, f"Prefect API unreachable ({getattr(exc, 'reason', exc)})",
-                           "start `prefect server start`, unset PREFECT_API_URL, or use --no-prefect") from None
+        raise ServiceError(url, f"Prefect API unreachable ({getattr(exc, 'reason', exc)})", hint) from None
+    return url
 
 
-def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: Callable[[Any], Any], cfg: Any) -> Any:
+def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: Callable[[Any], Any], cfg: Any,
+                     check: Callable[[Any], Any]) -> Any:
+    """Run a stage through its one front door.
+
+    ``--no-prefect``: the library's entry point, which runs the stage's checks once. Prefect: the stage's checks
+    run here first, so a user error costs no server start-up, then the flow, whose entry point checks again (a
+    run started from the UI or a schedule is checked too).
+    """
     if use_prefect:
+        check(cfg)
         check_prefect_api()
     with _progress_bar():
         return flow_fn(cfg) if use_prefect else lib_fn(cfg)
@@ -124,19 +144,16 @@ def ingest(
 
     def body() -> int:
         from unetcore.config import IngestConfig
-        from unetcore.ingest import ingest_folder
-        from unetcore.io.readers import list_images
+        from unetcore.ingest import check_ingestable, ingest_folder
 
         cfg = _config(IngestConfig, images=str(images), masks=str(masks) if masks else None, output=str(output),
                       chunk_size=chunk_size, num_classes=num_classes, val_fraction=val_fraction,
                       test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
                       pyramid=pyramid, threads=threads, n_workers=n_workers, scheduler_address=scheduler_address)
-        list_images(images)
-        if masks is not None and not masks.is_dir():
-            raise _input_error(masks, "mask folder does not exist", "check --masks")
         from flows.ingest import ingest as ingest_flow
 
-        report = _flow_or_library(use_prefect, ingest_flow, lambda c: ingest_folder(c).to_dict(), cfg)
+        report = _flow_or_library(use_prefect, ingest_flow, lambda c: ingest_folder(c).to_dict(), cfg,
+                                  check_ingestable)
         for failure in report["failed"]:
             typer.echo(f"skipped: {failure['error']}", err=True)
         typer.echo(f"ingest {report['status']}: {len(report['added'])} added, {len(report['updated'])} updated, "
@@ -144,12 +161,6 @@ def ingest(
         return EXIT_PARTIAL if report["status"] in ("partial", "failed") else 0
 
     _run(body)
-
-
-def _input_error(path: Path, reason: str, hint: str = "") -> UnetError:
-    from unetcore.errors import InputError
-
-    return InputError(path, reason, hint)
 
 
 @app.command()
@@ -187,9 +198,8 @@ def train(
 
     def body() -> int:
         from unetcore.config import ModelConfig, TrainConfig
-        from unetcore.tracking.mlflow import check_tracking_uri
-        from unetcore.training.loop import _check_inputs
-        from unetcore.training.loop import train as train_lib
+        from unetcore.training import check_trainable
+        from unetcore.training import train as train_lib
 
         model = _config(ModelConfig, num_classes=num_classes, in_channels=in_channels, base_channels=base_channels,
                         depth=depth)
@@ -200,11 +210,9 @@ def train(
                       resume=resume, seed=seed, sampling=sampling, ignore_index=ignore_index, num_workers=num_workers,
                       class_weights=class_weights.split(",") if class_weights else None,
                       compile=compile_model or None, hd95=hd95 or None)
-        _check_inputs(cfg)
-        check_tracking_uri(cfg.tracking_uri)
         from flows.train import train as train_flow
 
-        result = _flow_or_library(use_prefect, train_flow, lambda c: train_lib(c).to_dict(), cfg)
+        result = _flow_or_library(use_prefect, train_flow, lambda c: train_lib(c).to_dict(), cfg, check_trainable)
         typer.echo(f"trained in {result['seconds']:.0f} s: best val Dice {result['best_val_dice']:.4f} "
                    f"(epoch {result['best_epoch']}); model {result['model_name']} v{result['model_version']} "
                    f"-> alias '{result['alias']}'; MLflow run {result['run_id']} in {cfg.tracking_uri}")
@@ -242,22 +250,22 @@ def predict(
 
     def body() -> int:
         from unetcore.config import InferConfig
-        from unetcore.inference.engine import predict_dataset, results_to_dicts
-        from unetcore.store.manifest import require
-        from unetcore.tracking.mlflow import check_tracking_uri
+        from unetcore.inference import (
+            check_predictable,
+            predict_dataset,
+            results_to_dicts,
+        )
 
         cfg = _config(InferConfig, dataset=str(dataset), output=str(output), model=model, tracking_uri=tracking_uri,
                       split=split, tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size,
                       threshold=threshold, tta=tta, min_object_size=min_object_size, skip_empty=skip_empty,
                       instances=instances, export=export, scheduler_address=scheduler_address, n_workers=workers,
                       threads_per_worker=threads_per_worker, device=device, overwrite=overwrite)
-        require(dataset)
-        if cfg.model.startswith(("models:/", "runs:/")):
-            check_tracking_uri(cfg.tracking_uri)
         from flows.infer import infer as infer_flow
 
         with _engine_log_to_stderr(not use_prefect):  # flows forward it to the run's log themselves
-            results = _flow_or_library(use_prefect, infer_flow, lambda c: results_to_dicts(predict_dataset(c)), cfg)
+            results = _flow_or_library(use_prefect, infer_flow, lambda c: results_to_dicts(predict_dataset(c)), cfg,
+                                       check_predictable)
         _print_predictions(results)
         return 0
 
@@ -269,7 +277,7 @@ def _engine_log_to_stderr(enabled: bool) -> Iterator[None]:
     """Show the inference engine's INFO lines (Dask dashboard link, cluster shape) on stderr while running."""
     import logging
 
-    from unetcore.inference.engine import logs_to
+    from unetcore.inference import logs_to
 
     if not enabled:
         yield
@@ -309,14 +317,15 @@ def pipeline(
     """Run ingest → train → predict as one Prefect flow."""
 
     def body() -> int:
-        from unetcore.config import PipelineConfig
+        from unetcore.config import InferOptions, PipelineConfig, TrainOptions
 
+        train_opts = _config(TrainOptions, epochs=epochs, steps_per_epoch=steps_per_epoch, patch_size=patch_size,
+                             batch_size=batch_size, time_budget_s=time_budget_s)
+        predict_opts = _config(InferOptions, n_workers=workers, scheduler_address=scheduler_address)
         cfg = _config(PipelineConfig, images=str(images), masks=str(masks),
                       predict_images=str(predict_images) if predict_images else None,
                       predict_masks=str(predict_masks) if predict_masks else None, workdir=str(workdir),
-                      epochs=epochs, steps_per_epoch=steps_per_epoch, patch_size=patch_size, batch_size=batch_size,
-                      num_classes=num_classes, time_budget_s=time_budget_s, tracking_uri=tracking_uri,
-                      n_workers=workers, scheduler_address=scheduler_address)
+                      num_classes=num_classes, tracking_uri=tracking_uri, train=train_opts, predict=predict_opts)
         return _run_pipeline(cfg)
 
     _run(body)
@@ -324,10 +333,11 @@ def pipeline(
 
 def _run_pipeline(cfg: Any) -> int:
     from flows.pipeline import pipeline as pipeline_flow
-    from unetcore.io.readers import list_images
-    from unetcore.tracking.mlflow import check_tracking_uri
+    from unetcore.ingest import check_ingestable
+    from unetcore.tracking import check_tracking_uri
 
-    list_images(Path(cfg.images))
+    for ingest_cfg in filter(None, (cfg.ingest_config(), cfg.holdout_config())):
+        check_ingestable(ingest_cfg)
     check_tracking_uri(cfg.tracking_uri)
     check_prefect_api()
     start = time.perf_counter()
@@ -363,7 +373,7 @@ def demo(
     """Generate the bundled sample and run the whole pipeline on it (embedded Prefect, sqlite MLflow, local Dask)."""
 
     def body() -> int:
-        from unetcore.config import ModelConfig, PipelineConfig
+        from unetcore.config import ModelConfig, PipelineConfig, TrainOptions
         from unetcore.data.synthetic import write_sample
 
         sample = workdir / "sample"
@@ -373,38 +383,13 @@ def demo(
         cfg = PipelineConfig(
             images=str(sample / "train" / "images"), masks=str(sample / "train" / "masks"),
             predict_images=str(sample / "holdout" / "images"), predict_masks=str(sample / "holdout" / "masks"),
-            workdir=str(workdir), epochs=epochs, steps_per_epoch=steps_per_epoch, patch_size=128, batch_size=8,
-            time_budget_s=time_budget_s, tracking_uri=f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
-            model=ModelConfig(base_channels=16, depth=4),
+            workdir=str(workdir), tracking_uri=f"sqlite:///{(workdir / 'mlflow.db').resolve()}",
+            train=TrainOptions(epochs=epochs, steps_per_epoch=steps_per_epoch, patch_size=128, batch_size=8,
+                               time_budget_s=time_budget_s, model=ModelConfig(base_channels=16, depth=4)),
         )
         return _run_pipeline(cfg)
 
     _run(body)
-
-
-def _check_prefect_api() -> str:
-    """The Prefect API URL, after checking it answers; deployments on a throw-away server would vanish.
-
-    Raises:
-        ServiceError: PREFECT_API_URL is unset or its health check fails.
-    """
-    import urllib.error
-    import urllib.request
-
-    from prefect.settings import PREFECT_API_URL
-
-    from unetcore.errors import ServiceError
-
-    hint = "run `prefect server start` and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
-    url = PREFECT_API_URL.value()
-    if not url:
-        raise ServiceError("PREFECT_API_URL", "not set: deployments need a running Prefect server", hint)
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=5) as resp:
-            resp.read()
-    except (urllib.error.URLError, OSError) as exc:
-        raise ServiceError(url, f"Prefect API unreachable ({getattr(exc, 'reason', exc)})", hint) from None
-    return url
 
 
 @app.command()
@@ -430,7 +415,7 @@ def serve(
         from deployments.serve import nightly_schedule, serve_all
 
         nightly_schedule(cron, timezone)
-        url = _check_prefect_api()
+        url = check_prefect_api(required=True)
         typer.echo(f"serving ingest, train, infer, pipeline and nightly ({cron}, {timezone}) on {url}; "
                    f"UI: {url.rstrip('/').removesuffix('/api')}/deployments")
         serve_all(nightly_cfg, cron, timezone)
