@@ -156,6 +156,8 @@ def ingest(
                                   check_ingestable)
         for failure in report["failed"]:
             typer.echo(f"skipped: {failure['error']}", err=True)
+        for warning in report["warnings"]:
+            typer.echo(f"warning: {warning}", err=True)
         typer.echo(f"ingest {report['status']}: {len(report['added'])} added, {len(report['updated'])} updated, "
                    f"{len(report['skipped'])} unchanged, {len(report['failed'])} failed -> {output}/manifest.json")
         return EXIT_PARTIAL if report["status"] in ("partial", "failed") else 0

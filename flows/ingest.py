@@ -32,7 +32,7 @@ def publish_ingest_report(report: dict[str, Any]) -> None:
         f"## Ingestion: {report['status']}\n\n| added | updated | unchanged | failed | megapixels | seconds |\n"
         f"|---|---|---|---|---|---|\n| {len(report['added'])} | {len(report['updated'])} | {len(report['skipped'])} "
         f"| {len(report['failed'])} | {report['pixels'] / 1e6:.1f} | {report['seconds']:.1f} |\n\n"
-        f"Dataset: `{report['dataset']}`",
+        f"Dataset: `{report['dataset']}`" + "".join(f"\n\n**Warning:** {w}" for w in report["warnings"]),
         "What the last ingestion did",
     )
     table("ingest-failures", report["failed"], "Files that could not be ingested, with the reason")
@@ -47,6 +47,8 @@ def ingest(config: IngestConfig) -> dict[str, Any]:
     """
     report = ingest_folder_task(config)
     publish_ingest_report(report)
+    for warning in report["warnings"]:
+        print(f"warning: {warning}")
     print(f"ingest {report['status']}: {len(report['added'])} added, {len(report['updated'])} updated, "
           f"{len(report['skipped'])} unchanged, {len(report['failed'])} failed -> {report['dataset']}")
     return report

@@ -567,3 +567,46 @@ def test_images_on_dask_workers_give_the_same_dataset(tmp_path: Path) -> None:
     assert mf.load(tmp_path / "dask")["images"] == mf.load(tmp_path / "serial")["images"]
     for i in range(3):
         np.testing.assert_array_equal(level(tmp_path / "dask", f"im{i}"), level(tmp_path / "serial", f"im{i}"))
+
+
+def test_masks_matching_no_image_are_reported_and_exit_3(tmp_path: Path) -> None:
+    """`mask_0.png` for `img_0.png`: ingestion says which images have no mask and which masks match no image."""
+    from typer.testing import CliRunner
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((40, 40), 50 * i, np.uint8)).save(tmp_path / "img" / f"img_{i}.png")
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "msk" / f"mask_{i}.png")
+    report = ingest_folder(cfg(tmp_path / "img", tmp_path / "ds", masks=str(tmp_path / "msk")))
+    assert report.status == "partial" and report.no_mask_matched
+    assert sorted(report.without_mask) == ["img_0", "img_1"]
+    assert sorted(Path(m).name for m in report.unmatched_masks) == ["mask_0.png", "mask_1.png"]
+
+    result = CliRunner().invoke(app, ["ingest", str(tmp_path / "img"), "-o", str(tmp_path / "ds2"),
+                                      "--masks", str(tmp_path / "msk"), "--no-prefect"])
+    assert result.exit_code == 3, result.output
+    assert "2 image(s) have no mask" in result.output and "img_0" in result.output
+    assert "2 mask file(s) match no image: mask_0.png, mask_1.png" in result.output
+
+
+def test_files_of_another_type_are_listed_as_ignored(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "img" / "a.png")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "img" / "b.gif")
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "img" / "c.bmp")
+    (tmp_path / "img" / "x.png").mkdir()
+    report = ingest_folder(cfg(tmp_path / "img", tmp_path / "ds"))
+    assert report.added == ["a"]
+    assert {Path(i["file"]).name: i["reason"] for i in report.ignored} == {
+        "b.gif": "unsupported type '.gif'", "c.bmp": "unsupported type '.bmp'", "x.png": "a folder, not a file"}
+    [line] = report.warnings()
+    assert line.startswith("ignored 3 input(s) that are not images: b.gif, c.bmp, x.png")
+
+
+def test_one_file_or_a_glob_can_be_ingested(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "img" / f"{name}.png")
+    assert ingest_folder(cfg(tmp_path / "img" / "a.png", tmp_path / "one")).added == ["a"]
+    assert sorted(ingest_folder(cfg(str(tmp_path / "img" / "*.png"), tmp_path / "glob")).added) == ["a", "b"]

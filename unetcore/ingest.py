@@ -66,22 +66,52 @@ class IngestReport:
     updated: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[dict[str, str]] = field(default_factory=list)
+    ignored: list[dict[str, str]] = field(default_factory=list)
+    without_mask: list[str] = field(default_factory=list)
+    unmatched_masks: list[str] = field(default_factory=list)
+    masks_given: bool = False
     cleaned: list[str] = field(default_factory=list)
     seconds: float = 0.0
     pixels: int = 0
 
     @property
+    def no_mask_matched(self) -> bool:
+        """Masks were given but not one image found its mask (names that do not match, e.g. ``mask_0.png``)."""
+        done = len(self.added) + len(self.updated) + len(self.skipped)
+        return self.masks_given and done > 0 and len(self.without_mask) >= done
+
+    @property
     def status(self) -> Status:
-        """ok: everything ingested or unchanged; partial: some files failed; failed: all failed."""
+        """ok: everything ingested or unchanged; partial: some files failed, or masks were given and none matched;
+        failed: all failed."""
         done = len(self.added) + len(self.updated) + len(self.skipped)
         if self.failed and not done:
             return "failed"
-        if self.failed:
+        if self.failed or self.no_mask_matched:
             return "partial"
         return "ok" if done else "empty"
 
+    def warnings(self, examples: int = 3) -> list[str]:
+        """One line per thing the user gave that was not used: ignored files, images without a mask, masks of
+        no image (a count and the first names)."""
+        def names(items: list[str]) -> str:
+            shown = ", ".join(Path(i).name for i in items[:examples])
+            return shown + (f", ... ({len(items) - examples} more)" if len(items) > examples else "")
+
+        lines = []
+        if self.ignored:
+            reasons = sorted({i["reason"] for i in self.ignored})
+            lines.append(f"ignored {len(self.ignored)} input(s) that are not images: "
+                         f"{names([i['file'] for i in self.ignored])} ({'; '.join(reasons)})")
+        if self.masks_given and self.without_mask:
+            lines.append(f"{len(self.without_mask)} image(s) have no mask (a mask has the image's stem, or "
+                         f"<stem>_mask): {names(self.without_mask)}")
+        if self.unmatched_masks:
+            lines.append(f"{len(self.unmatched_masks)} mask file(s) match no image: {names(self.unmatched_masks)}")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "status": self.status}
+        return {**asdict(self), "status": self.status, "warnings": self.warnings()}
 
 
 # --- statistics ---------------------------------------------------------------------------------------------
@@ -367,6 +397,8 @@ def _plan(images: list[Path], cfg: IngestConfig, dataset: Path, report: IngestRe
         owners[entry_id] = image_path
         try:
             mask_path = readers.find_mask(masks_dir, image_path) if masks_dir else None
+            if masks_dir is not None and mask_path is None:
+                report.without_mask.append(entry_id)
             if not cfg.force and _unchanged(existing.get(entry_id), image_path, mask_path, dataset, cfg):
                 report.skipped.append(entry_id)
                 continue
@@ -375,6 +407,17 @@ def _plan(images: list[Path], cfg: IngestConfig, dataset: Path, report: IngestRe
             continue
         jobs.append(_Job(image_path, mask_path, entry_id))
     return jobs
+
+
+def _unmatched_masks(masks_dir: Path, images: list[Path]) -> list[str]:
+    """Mask files of ``masks_dir`` that are the mask of none of ``images`` (and are not one of the images)."""
+    used = {p.resolve() for p in images}
+    for image in images:
+        with contextlib.suppress(InputError, OSError):
+            mask = readers.find_mask(masks_dir, image)
+            if mask is not None:
+                used.add(mask.resolve())
+    return [str(p) for p in readers.list_images(masks_dir, empty_ok=True) if p.resolve() not in used]
 
 
 def _failure(path: Path, err: Exception) -> dict[str, str]:
@@ -470,10 +513,13 @@ def ingest_folder(cfg: IngestConfig, *, empty_ok: bool = False) -> IngestReport:
     start = time.perf_counter()
     dataset = Path(cfg.output)
     images = check_ingestable(cfg, empty_ok=empty_ok)
-    report = IngestReport(dataset=str(dataset))
+    report = IngestReport(dataset=str(dataset), masks_given=cfg.masks is not None,
+                          ignored=readers.ignored_inputs(cfg.images))
     with _claimed(dataset) as cleaned:
         report.cleaned = cleaned
         jobs = _plan(images, cfg, dataset, report)
+        if cfg.masks is not None:
+            report.unmatched_masks = _unmatched_masks(Path(cfg.masks), images)
         total = len(jobs)
         progress_bus.report("ingest", 0, total)
         parallel = bool(cfg.n_workers > 0 or cfg.scheduler_address) and total > 1

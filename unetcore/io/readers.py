@@ -49,6 +49,7 @@ __all__ = [
     "MaskSource",
     "check_finite",
     "find_mask",
+    "ignored_inputs",
     "image_stem",
     "is_supported",
     "iter_row_bands",
@@ -446,6 +447,29 @@ def list_images(location: str | Path, *, empty_ok: bool = False) -> list[Path]:
     if not found and not empty_ok:
         raise InputError(text, "no supported images found", hint)
     return found
+
+
+def ignored_inputs(location: str | Path) -> list[dict[str, str]]:
+    """What :func:`list_images` leaves out of a folder, with why: ``[{"file", "reason"}]`` (hidden files aside).
+
+    A glob or a single file gives ``[]``: what a user names that way is either an image or refused.
+    """
+    folder = Path(location)
+    if GLOB_CHARS & set(str(location)) or not folder.is_dir() or folder.suffix.lower() == ".zarr":
+        return []
+    ignored = []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or is_supported(path):
+            continue
+        suffix = path.suffix.lower()
+        if suffix in SUPPORTED_SUFFIXES:
+            reason = "a folder, not a file" if path.is_dir() else "not a folder (a .zarr input is a folder)"
+        elif path.is_dir():
+            reason = "a sub-folder (folders are not searched; give a glob such as 'dir/**/*.tif')"
+        else:
+            reason = f"unsupported type '{suffix or path.name}'"
+        ignored.append({"file": str(path), "reason": reason})
+    return ignored
 
 
 def image_stem(path: str | Path) -> str:
