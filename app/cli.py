@@ -14,16 +14,57 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import typer
+import typer.rich_utils
+from pydantic import BaseModel
+from rich.markup import escape
 
-from unetcore.errors import UnetError
+from unetcore.config import InferConfig, IngestConfig, ModelConfig, TrainConfig
+from unetcore.errors import ConfigError, UnetError
 
+# Help is 120 columns wide when piped (rich's 80 cut option names such as --threads-per-worker); a terminal's own
+# width otherwise.
+typer.rich_utils.MAX_WIDTH = None if sys.stdout.isatty() else 120
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="UNet segmentation for images of any size: ingest → train → predict.")
 
 EXIT_PARTIAL = 3
+
+
+def _field(schema: type[BaseModel], path: str) -> Any:
+    """The pydantic field ``path`` (dotted for nested models, e.g. ``model.depth``) of ``schema``."""
+    *parents, leaf = path.split(".")
+    for name in parents:
+        schema = schema.model_fields[name].default_factory().__class__  # type: ignore[misc, union-attr]
+    return schema.model_fields[leaf]
+
+
+FLAGS: dict[str, str] = {}
+"""Config field (as the library names it in a ConfigError) -> the CLI flag that sets it."""
+
+
+def option(schema: type[BaseModel], path: str, *decls: str, help: str | None = None) -> Any:
+    """A ``--flag`` for config field ``path``: its help, choices and default come from the field itself."""
+    info = _field(schema, path)
+    leaf = path.split(".")[-1]
+    flag = decls[0] if decls else "--" + leaf.replace("_", "-")
+    FLAGS.setdefault(path, flag)
+    FLAGS.setdefault(leaf, flag)
+    text = escape(help or info.description or "")  # rich markup would eat "[background, foreground]"
+    choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else ()
+    if choices:
+        text += f" Choices: {', '.join(map(str, choices))}."
+    default = info.get_default(call_default_factory=True)
+    shown = "none" if default is None else ",".join(map(str, default)) if isinstance(default, list) else str(default)
+    return typer.Option(None, flag, *decls[1:], help=text, show_default=shown or "empty")
+
+
+def flag_error(err: ConfigError) -> str:
+    """A config error as the user typed it: ``option --in-channels: ...`` instead of ``parameter 'model.in_channels'``."""
+    flag = FLAGS.get(err.field) or FLAGS.get(err.field.split(".")[-1])
+    return f"option {flag}: {err.reason}" if flag else str(err)
 
 
 @contextlib.contextmanager
@@ -56,6 +97,9 @@ def _run(action: Callable[[], int | None]) -> None:
     """Run a command body: user errors become one line and exit 2."""
     try:
         code = action() or 0
+    except ConfigError as err:
+        typer.echo(f"error: {flag_error(err)}", err=True)
+        raise typer.Exit(err.exit_code) from None
     except UnetError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
@@ -127,17 +171,17 @@ def ingest(
     images: Path = typer.Argument(..., help="Folder of images (TIFF, PNG, JPEG, NPY, Zarr)."),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write."),
     masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems."),
-    chunk_size: Optional[int] = typer.Option(None, help="Chunk edge in pixels."),
-    num_classes: Optional[int] = typer.Option(None, help="Declared classes (1 = binary)."),
-    val_fraction: Optional[float] = typer.Option(None, help="Fraction of images in the validation split."),
-    test_fraction: Optional[float] = typer.Option(None, help="Fraction of images in the test split."),
-    channel_axis: Optional[str] = typer.Option(None, help="auto, yx, yxc or cyx."),
-    max_pixels: Optional[int] = typer.Option(None, help="Refuse images larger than this many pixels."),
+    chunk_size: Optional[int] = option(IngestConfig, "chunk_size"),
+    num_classes: Optional[int] = option(IngestConfig, "num_classes"),
+    val_fraction: Optional[float] = option(IngestConfig, "val_fraction"),
+    test_fraction: Optional[float] = option(IngestConfig, "test_fraction"),
+    channel_axis: Optional[str] = option(IngestConfig, "channel_axis"),
+    max_pixels: Optional[int] = option(IngestConfig, "max_pixels"),
     force: bool = typer.Option(False, help="Re-ingest unchanged images too."),
     pyramid: bool = typer.Option(True, help="Write the multiscale pyramid (levels 1..n) for viewers."),
-    threads: Optional[int] = typer.Option(None, help="Threads writing one image's chunks (0 = one per core)."),
-    n_workers: Optional[int] = typer.Option(None, help="Ingest images in parallel on a local Dask cluster."),
-    scheduler_address: Optional[str] = typer.Option(None, help="Existing Dask scheduler (tcp://host:port)."),
+    threads: Optional[int] = option(IngestConfig, "threads"),
+    n_workers: Optional[int] = option(IngestConfig, "n_workers"),
+    scheduler_address: Optional[str] = option(IngestConfig, "scheduler_address"),
     use_prefect: bool = PREFECT_OPT,
 ) -> None:
     """Ingest a folder of images (and masks) into OME-Zarr stores plus a manifest (incremental)."""
@@ -168,30 +212,30 @@ def ingest(
 @app.command()
 def train(
     dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`."),
-    output: Optional[Path] = typer.Option(None, help="Folder for checkpoints and the best model."),
-    epochs: Optional[int] = typer.Option(None),
-    steps_per_epoch: Optional[int] = typer.Option(None),
-    patch_size: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    optimizer: Optional[str] = typer.Option(None, help="adamw or sgd."),
-    schedule: Optional[str] = typer.Option(None, help="poly, cosine or constant."),
-    loss: Optional[str] = typer.Option(None, help="dice_ce, ce, dice or focal."),
-    num_classes: Optional[int] = typer.Option(None, help="1 = binary, >= 2 multi-class."),
-    in_channels: Optional[int] = typer.Option(None),
-    base_channels: Optional[int] = typer.Option(None),
-    depth: Optional[int] = typer.Option(None),
-    time_budget_s: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
-    patience: Optional[int] = typer.Option(None, help="Early-stopping patience in epochs."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda."),
-    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI."),
-    registered_model: Optional[str] = typer.Option(None, help="Registered model name."),
+    output: Optional[Path] = option(TrainConfig, "output"),
+    epochs: Optional[int] = option(TrainConfig, "epochs"),
+    steps_per_epoch: Optional[int] = option(TrainConfig, "steps_per_epoch"),
+    patch_size: Optional[int] = option(TrainConfig, "patch_size"),
+    batch_size: Optional[int] = option(TrainConfig, "batch_size"),
+    lr: Optional[float] = option(TrainConfig, "lr"),
+    optimizer: Optional[str] = option(TrainConfig, "optimizer"),
+    schedule: Optional[str] = option(TrainConfig, "schedule"),
+    loss: Optional[str] = option(TrainConfig, "loss"),
+    num_classes: Optional[int] = option(TrainConfig, "model.num_classes"),
+    in_channels: Optional[int] = option(TrainConfig, "model.in_channels"),
+    base_channels: Optional[int] = option(TrainConfig, "model.base_channels"),
+    depth: Optional[int] = option(TrainConfig, "model.depth"),
+    time_budget_s: Optional[float] = option(TrainConfig, "time_budget_s"),
+    patience: Optional[int] = option(TrainConfig, "patience"),
+    device: Optional[str] = option(TrainConfig, "device"),
+    tracking_uri: Optional[str] = option(TrainConfig, "tracking_uri"),
+    registered_model: Optional[str] = option(TrainConfig, "registered_model"),
     resume: bool = typer.Option(False, help="Resume from the last checkpoint in --output."),
-    seed: Optional[int] = typer.Option(None),
-    sampling: Optional[str] = typer.Option(None, help="foreground or class_balanced (oversampled patches)."),
-    class_weights: Optional[str] = typer.Option(None, help="Comma-separated cross-entropy weight per class."),
-    ignore_index: Optional[int] = typer.Option(None, help="Mask value left out of loss and metrics."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    seed: Optional[int] = option(TrainConfig, "seed"),
+    sampling: Optional[str] = option(TrainConfig, "sampling"),
+    class_weights: Optional[str] = option(TrainConfig, "class_weights", help="Comma-separated cross-entropy weight per class (num_classes values; [background, foreground] if binary)."),
+    ignore_index: Optional[int] = option(TrainConfig, "ignore_index"),
+    num_workers: Optional[int] = option(TrainConfig, "num_workers"),
     compile_model: bool = typer.Option(False, "--compile", help="torch.compile the training forward pass."),
     hd95: bool = typer.Option(False, "--hd95", help="Also report the 95th-percentile Hausdorff distance."),
     use_prefect: bool = PREFECT_OPT,
@@ -199,7 +243,7 @@ def train(
     """Train a UNet on an ingested dataset; track it in MLflow and register it (champion gate)."""
 
     def body() -> int:
-        from unetcore.config import ModelConfig, TrainConfig
+        from unetcore.config import TrainConfig
         from unetcore.training import check_trainable
         from unetcore.training import train as train_lib
 
@@ -227,24 +271,24 @@ def train(
 def predict(
     dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for <id>.ome.zarr predictions."),
-    model: Optional[str] = typer.Option(None, help="models:/name@alias, models:/name/version, or a model folder."),
-    tracking_uri: Optional[str] = typer.Option(None),
-    split: Optional[str] = typer.Option(None, help="all, train, val or test."),
-    tile: Optional[int] = typer.Option(None),
-    overlap: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    block_size: Optional[int] = typer.Option(None),
-    threshold: Optional[float] = typer.Option(None),
+    model: Optional[str] = option(InferConfig, "model"),
+    tracking_uri: Optional[str] = option(InferConfig, "tracking_uri"),
+    split: Optional[str] = option(InferConfig, "split"),
+    tile: Optional[int] = option(InferConfig, "tile"),
+    overlap: Optional[float] = option(InferConfig, "overlap"),
+    batch_size: Optional[int] = option(InferConfig, "batch_size"),
+    block_size: Optional[int] = option(InferConfig, "block_size"),
+    threshold: Optional[float] = option(InferConfig, "threshold"),
     tta: bool = typer.Option(False, help="Flip test-time augmentation."),
-    min_object_size: Optional[int] = typer.Option(None, help="Remove objects / fill holes smaller than this (pixels)."),
+    min_object_size: Optional[int] = option(InferConfig, "min_object_size"),
     skip_empty: bool = typer.Option(True, "--skip-empty/--no-skip-empty",
                                     help="Constant tiles get background without running the model."),
     instances: bool = typer.Option(False, help="Also write instance labels (labels/instances)."),
-    export: Optional[str] = typer.Option(None, help="none, png or tiff."),
-    scheduler_address: Optional[str] = typer.Option(None, help="Existing Dask scheduler, tcp://host:port."),
-    workers: Optional[int] = typer.Option(None, help="Local Dask workers (0 = one per core; one per GPU)."),
-    threads_per_worker: Optional[int] = typer.Option(None, help="Torch threads per local worker (0 = share of cores)."),
-    device: Optional[str] = typer.Option(None),
+    export: Optional[str] = option(InferConfig, "export"),
+    scheduler_address: Optional[str] = option(InferConfig, "scheduler_address"),
+    workers: Optional[int] = option(InferConfig, "n_workers", "--workers"),
+    threads_per_worker: Optional[int] = option(InferConfig, "threads_per_worker"),
+    device: Optional[str] = option(InferConfig, "device"),
     overwrite: bool = typer.Option(False, help="Replace an existing, different prediction."),
     use_prefect: bool = PREFECT_OPT,
 ) -> None:
@@ -306,15 +350,15 @@ def pipeline(
     predict_images: Optional[Path] = typer.Option(None, help="Held-out images to predict after training."),
     predict_masks: Optional[Path] = typer.Option(None, help="Their masks (to report held-out Dice)."),
     workdir: Path = typer.Option(Path("work"), help="Folder for datasets, checkpoints, predictions."),
-    epochs: Optional[int] = typer.Option(None),
-    steps_per_epoch: Optional[int] = typer.Option(None),
-    patch_size: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None),
-    num_classes: Optional[int] = typer.Option(None),
-    time_budget_s: Optional[float] = typer.Option(None),
-    tracking_uri: Optional[str] = typer.Option(None),
-    workers: Optional[int] = typer.Option(None),
-    scheduler_address: Optional[str] = typer.Option(None),
+    epochs: Optional[int] = option(TrainConfig, "epochs"),
+    steps_per_epoch: Optional[int] = option(TrainConfig, "steps_per_epoch"),
+    patch_size: Optional[int] = option(TrainConfig, "patch_size"),
+    batch_size: Optional[int] = option(TrainConfig, "batch_size"),
+    num_classes: Optional[int] = option(IngestConfig, "num_classes"),
+    time_budget_s: Optional[float] = option(TrainConfig, "time_budget_s"),
+    tracking_uri: Optional[str] = option(TrainConfig, "tracking_uri"),
+    workers: Optional[int] = option(InferConfig, "n_workers", "--workers"),
+    scheduler_address: Optional[str] = option(InferConfig, "scheduler_address"),
 ) -> None:
     """Run ingest → train → predict as one Prefect flow."""
 
@@ -375,7 +419,7 @@ def demo(
     """Generate the bundled sample and run the whole pipeline on it (embedded Prefect, sqlite MLflow, local Dask)."""
 
     def body() -> int:
-        from unetcore.config import ModelConfig, PipelineConfig, TrainOptions
+        from unetcore.config import PipelineConfig, TrainOptions
         from unetcore.data.synthetic import write_sample
 
         sample = workdir / "sample"

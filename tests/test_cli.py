@@ -42,7 +42,7 @@ def test_ingest_unknown_option_value(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     result = runner.invoke(app, ["ingest", str(tmp_path / "imgs"), "-o", str(tmp_path / "ds"),
                                  "--channel-axis", "zyx", "--no-prefect"])
-    _one_line_error(result, "channel_axis")
+    _one_line_error(result, "option --channel-axis")
 
 
 def test_train_on_folder_that_is_not_a_dataset(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_train_on_folder_that_is_not_a_dataset(tmp_path: Path) -> None:
 
 
 def test_train_rejects_out_of_range_option(tmp_path: Path) -> None:
-    _one_line_error(runner.invoke(app, ["train", str(tmp_path), "--epochs", "0", "--no-prefect"]), "epochs")
+    _one_line_error(runner.invoke(app, ["train", str(tmp_path), "--epochs", "0", "--no-prefect"]), "option --epochs")
 
 
 def test_predict_on_folder_that_is_not_a_dataset(tmp_path: Path) -> None:
@@ -92,3 +92,19 @@ def test_unreachable_prefect_api_fails_fast_naming_the_url(tmp_path: Path, monke
     result = runner.invoke(app, ["ingest", str(tmp_path / "imgs"), "-o", str(tmp_path / "ds")])
     _one_line_error(result, "http://127.0.0.1:9/api", "Prefect API unreachable")
     assert not (tmp_path / "ds").exists()
+
+
+def test_help_shows_each_default_and_choices_with_whole_option_names() -> None:
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "--epochs" in text and "[default: (10)]" in text
+    assert "Choices: dice_ce, ce, dice, focal." in text
+    predict_help = runner.invoke(app, ["predict", "--help"]).output
+    assert "--threads-per-worker" in predict_help and "[default: (256)]" in " ".join(predict_help.split())
+
+
+def test_a_bad_nested_value_names_the_flag_not_the_field(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", str(tmp_path), "--in-channels", "0", "--no-prefect"])
+    _one_line_error(result, "option --in-channels")
+    assert "model.in_channels" not in result.output
