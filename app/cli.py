@@ -21,7 +21,7 @@ import typer.rich_utils
 from pydantic import BaseModel
 from rich.markup import escape
 
-from unetcore.config import InferConfig, IngestConfig, ModelConfig, TrainConfig
+from unetcore.config import DEFAULT_TRACKING_URI, InferConfig, IngestConfig, ModelConfig, TrainConfig
 from unetcore.errors import ConfigError, UnetError
 
 # Help is 120 columns wide when piped (rich's 80 cut option names such as --threads-per-worker); a terminal's own
@@ -438,11 +438,58 @@ def demo(
     _run(body)
 
 
+STOP_GRACE_S = 8.0
+"""After SIGTERM or Ctrl-C, the served deployments get this long to stop before their processes are killed."""
+
+_SERVE_CHILD = """
+import json, sys
+from deployments.serve import serve_all
+from unetcore.config import NightlyConfig
+serve_all(NightlyConfig(**json.loads(sys.argv[1])), sys.argv[2], sys.argv[3])
+"""
+
+
+def serve_supervised(nightly_cfg: Any, cron: str, timezone: str, grace_s: float = STOP_GRACE_S) -> int:
+    """Serve the deployments in a child process group and stop it within ``grace_s`` of SIGTERM or SIGINT.
+
+    Prefect's runner stops gracefully on a signal, but when its server has gone away that stop waits on API
+    retries. Supervisors (systemd, ``docker stop``, Kubernetes) send SIGTERM and expect an exit within ~10 s: the
+    signal is passed on, and whatever still runs after ``grace_s`` (the runner, its flow runs) is killed.
+    """
+    import signal
+    import subprocess
+
+    cmd = [sys.executable, "-c", _SERVE_CHILD, nightly_cfg.model_dump_json(), cron, timezone]
+    child = subprocess.Popen(cmd, start_new_session=True)
+    stopping: list[int] = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopping.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGINT)  # the runner's graceful stop (pauses the deployments)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    while child.poll() is None and not stopping:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)
+    if stopping:
+        try:
+            child.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            typer.echo(f"serve: the deployments did not stop within {grace_s:.0f} s; killing them", err=True)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)  # the runner and any flow run it started
+        child.wait()
+        return 0
+    return child.returncode
+
+
 @app.command()
 def serve(
     nightly_images: str = typer.Option("inbox", help="Inbox the nightly deployment watches (folder or glob)."),
     nightly_workdir: Path = typer.Option(Path("nightly"), help="Nightly dataset/ and predictions/ go here."),
-    tracking_uri: str = typer.Option("sqlite:///mlflow.db", help="MLflow tracking URI the nightly run reads."),
+    tracking_uri: str = typer.Option(DEFAULT_TRACKING_URI, help="MLflow tracking URI the nightly run reads."),
     registered_model: str = typer.Option("unet", help="Registered model whose champion the nightly run uses."),
     cron: str = typer.Option("0 2 * * *", help="Nightly schedule (cron expression)."),
     timezone: str = typer.Option("Europe/Berlin", help="Time zone of the schedule (IANA name, e.g. UTC)."),
@@ -458,14 +505,13 @@ def serve(
         nightly_cfg = _config(NightlyConfig, images=nightly_images, dataset=str(nightly_workdir / "dataset"),
                               output=str(nightly_workdir / "predictions"), tracking_uri=tracking_uri,
                               model_name=registered_model)
-        from deployments.serve import nightly_schedule, serve_all
+        from deployments.serve import nightly_schedule
 
         nightly_schedule(cron, timezone)
         url = check_prefect_api(required=True)
         typer.echo(f"serving ingest, train, infer, pipeline and nightly ({cron}, {timezone}) on {url}; "
                    f"UI: {url.rstrip('/').removesuffix('/api')}/deployments")
-        serve_all(nightly_cfg, cron, timezone)
-        return 0
+        return serve_supervised(nightly_cfg, cron, timezone)
 
     _run(body)
 

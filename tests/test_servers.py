@@ -353,3 +353,38 @@ def test_nightly_flow_twice_then_one_new_image(prefect_api, trained, sample, roo
         assert keys["nightly-progress"][-1].data == 100.0
     quiet_table = artifact_keys(prefect_api, reports[1][0])["nightly-images"][-1].data
     assert "nothing new" in quiet_table
+
+
+def test_serve_exits_within_10_s_of_sigterm_with_or_without_its_prefect_server(tmp_path: Path) -> None:
+    """Supervisors (systemd, `docker stop`, Kubernetes) send SIGTERM: `unet serve` stops in time in every state,
+    also after its Prefect server has gone away (where Prefect's own graceful stop waits on API retries)."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    server_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    serve_env = {**env, "PREFECT_API_URL": api}
+    serve_cmd = [str(BIN / "unet"), "serve", "--nightly-images", str(tmp_path / "inbox"),
+                 "--nightly-workdir", str(tmp_path / "nightly")]
+
+    def served() -> bool:
+        return http_ok(f"{api}/deployments/name/nightly/nightly")
+
+    def stop_seconds(proc: subprocess.Popen) -> float:
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        return time.monotonic() - start
+
+    with background(server_cmd, env, tmp_path / "server.log") as server:
+        wait_until(lambda: http_ok(f"{api}/health"), "prefect server", 150, server, tmp_path / "server.log")
+        with background(serve_cmd, serve_env, tmp_path / "serve-1.log") as serve:
+            wait_until(served, "served deployments", 120, serve, tmp_path / "serve-1.log")
+            assert stop_seconds(serve) < 10
+        with background(serve_cmd, serve_env, tmp_path / "serve-2.log") as serve:
+            wait_until(served, "served deployments", 120, serve, tmp_path / "serve-2.log")
+            os.killpg(server.pid, signal.SIGKILL)  # the server goes away under the running `unet serve`
+            server.wait()
+            time.sleep(2)
+            assert stop_seconds(serve) < 10
