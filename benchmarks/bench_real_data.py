@@ -35,6 +35,7 @@ from skimage.filters import threshold_local, threshold_otsu
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
+from unetcore import training  # noqa: E402
 from unetcore.config import IngestConfig, ModelConfig, TrainConfig  # noqa: E402
 from unetcore.inference.predict import BlockPredictor  # noqa: E402
 from unetcore.ingest import ingest_folder  # noqa: E402
@@ -42,7 +43,6 @@ from unetcore.metrics import confusion_counts  # noqa: E402
 from unetcore.model import load_model  # noqa: E402
 from unetcore.store import manifest as mf  # noqa: E402
 from unetcore.store import omezarr  # noqa: E402
-from unetcore.training import loop  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QUADRANT = 256
@@ -123,7 +123,7 @@ def unet_fold(root: Path, k: int, image: np.ndarray, mask: np.ndarray, options: 
     cfg = TrainConfig(dataset=str(root / "ds"), model=model, output=str(root / "run"),
                       tracking_uri=f"sqlite:///{root / 'mlflow.db'}", **options)
     t0 = time.perf_counter()
-    result = loop.train(cfg)
+    result = training.train(cfg)
     seconds = time.perf_counter() - t0
     best, config = load_model(Path(result.model_dir))
     predictor = BlockPredictor.from_model(best, config, torch.device("cpu"), tile=cfg.val_tile, overlap=0.5,

@@ -1,7 +1,7 @@
 """Training benchmarks: pipeline throughput against an in-memory loop, and the default recipe's held-out Dice.
 
 Part ``throughput``: images/s of the real training path (OME-Zarr patch sampling + augmentation through the
-DataLoader + :func:`unetcore.training.loop.train_step`) against the same model, batch and step fed from tensors
+DataLoader + :func:`unetcore.training.train_step`) against the same model, batch and step fed from tensors
 already in memory; and, for reference, a naive loop (default memory layout, no clipping). The sides alternate
 step by step within one process, so machine noise hits them alike; the figure of merit is the ratio.
 
@@ -34,14 +34,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
+from unetcore import training  # noqa: E402
 from unetcore.config import IngestConfig, ModelConfig, TrainConfig  # noqa: E402
 from unetcore.data.synthetic import write_sample  # noqa: E402
 from unetcore.inference.predict import BlockPredictor  # noqa: E402
 from unetcore.ingest import ingest_folder  # noqa: E402
 from unetcore.model import build_model, load_model  # noqa: E402
 from unetcore.store import manifest as mf  # noqa: E402
-from unetcore.training import loop  # noqa: E402
-from unetcore.training.losses import SegmentationLoss  # noqa: E402
+from unetcore.training import SegmentationLoss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,7 +79,7 @@ def throughput(cfg: TrainConfig, steps: int, warmup: int = 2) -> dict[str, Any]:
     params = list(model.parameters())
 
     def step(batch: tuple[torch.Tensor, torch.Tensor]) -> None:
-        loop.train_step(model, params, batch, loss_fn, optimizer, device, cfg.grad_clip)
+        training.train_step(model, params, batch, loss_fn, optimizer, device, cfg.grad_clip)
 
     naive_model = build_model(cfg.model)
     naive_opt = torch.optim.AdamW(naive_model.parameters(), lr=cfg.lr)
@@ -91,7 +91,7 @@ def throughput(cfg: TrainConfig, steps: int, warmup: int = 2) -> dict[str, Any]:
         loss.backward()
         naive_opt.step()
 
-    loader, _ = loop.make_loader(cfg.model_copy(update={"steps_per_epoch": steps + warmup}), Path(cfg.dataset))
+    loader, _ = training.make_loader(cfg.model_copy(update={"steps_per_epoch": steps + warmup}), Path(cfg.dataset))
     in_memory = [(x.clone(), y.clone()) for _, (x, y) in zip(range(8), loader)]  # real patches, already in RAM
     sides = {
         "pipeline": (step, iter(loader)),
@@ -118,7 +118,7 @@ def sampler_speed(cfg: TrainConfig, n: int) -> dict[str, float]:
     """Milliseconds per patch of the sampler alone, with and without augmentation."""
     out = {}
     for aug in (False, True):
-        loader, _ = loop.make_loader(cfg.model_copy(update={"augment": aug}), Path(cfg.dataset))
+        loader, _ = training.make_loader(cfg.model_copy(update={"augment": aug}), Path(cfg.dataset))
         data = loader.dataset
         data[0]
         t0 = time.perf_counter()
@@ -132,7 +132,7 @@ def held_out_dice(model_dir: Path, holdout: Path, tile: int) -> float:
     """Dice of the model saved in ``model_dir`` on the held-out dataset, through the inference code path."""
     best, config = load_model(model_dir)
     predictor = BlockPredictor.from_model(best, config, torch.device("cpu"), tile=tile, overlap=0.5, batch_size=4)
-    return loop.evaluate(predictor, holdout, mf.entries(mf.require(holdout)))["val_dice"]
+    return training.evaluate(predictor, holdout, mf.entries(mf.require(holdout)))["val_dice"]
 
 
 def recipe(root: Path, overrides: dict[str, Any], budget_s: float, track: bool) -> dict[str, Any]:
@@ -155,14 +155,14 @@ def recipe(root: Path, overrides: dict[str, Any], budget_s: float, track: bool) 
                  "cpu_s": round(time.process_time() - cpu0 - spent[1], 1)}
         if track:
             w, c = time.perf_counter(), time.process_time()
-            point["held_out_dice_of_best"] = round(held_out_dice(Path(cfg.output) / loop.BEST, holdout,
+            point["held_out_dice_of_best"] = round(held_out_dice(Path(cfg.output) / training.BEST, holdout,
                                                                  cfg.val_tile), 4)
             spent[0] += time.perf_counter() - w
             spent[1] += time.process_time() - c
         curve.append(point)
         print(point, flush=True)
 
-    result = loop.train(cfg, on_epoch=on_epoch)
+    result = training.train(cfg, on_epoch=on_epoch)
     score = held_out_dice(Path(result.model_dir), holdout, cfg.val_tile)
     return {"held_out_dice": score, "val_dice": result.best_val_dice, "epochs_run": result.epochs_run,
             "stop_reason": result.stop_reason,

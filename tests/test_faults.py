@@ -29,6 +29,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from app.cli import app
+from unetcore import training
 from unetcore.config import IngestConfig, ModelConfig
 from unetcore.data.synthetic import write_sample
 from unetcore.errors import InputError, UnetError
@@ -37,7 +38,6 @@ from unetcore.locks import LockedError, exclusive, lock_path
 from unetcore.model import build_model, load_model, save_model
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
-from unetcore.training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -161,13 +161,13 @@ def _failing_torch_save(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / loop.CHECKPOINT
-    loop._save_checkpoint(path, {"epoch": 3, "w": torch.arange(4.0)})
+    path = tmp_path / training.CHECKPOINT
+    training.save_checkpoint(path, {"epoch": 3, "w": torch.arange(4.0)})
     _failing_torch_save(monkeypatch)
     with pytest.raises(OSError, match="No space left on device"):
-        loop._save_checkpoint(path, {"epoch": 4, "w": torch.zeros(4)})
+        training.save_checkpoint(path, {"epoch": 4, "w": torch.zeros(4)})
     monkeypatch.undo()
-    state = loop._load_checkpoint(path)  # what --resume would read
+    state = training.load_checkpoint(path)  # what --resume would read
     assert state["epoch"] == 3 and torch.equal(state["w"], torch.arange(4.0))
 
 
@@ -252,7 +252,7 @@ def test_training_sigkilled_mid_epoch_resumes_in_the_same_run_with_every_epoch_o
     proc = subprocess.run([sys.executable, "-c", _KILL_MID_EPOCH, "5", *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    assert loop._load_checkpoint(out / loop.CHECKPOINT)["progress"]["epoch"] == 0  # epoch 0 finished
+    assert training.load_checkpoint(out / training.CHECKPOINT)["progress"]["epoch"] == 0  # epoch 0 finished
     client = MlflowClient(uri)
     [experiment] = [e for e in client.search_experiments() if e.name == "unet"]
     [killed] = client.search_runs([experiment.experiment_id])

@@ -20,13 +20,13 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from unetcore import training
 from unetcore.config import IngestConfig, ModelConfig, TrainConfig
 from unetcore.data.synthetic import write_sample
 from unetcore.errors import InputError, ServiceError
 from unetcore.ingest import ingest_folder
 from unetcore.model import build_model, load_model, save_model
 from unetcore.tracking import mlflow as tracking
-from unetcore.training import loop
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +172,9 @@ def test_barely_trained_model_does_not_take_champion(tracking_uri: str, tmp_path
                                output=str(tmp_path / "ds")))
     base = dict(dataset=str(tmp_path / "ds"), model=ModelConfig(base_channels=8, depth=2), patch_size=64,
                 batch_size=4, val_tile=64, tracking_uri=tracking_uri, experiment="e2e", registered_model="e2e")
-    good = loop.train(TrainConfig(**base, epochs=3, steps_per_epoch=10, output=str(tmp_path / "good")))
+    good = training.train(TrainConfig(**base, epochs=3, steps_per_epoch=10, output=str(tmp_path / "good")))
     assert good.alias == "champion" and good.best_val_dice > 0.7
-    bad = loop.train(TrainConfig(**base, epochs=1, steps_per_epoch=1, output=str(tmp_path / "bad")))
+    bad = training.train(TrainConfig(**base, epochs=1, steps_per_epoch=1, output=str(tmp_path / "bad")))
     assert bad.best_val_dice < good.best_val_dice
     assert bad.alias == "challenger" and _champion("e2e") == good.model_version
     folder = tracking.download_model("models:/e2e@champion", tracking_uri, dst=tmp_path / "dl")

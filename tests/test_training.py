@@ -16,17 +16,22 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
+from unetcore import training
 from unetcore.config import IngestConfig, ModelConfig, NormalizationConfig, TrainConfig
 from unetcore.data.synthetic import generate_image, instances_to_semantic, write_sample
 from unetcore.errors import ConfigError, InputError, ServiceError
 from unetcore.ingest import ingest_folder
-from unetcore.training import loop
-from unetcore.training.augment import AugmentConfig, augment_pair
-from unetcore.training.sampler import (
+from unetcore.tracking import mlflow as tracking
+from unetcore.tracking import runs
+from unetcore.training import (
+    AugmentConfig,
     EpochSampler,
     PatchDataset,
+    augment_pair,
     class_locations,
     load_images,
+    loop,
+    validation,
 )
 
 TINY = ModelConfig(base_channels=8, depth=2)
@@ -98,7 +103,7 @@ def test_batches_are_the_same_with_persistent_workers(binary_ds: Path, tmp_path:
     batches = {}
     for workers in (0, 2):
         cfg = _cfg(binary_ds, tmp_path, "sqlite:///unused.db", "w", num_workers=workers, steps_per_epoch=2)
-        loader, sampler = loop.make_loader(cfg, binary_ds)
+        loader, sampler = training.make_loader(cfg, binary_ds)
         got = []
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
@@ -199,21 +204,21 @@ def test_resume_gives_the_weights_and_metrics_of_an_uninterrupted_run(
     The crash comes after epoch 1's checkpoint but before its metrics reach MLflow, the worst moment: the
     resume must log them from the checkpoint, and must not log epoch 0's again.
     """
-    straight = loop.train(_cfg(binary_ds, tmp_path / "a", tracking_uri, "resume-a", epochs=4))
+    straight = training.train(_cfg(binary_ds, tmp_path / "a", tracking_uri, "resume-a", epochs=4))
 
-    real_log = loop.log_epoch
+    real_log = runs.log_epoch
 
     def crash_at_epoch_1(metrics: dict[str, float], epoch: int) -> None:
         if epoch == 1:
             raise KeyboardInterrupt("simulated crash")
         real_log(metrics, epoch)
 
-    monkeypatch.setattr(loop, "log_epoch", crash_at_epoch_1)
+    monkeypatch.setattr(runs, "log_epoch", crash_at_epoch_1)
     cfg = _cfg(binary_ds, tmp_path / "b", tracking_uri, "resume-b", epochs=4)
     with pytest.raises(KeyboardInterrupt):
-        loop.train(cfg)
-    monkeypatch.setattr(loop, "log_epoch", real_log)
-    resumed = loop.train(cfg.model_copy(update={"resume": True}))
+        training.train(cfg)
+    monkeypatch.setattr(runs, "log_epoch", real_log)
+    resumed = training.train(cfg.model_copy(update={"resume": True}))
 
     a, b = _weights(tmp_path / "a" / "last.pt"), _weights(tmp_path / "b" / "last.pt")
     assert a.keys() == b.keys()
@@ -234,11 +239,45 @@ def test_resume_gives_the_weights_and_metrics_of_an_uninterrupted_run(
 
 def test_resume_refuses_a_checkpoint_of_another_recipe(binary_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
     cfg = _cfg(binary_ds, tmp_path, tracking_uri, "foreign", epochs=1, steps_per_epoch=1)
-    loop.train(cfg)
+    training.train(cfg)
     with pytest.raises(ConfigError, match="lr"):
-        loop.train(cfg.model_copy(update={"resume": True, "epochs": 2, "lr": 0.1}))
+        training.train(cfg.model_copy(update={"resume": True, "epochs": 2, "lr": 0.1}))
     with pytest.raises(ConfigError, match="raise --epochs"):  # finished and registered: nothing left to do
-        loop.train(cfg.model_copy(update={"resume": True}))
+        training.train(cfg.model_copy(update={"resume": True}))
+
+
+def test_checkpointed_rng_state_round_trips_on_cpu(tmp_path: Path) -> None:
+    """The saved CPU generator state, read back and restored, replays the same draws; no CUDA state on CPU."""
+    cpu = torch.device("cpu")
+    torch.manual_seed(5)
+    training.save_checkpoint(tmp_path / training.CHECKPOINT, {"rng": training.rng_state(cpu)})
+    expected = torch.rand(8)
+    torch.rand(3)
+    state = training.load_checkpoint(tmp_path / training.CHECKPOINT)["rng"]
+    assert set(state) == {"torch"}
+    training.set_rng_state(state, cpu)
+    assert torch.equal(torch.rand(8), expected)
+
+
+def test_cuda_rng_state_is_the_training_devices_and_restored_only_where_it_exists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One GPU's state is saved (not every visible GPU's); it is restored only if that GPU exists here."""
+    saved, restored = torch.arange(4, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: saved)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    gpu = torch.device("cuda", 1)
+    state = training.rng_state(gpu)
+    assert state["cuda"] is saved
+    for available, count in ((False, 0), (True, 1)):  # no GPU; one GPU, so no cuda:1
+        monkeypatch.setattr(torch.cuda, "is_available", lambda a=available: a)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda c=count: c)
+        training.set_rng_state(state, gpu)
+        assert restored == []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    training.set_rng_state(state, gpu)
+    training.set_rng_state({**state, "cuda": [torch.zeros(4, dtype=torch.uint8), saved]}, gpu)  # older: per GPU
+    assert [(s is saved, d) for s, d in restored] == [(True, gpu), (True, gpu)]
 
 
 def _scripted_dice(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> None:
@@ -248,7 +287,7 @@ def _scripted_dice(monkeypatch: pytest.MonkeyPatch, scores: list[float]) -> None
     def fake(*args, **kwargs) -> dict[str, float]:
         return {"val_dice": next(it), "val_iou": 0.5}
 
-    monkeypatch.setattr(loop, "evaluate", fake)
+    monkeypatch.setattr(validation, "evaluate", fake)
 
 
 def test_early_stopping_after_patience_epochs_without_improvement(
@@ -256,14 +295,15 @@ def test_early_stopping_after_patience_epochs_without_improvement(
 ) -> None:
     # EMA (0.9) of 0.5, 0.6, 0.4, 0.4, 0.4: 0.5, 0.51, 0.499, ... best at epoch 1, then 2 bad epochs
     _scripted_dice(monkeypatch, [0.5, 0.6, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4] + [0.4] * 4)
-    result = loop.train(_cfg(binary_ds, tmp_path, tracking_uri, "patience", epochs=8, steps_per_epoch=1, patience=2))
+    cfg = _cfg(binary_ds, tmp_path, tracking_uri, "patience", epochs=8, steps_per_epoch=1, patience=2)
+    result = training.train(cfg)
     assert result.stop_reason == "patience"
     assert result.epochs_run == 4 and result.best_epoch == 1
     assert result.best_val_dice == pytest.approx(0.6)  # the best epoch's own Dice, chosen by its EMA
 
 
 def test_time_budget_stops_after_the_current_epoch(binary_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
-    result = loop.train(_cfg(binary_ds, tmp_path, tracking_uri, "budget", epochs=50, time_budget_s=1e-3))
+    result = training.train(_cfg(binary_ds, tmp_path, tracking_uri, "budget", epochs=50, time_budget_s=1e-3))
     assert result.stop_reason == "time_budget" and result.epochs_run == 1
     assert (tmp_path / "last.pt").exists() and result.model_version == 1  # still checkpointed and registered
 
@@ -271,7 +311,7 @@ def test_time_budget_stops_after_the_current_epoch(binary_ds: Path, tracking_uri
 def test_three_class_training_reports_per_class_dice(three_class_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
     cfg = _cfg(three_class_ds, tmp_path, tracking_uri, "three", model=ModelConfig(base_channels=8, depth=2, num_classes=3),
                sampling="class_balanced", epochs=3, steps_per_epoch=8, hd95=True)
-    result = loop.train(cfg)
+    result = training.train(cfg)
     run = MlflowClient(tracking_uri).get_run(result.run_id)
     metrics = run.data.metrics
     for key in ("val_dice_class1", "val_dice_class2", "val_iou_class1", "val_iou_class2", "val_hd95"):
@@ -285,11 +325,11 @@ def test_three_class_training_reports_per_class_dice(three_class_ds: Path, track
 def test_ignore_label_is_left_out_of_loss_and_metrics(three_class_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
     """A binary model on the 3-class masks with the boundary class (2) as the ignore label trains and scores."""
     cfg = _cfg(three_class_ds, tmp_path, tracking_uri, "ignore", ignore_index=2, class_weights=[1.0, 2.0])
-    result = loop.train(cfg)
+    result = training.train(cfg)
     metrics = MlflowClient(tracking_uri).get_run(result.run_id).data.metrics
     assert "val_dice_class1" in metrics and "val_dice_class2" not in metrics
     with pytest.raises(ConfigError, match="class 2"):  # without the ignore label, class 2 is undeclared
-        loop.train(cfg.model_copy(update={"ignore_index": None, "class_weights": None}))
+        training.train(cfg.model_copy(update={"ignore_index": None, "class_weights": None}))
 
 
 def test_evaluate_makes_empty_ground_truth_explicit(binary_ds: Path) -> None:
@@ -302,9 +342,9 @@ def test_evaluate_makes_empty_ground_truth_explicit(binary_ds: Path) -> None:
 
     predictor = BlockPredictor(nothing, 1, NormalizationConfig(), tile=64, overlap=0.5, batch_size=4)
     entries = mf.entries(mf.require(binary_ds), "val")
-    scores = loop.evaluate(predictor, binary_ds, entries)
+    scores = training.evaluate(predictor, binary_ds, entries)
     assert scores["val_dice"] == 0.0 and scores["val_truth_empty_class1"] == 0.0  # truth has nuclei: Dice 0
-    scores = loop.evaluate(predictor, binary_ds, entries, ignore_index=1)  # every nucleus pixel ignored
+    scores = training.evaluate(predictor, binary_ds, entries, ignore_index=1)  # every nucleus pixel ignored
     assert np.isnan(scores["val_dice"]) and scores["val_truth_empty_class1"] == 1.0
 
 
@@ -316,32 +356,57 @@ def test_dataset_without_masks_is_refused(tmp_path: Path, tracking_uri: str) -> 
     cfg = IngestConfig(images=str(tmp_path / "raw/images"), output=str(tmp_path / "ds"))
     ingest_folder(cfg)
     with pytest.raises(InputError, match="no image in the dataset has a mask"):
-        loop.train(_cfg(tmp_path / "ds", tmp_path / "out", tracking_uri, "nomask"))
+        training.train(_cfg(tmp_path / "ds", tmp_path / "out", tracking_uri, "nomask"))
 
 
 def test_masks_with_undeclared_classes_are_refused(three_class_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model.num_classes.*class 2"):
-        loop.train(_cfg(three_class_ds, tmp_path, tracking_uri, "undeclared"))  # binary model, classes 0..2
+        training.train(_cfg(three_class_ds, tmp_path, tracking_uri, "undeclared"))  # binary model, classes 0..2
 
 
 def test_empty_validation_split_is_refused(tmp_path: Path, tracking_uri: str) -> None:
     write_sample(tmp_path, n_images=2, size=64, large_size=0)
     ds = _ingest(tmp_path, val_fraction=0.0)
     with pytest.raises(InputError, match="validation split is empty"):
-        loop.train(_cfg(ds, tmp_path / "out", tracking_uri, "noval"))
+        training.train(_cfg(ds, tmp_path / "out", tracking_uri, "noval"))
 
 
 def test_patch_larger_than_every_image_is_refused(binary_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"patch_size.*256.*128"):
-        loop.train(_cfg(binary_ds, tmp_path, tracking_uri, "patch", patch_size=256))
+        training.train(_cfg(binary_ds, tmp_path, tracking_uri, "patch", patch_size=256))
 
 
 def test_unreachable_tracking_server_fails_fast_before_training(binary_ds: Path, tmp_path: Path) -> None:
     t0 = time.perf_counter()
     with pytest.raises(ServiceError, match="127.0.0.1:9"):
-        loop.train(_cfg(binary_ds, tmp_path / "out", "http://127.0.0.1:9", "down"))
+        training.train(_cfg(binary_ds, tmp_path / "out", "http://127.0.0.1:9", "down"))
     assert time.perf_counter() - t0 < 10
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_train_runs_its_preflight_checks_once(
+    binary_ds: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """check_trainable is the one pre-flight (dataset, then tracking store); train() runs it, and the URI check,
+    exactly once."""
+    inputs = training.check_trainable(_cfg(binary_ds, tmp_path, tracking_uri, "checks"))
+    assert isinstance(inputs, training.TrainInputs) and inputs.val_entries
+    assert all(e["split"] == "val" and e["has_mask"] for e in inputs.val_entries)
+    calls = {"check_trainable": 0, "check_tracking_uri": 0}
+
+    def count(module: object, name: str) -> None:
+        real = getattr(module, name)
+
+        def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+
+    count(loop, "check_trainable")
+    count(tracking, "check_tracking_uri")
+    training.train(_cfg(binary_ds, tmp_path, tracking_uri, "checks", epochs=1, steps_per_epoch=1))
+    assert calls == {"check_trainable": 1, "check_tracking_uri": 1}
 
 
 def test_class_weights_must_match_the_classes() -> None:
@@ -359,13 +424,13 @@ def test_class_weights_must_match_the_classes() -> None:
 )
 def test_lr_schedules(schedule: str, expected: list[float]) -> None:
     """Factors at steps 0, total/2 (+warm-up for cosine) and total; cosine warms up over 5 % of the steps."""
-    factor = loop._lr_lambda(TrainConfig(dataset="x", schedule=schedule), 40)
+    factor = training.lr_lambda(TrainConfig(dataset="x", schedule=schedule), 40)
     steps = [0, 20, 40] if schedule != "cosine" else [0, 1, 40]
     assert [factor(s) for s in steps] == pytest.approx(expected)
 
 
 def test_sgd_is_nesterov_with_high_momentum() -> None:
-    opt = loop._optimizer(TrainConfig(dataset="x", optimizer="sgd", lr=0.01), torch.nn.Linear(2, 2))
+    opt = training.make_optimizer(TrainConfig(dataset="x", optimizer="sgd", lr=0.01), torch.nn.Linear(2, 2))
     assert isinstance(opt, torch.optim.SGD)
     assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.99
 
@@ -373,7 +438,7 @@ def test_sgd_is_nesterov_with_high_momentum() -> None:
 def test_training_logs_lr_throughput_previews_and_code_version(
     binary_ds: Path, tracking_uri: str, tmp_path: Path
 ) -> None:
-    result = loop.train(_cfg(binary_ds, tmp_path, tracking_uri, "logged", epochs=3, preview_every=2),
+    result = training.train(_cfg(binary_ds, tmp_path, tracking_uri, "logged", epochs=3, preview_every=2),
                         tags={"prefect_flow_run_id": "abc"})
     client = MlflowClient(tracking_uri)
     run = client.get_run(result.run_id)
@@ -394,5 +459,5 @@ def test_compiled_forward_trains_like_eager(binary_ds: Path, tracking_uri: str, 
     for compiled in (False, True):
         cfg = _cfg(binary_ds, tmp_path / str(compiled), tracking_uri, f"compile-{compiled}", epochs=1,
                    steps_per_epoch=3, model=ModelConfig(base_channels=4, depth=2), compile=compiled)
-        loop.train(cfg, on_epoch=lambda e, m, c=compiled: losses.__setitem__(c, m["train_loss"]))
+        training.train(cfg, on_epoch=lambda e, m, c=compiled: losses.__setitem__(c, m["train_loss"]))
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)

@@ -62,12 +62,17 @@ def sqlite_path(uri: str) -> Path:
 
 
 def configure(uri: str, experiment: str) -> str:
-    """Point MLflow at ``uri`` and make sure ``experiment`` exists; return its id.
+    """Check ``uri`` (:func:`check_tracking_uri`), then :func:`use_experiment`; return the experiment's id."""
+    check_tracking_uri(uri)
+    return use_experiment(uri, experiment)
+
+
+def use_experiment(uri: str, experiment: str) -> str:
+    """Point MLflow at an already checked ``uri`` and make sure ``experiment`` exists; return its id.
 
     With a sqlite store the experiment's artifacts go next to the database (``mlartifacts/``), not into the
     current directory.
     """
-    check_tracking_uri(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(experiment)

@@ -1,0 +1,57 @@
+"""Training: patch sampling and augmentation, losses, the loop, checkpoints and whole-image validation."""
+
+from unetcore.training.augment import AugmentConfig, augment_pair
+from unetcore.training.checkpoint import (
+    BEST,
+    CHECKPOINT,
+    LoopState,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from unetcore.training.loop import (
+    TrainInputs,
+    TrainResult,
+    check_trainable,
+    make_loader,
+    train,
+    train_step,
+)
+from unetcore.training.losses import SegmentationLoss
+from unetcore.training.optim import lr_lambda, make_optimizer, make_scheduler
+from unetcore.training.sampler import (
+    EpochSampler,
+    PatchDataset,
+    class_locations,
+    load_images,
+)
+from unetcore.training.validation import Validation, evaluate
+
+__all__ = [
+    "BEST",
+    "CHECKPOINT",
+    "AugmentConfig",
+    "EpochSampler",
+    "LoopState",
+    "PatchDataset",
+    "SegmentationLoss",
+    "TrainInputs",
+    "TrainResult",
+    "Validation",
+    "augment_pair",
+    "check_trainable",
+    "class_locations",
+    "evaluate",
+    "load_checkpoint",
+    "load_images",
+    "lr_lambda",
+    "make_loader",
+    "make_optimizer",
+    "make_scheduler",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "train",
+    "train_step",
+]
