@@ -156,11 +156,58 @@ def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: C
     run here first, so a user error costs no server start-up, then the flow, whose entry point checks again (a
     run started from the UI or a schedule is checked too).
     """
-    if use_prefect:
-        check(cfg)
-        check_prefect_api()
-    with _progress_bar():
-        return flow_fn(cfg) if use_prefect else lib_fn(cfg)
+    if not use_prefect:
+        with _progress_bar():
+            return lib_fn(cfg)
+    check(cfg)
+    check_prefect_api()
+    with _progress_bar(), _user_errors_told_once():
+        return flow_fn(cfg)
+
+
+@contextlib.contextmanager
+def _user_errors_told_once() -> Iterator[None]:
+    """Hold back Prefect's console ERROR lines while a flow runs; drop them if it fails with a user error.
+
+    A user error is then the one line :func:`_run` prints, as with ``--no-prefect``, instead of the task's failure
+    lines and a traceback. The flow run still ends Failed, with the reason and traceback in its log on the server
+    (only the console handlers are held). Any other failure (or success) gets every held line back.
+    """
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    held: list[tuple[logging.Handler, logging.LogRecord]] = []
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    consoles = {h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}
+
+    class Hold(logging.Filter):
+        def __init__(self, handler: logging.Handler) -> None:
+            super().__init__()
+            self.handler = handler
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            if record.levelno < logging.ERROR:
+                return True
+            held.append((self.handler, record))
+            return False
+
+    filters = {h: Hold(h) for h in consoles}
+    for handler, filt in filters.items():
+        handler.addFilter(filt)
+    user_error = False
+    try:
+        yield
+    except UnetError:
+        user_error = True
+        raise
+    finally:
+        for handler, filt in filters.items():
+            handler.removeFilter(filt)
+        if not user_error:
+            for handler, record in held:
+                handler.handle(record)
 
 
 PREFECT_OPT = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefect flow (default) or call the library directly.")

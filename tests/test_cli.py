@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,40 @@ def test_a_bad_nested_value_names_the_flag_not_the_field(tmp_path: Path) -> None
     result = runner.invoke(app, ["train", str(tmp_path), "--in-channels", "0", "--no-prefect"])
     _one_line_error(result, "option --in-channels")
     assert "model.in_channels" not in result.output
+
+
+def test_a_user_error_inside_a_prefect_flow_is_the_same_one_line(tmp_path: Path) -> None:
+    """Prefect mode (the default): an error raised inside the flow run prints the line --no-prefect prints, no
+    Prefect traceback; the run itself still fails (exit 2)."""
+    import fcntl
+
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ds").mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "img" / "a.png")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    env.pop("PREFECT_API_URL", None)
+    with open(tmp_path / "ds" / ".ingest.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another ingestion is writing: the flow's task raises InputError
+        proc = subprocess.run([sys.executable, "-m", "app.cli", "ingest", str(tmp_path / "img"), "-o",
+                               str(tmp_path / "ds")], capture_output=True, text=True, timeout=240, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    errors = [line for line in output.splitlines() if "another ingestion is writing" in line]
+    assert errors == [f"error: {tmp_path / 'ds'}: another ingestion is writing to this dataset "
+                      "(wait for it to finish, then run again)"], output
+    assert "Traceback" not in output and "| ERROR" not in output
+
+
+def test_an_unwritable_output_is_one_line_before_any_work(tmp_path: Path) -> None:
+    (tmp_path / "img").mkdir()
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "file").write_text("not a folder")
+    result = runner.invoke(app, ["ingest", str(tmp_path / "img"), "-o", str(tmp_path / "file" / "ds"),
+                                 "--no-prefect"])
+    _one_line_error(result, str(tmp_path / "file" / "ds"), "cannot write here")

@@ -18,15 +18,22 @@ def os_error_reason(exc: OSError) -> str:
 
 
 def check_writable(folder: Path) -> None:
-    """Create ``folder`` if needed and prove a file can be written in it (then removed).
+    """Prove that ``folder`` can be created and written, leaving nothing behind.
+
+    A temporary file is written (and removed) in ``folder``, or, when it does not exist yet, in its nearest
+    existing parent, which is where it would be created.
 
     Raises:
         InputError: naming the folder and why it cannot be written.
     """
     folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(existing))
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-check-"):
             pass
     except OSError as exc:
         raise InputError(folder, f"cannot write here ({os_error_reason(exc)})",
