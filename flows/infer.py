@@ -62,6 +62,7 @@ def infer(config: InferConfig) -> list[dict[str, Any]]:
     results = predict_task(config)
     publish_infer_report(results, config.model)
     for r in results:
-        print(f"predicted {r['id']}: {r['pixels'] / 1e6:.1f} MP, {r['megapixels_per_s']:.2f} MP/s, "
-              f"Dice {r['dice'] if r['dice'] is not None else 'n/a'} -> {r['output']}")
+        dice = f"{r['dice']:.4f}" if r["dice"] is not None else "n/a"
+        print(f"predicted {r['id']}: {r['pixels'] / 1e6:.1f} MP, {r['megapixels_per_s']:.2f} MP/s, Dice {dice} "
+              f"-> {r['output']}")
     return results

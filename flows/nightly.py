@@ -57,7 +57,7 @@ def night_progress(key: str = "nightly-progress") -> Iterator[None]:
     artifact_id = create_progress_artifact(0.0, key=key, description="Nightly: looking for new images")
     last = [0.0]
 
-    def on_report(stage: str, done: int, total: int) -> None:
+    def on_report(stage: str, done: int, total: int, detail: str = "") -> None:
         now = time.monotonic()
         if stage not in _STAGES or (done < total and now - last[0] < 1.0):
             return

@@ -54,12 +54,13 @@ def progress_artifact(key: str, description: str) -> Iterator[None]:
     artifact_id = create_progress_artifact(0.0, key=key, description=description)
     last = [0.0]
 
-    def on_report(stage: str, done: int, total: int) -> None:
+    def on_report(stage: str, done: int, total: int, detail: str = "") -> None:
         now = time.monotonic()
         if done < total and now - last[0] < 1.0:
             return
         last[0] = now
-        update_progress_artifact(artifact_id, 100.0 * done / max(total, 1), description=f"{stage}: {done}/{total}")
+        text = f"{stage}: {done}/{total}" + (f" ({detail})" if detail else "")
+        update_progress_artifact(artifact_id, 100.0 * done / max(total, 1), description=text)
 
     with progress.subscribed(on_report):
         yield

@@ -146,3 +146,21 @@ def test_an_unwritable_output_is_one_line_before_any_work(tmp_path: Path) -> Non
     result = runner.invoke(app, ["ingest", str(tmp_path / "img"), "-o", str(tmp_path / "file" / "ds"),
                                  "--no-prefect"])
     _one_line_error(result, str(tmp_path / "file" / "ds"), "cannot write here")
+
+
+def test_piped_progress_is_a_line_per_epoch_with_eta(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from app.cli import ProgressLines
+
+    clock = iter([0.0, 40.0, 80.0, 81.0, 82.0])
+    monkeypatch.setattr("app.cli.time.monotonic", lambda: next(clock))
+    lines = ProgressLines(every_s=10.0)
+    lines("train", 0, 3)
+    lines("train", 1, 3, "train loss 0.5000, val Dice 0.7000, 40 s/epoch")
+    lines("train", 2, 3, "train loss 0.4000, val Dice 0.8000, 40 s/epoch")
+    lines("predict a", 0, 100)
+    lines("predict a", 1, 100)  # 1 s after the stage began: not due
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "train: 1/3 (33 %), 00:00:40 elapsed, ETA 00:01:20 (train loss 0.5000, val Dice 0.7000, 40 s/epoch)",
+        "train: 2/3 (66 %), 00:01:20 elapsed, ETA 00:00:40 (train loss 0.4000, val Dice 0.8000, 40 s/epoch)",
+    ]

@@ -461,3 +461,78 @@ def test_compiled_forward_trains_like_eager(binary_ds: Path, tracking_uri: str, 
                    steps_per_epoch=3, model=ModelConfig(base_channels=4, depth=2), compile=compiled)
         training.train(cfg, on_epoch=lambda e, m, c=compiled: losses.__setitem__(c, m["train_loss"]))
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+# --- what a re-run of the same command does ---------------------------------------------------------------------
+
+
+def _runs(uri: str, experiment: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def test_an_interrupt_before_the_first_epoch_keeps_nothing_and_says_so(
+    binary_ds: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.loop, "train_step", interrupted)
+    cfg = _cfg(binary_ds, tmp_path, tracking_uri, "early-stop")
+    with pytest.raises(training.TrainingInterrupted, match="nothing was kept") as err:
+        training.train(cfg)
+    assert "resume" not in err.value.message.split("nothing was kept")[0]
+    assert not (tmp_path / training.CHECKPOINT).exists()
+    assert _runs(tracking_uri, "early-stop") == []  # no empty FAILED run left behind
+
+
+def test_the_same_command_resumes_an_interrupted_run(
+    binary_ds: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_log = runs.log_epoch
+
+    def stop_after_epoch_0(metrics: dict[str, float], epoch: int) -> None:
+        real_log(metrics, epoch)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "log_epoch", stop_after_epoch_0)
+    cfg = _cfg(binary_ds, tmp_path, tracking_uri, "same-command", epochs=3)
+    with pytest.raises(training.TrainingInterrupted, match="re-run the same command to resume") as err:
+        training.train(cfg)
+    assert "after epoch 1 of 3" in err.value.message
+    [killed] = _runs(tracking_uri, "same-command")
+    assert killed.info.status == "KILLED"
+    monkeypatch.setattr(runs, "log_epoch", real_log)
+
+    result = training.train(cfg)  # the very same config: no --resume needed
+    [run] = _runs(tracking_uri, "same-command")
+    assert run.info.run_id == killed.info.run_id == result.run_id and run.info.status == "FINISHED"
+    assert run.data.tags["resumed_at_epoch"] == "1" and result.epochs_run == 3
+
+    again = training.train(cfg)  # finished and registered: the same command now trains a new run
+    assert again.run_id != result.run_id and len(_runs(tracking_uri, "same-command")) == 2
+
+
+def test_an_unfinished_run_of_another_recipe_is_never_overwritten_silently(
+    binary_ds: Path, tracking_uri: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_log = runs.log_epoch
+
+    def stop(metrics: dict[str, float], epoch: int) -> None:
+        real_log(metrics, epoch)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "log_epoch", stop)
+    cfg = _cfg(binary_ds, tmp_path, tracking_uri, "other-recipe", epochs=3)
+    with pytest.raises(training.TrainingInterrupted):
+        training.train(cfg)
+    monkeypatch.setattr(runs, "log_epoch", real_log)
+    before = (tmp_path / training.CHECKPOINT).read_bytes()
+    with pytest.raises(ConfigError, match="--restart"):
+        training.train(cfg.model_copy(update={"lr": 0.05}))
+    assert (tmp_path / training.CHECKPOINT).read_bytes() == before
+    restarted = training.train(cfg.model_copy(update={"lr": 0.05, "resume": False}))
+    assert restarted.epochs_run == 3 and "resumed_at_epoch" not in MlflowClient(tracking_uri).get_run(
+        restarted.run_id).data.tags

@@ -215,7 +215,11 @@ class TrainConfig(TrainOptions, _TrainTarget):
     tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="MLflow tracking URI (sqlite file or http URL).")
     experiment: str = Field("unet", description="MLflow experiment name.")
     registered_model: str = Field("unet", description="Name under which the model is registered.")
-    resume: bool = Field(False, description="Resume from the last checkpoint in `output` if there is one.")
+    resume: bool | None = Field(
+        None,
+        description="None (default): continue an unfinished run of the same recipe in `output` (its last.pt), so "
+        "re-running the same command resumes; true: resume or refuse; false: start over (--restart).",
+    )
 
 
 class _InferTarget(_Config):

@@ -1,4 +1,4 @@
-"""A tiny progress bus: library code reports ``(stage, done, total)``; front ends subscribe.
+"""A tiny progress bus: library code reports ``(stage, done, total, detail)``; front ends subscribe.
 
 The CLI subscribes a terminal progress bar, flows a Prefect progress artifact. The library never knows which.
 A module-level list (not a context variable) so reports from worker threads reach the subscribers too.
@@ -9,14 +9,17 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-Reporter = Callable[[str, int, int], None]
+Reporter = Callable[[str, int, int, str], None]
 _reporters: list[Reporter] = []
 
 
-def report(stage: str, done: int, total: int) -> None:
-    """Tell every subscriber that ``done`` of ``total`` units of ``stage`` are finished."""
+def report(stage: str, done: int, total: int, detail: str = "") -> None:
+    """Tell every subscriber that ``done`` of ``total`` units of ``stage`` are finished.
+
+    ``detail`` is a short human line about the last unit (an epoch's loss and Dice), or "".
+    """
     for reporter in list(_reporters):
-        reporter(stage, done, total)
+        reporter(stage, done, total, detail)
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ from unetcore.training.checkpoint import (
     set_rng_state,
 )
 from unetcore.training.loop import (
+    TrainingInterrupted,
     TrainInputs,
     TrainResult,
     check_trainable,
@@ -36,6 +37,7 @@ __all__ = [
     "LoopState",
     "PatchDataset",
     "SegmentationLoss",
+    "TrainingInterrupted",
     "TrainInputs",
     "TrainResult",
     "Validation",

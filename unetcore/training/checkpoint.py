@@ -21,7 +21,8 @@ CHECKPOINT = "last.pt"
 BEST = "best"  # folder of the best model so far (weights-only, see unetcore.model)
 # Options that may change between a run and its resumption; any other change makes the checkpoint foreign.
 RESUMABLE_CHANGES = frozenset(
-    {"epochs", "time_budget_s", "patience", "resume", "num_workers", "device", "compile", "hd95", "preview_every"}
+    {"epochs", "time_budget_s", "patience", "resume", "num_workers", "device", "compile", "hd95", "preview_every",
+     "output", "tracking_uri"}
 )
 
 
@@ -59,6 +60,11 @@ def recipe(cfg: TrainConfig) -> dict[str, Any]:
     return {k: v for k, v in cfg.flat_params().items() if k not in RESUMABLE_CHANGES}
 
 
+def is_finished(state: dict[str, Any]) -> bool:
+    """The checkpoint's run registered its model: nothing of it is lost by starting a new run over it."""
+    return bool(state.get("registered"))
+
+
 def check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None:
     """Refuse a checkpoint written with another recipe, or one whose run already finished.
 
@@ -68,8 +74,9 @@ def check_resumable(cfg: TrainConfig, state: dict[str, Any], path: Path) -> None
     now = recipe(cfg)
     for key, value in state["recipe"].items():
         if now.get(key) != value:
-            raise ConfigError("resume", f"{path} was trained with {key}={value!r}, not {now.get(key)!r}; "
-                                        "drop --resume or choose another --output")
+            raise ConfigError("resume", f"{path} holds an unfinished run trained with {key}={value!r}, not "
+                                        f"{now.get(key)!r}; pass --restart to start over (it is replaced), or "
+                                        "choose another --output")
     if state["progress"]["epoch"] + 1 >= cfg.epochs and state.get("registered"):
         raise ConfigError("resume", f"the run in {path.parent} finished all {cfg.epochs} epochs and registered "
                                     f"version {state['registered']['version']}; raise --epochs to train longer")

@@ -37,6 +37,7 @@ from unetcore.training.checkpoint import (
     LoopState,
     check_resumable,
     checkpoint_state,
+    is_finished,
     load_checkpoint,
     mark_registered,
     restore,
@@ -159,7 +160,10 @@ def train(
     with runs.start_run(experiment_id, s.loop.run_id, run_tags, f"train-{dataset.name}") as run:
         runs.log_start(run.info.run_id, cfg.flat_params(), state)
         s.loop.run_id = run.info.run_id
-        stop_reason, epoch = _run_epochs(s, start, on_epoch)
+        try:
+            stop_reason, epoch = _run_epochs(s, start, on_epoch)
+        except KeyboardInterrupt:
+            raise _interrupted(s, run.info.run_id, resumed=state is not None) from None
         reg, best_dice = runs.register_best(cfg.registered_model, run.info.run_id, s.best_dir,
                                             s.validation.set_id(), s.validation.score, s.loop.best_epoch)
         runs.tag_outcome(reg, stop_reason)
@@ -170,6 +174,30 @@ def train(
         model_version=reg["version"], alias=reg["alias"], seconds=round(time.perf_counter() - start, 2),
         stop_reason=stop_reason, gate=reg["gate"],
     )
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGINT) during training; ``message`` says truly what was kept and how to go on."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def _interrupted(s: _Session, run_id: str, resumed: bool) -> TrainingInterrupted:
+    """End the MLflow run after an interrupt: KILLED when a checkpoint holds its work, deleted when it is empty."""
+    import mlflow
+
+    if s.loop.epoch < 0:  # not one epoch finished, in this call or before: nothing to resume
+        mlflow.end_run("KILLED")
+        if not resumed:
+            mlflow.MlflowClient().delete_run(run_id)
+        return TrainingInterrupted("interrupted before the first epoch finished: nothing was kept (no checkpoint, "
+                                   "the empty MLflow run deleted); re-running the same command starts again")
+    mlflow.end_run("KILLED")
+    return TrainingInterrupted(
+        f"interrupted after epoch {s.loop.epoch + 1} of {s.cfg.epochs}: {s.ckpt_path} and MLflow run {run_id} are "
+        "kept; re-run the same command to resume (--restart starts over)")
 
 
 # --- the pieces of one run ------------------------------------------------------------------------------------
@@ -201,10 +229,17 @@ class _Session:
 
 
 def _resumed_checkpoint(cfg: TrainConfig, path: Path) -> dict[str, Any] | None:
-    """The checkpoint to resume from (``--resume`` and one exists), refused if foreign or finished."""
-    if not (cfg.resume and path.exists()):
+    """The checkpoint to resume from, or None to start a new run.
+
+    By default (``resume`` None) an unfinished run in ``output`` is resumed and a finished one (its model
+    registered) is started over; ``resume`` True refuses a finished run; False (``--restart``) always starts
+    over. A checkpoint of another recipe is refused unless starting over: it is never overwritten silently.
+    """
+    if cfg.resume is False or not path.exists():
         return None
     state = load_checkpoint(path)
+    if cfg.resume is None and is_finished(state):
+        return None
     check_resumable(cfg, state, path)
     return state
 
@@ -239,7 +274,7 @@ def _run_epochs(
     for epoch in range(s.loop.epoch + 1, s.cfg.epochs):
         metrics = _run_epoch(s, epoch)
         _end_epoch(s, epoch, metrics)
-        progress.report("train", epoch + 1, s.cfg.epochs)
+        progress.report("train", epoch + 1, s.cfg.epochs, epoch_line(metrics))
         if on_epoch:
             on_epoch(epoch, metrics)
         reason = _stop_reason(s.cfg, s.loop, start)
@@ -265,6 +300,12 @@ def _run_epoch(s: _Session, epoch: int) -> dict[str, float]:
     metrics.update(train_loss=float(np.mean(losses)), lr=s.scheduler.get_last_lr()[0], ema_val_dice=s.loop.ema,
                    images_per_s=len(losses) * s.cfg.batch_size / max(train_s, 1e-9), epoch_s=time.perf_counter() - t0)
     return metrics
+
+
+def epoch_line(metrics: dict[str, float]) -> str:
+    """An epoch in a few words: ``train loss 0.3121, val Dice 0.8123, 41 s/epoch``."""
+    return (f"train loss {metrics['train_loss']:.4f}, val Dice {metrics['val_dice']:.4f}, "
+            f"{metrics['epoch_s']:.0f} s/epoch")
 
 
 def _score(metrics: dict[str, float]) -> float:
