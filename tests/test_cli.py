@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,12 @@ def test_predict_unknown_split(tmp_path: Path) -> None:
     _one_line_error(result, "split")
 
 
-def test_pipeline_missing_images(tmp_path: Path) -> None:
-    result = runner.invoke(app, ["pipeline", str(tmp_path / "none"), "--masks", str(tmp_path)])
+def test_pipeline_missing_images(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "masks").mkdir()
+    monkeypatch.chdir(tmp_path)  # the default --workdir (work/) and any tracking store would land here
+    result = runner.invoke(app, ["pipeline", str(tmp_path / "none"), "--masks", str(tmp_path / "masks")])
     _one_line_error(result, "none")
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["masks"]
 
 
 def test_real_process_prints_one_line_and_exits_2(tmp_path: Path) -> None:
@@ -90,8 +94,11 @@ def test_unreachable_prefect_api_fails_fast_naming_the_url(tmp_path: Path, monke
 
     skio.imsave(tmp_path / "imgs" / "a.png", np.zeros((8, 8), np.uint8), check_contrast=False)
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    start = time.monotonic()
     result = runner.invoke(app, ["ingest", str(tmp_path / "imgs"), "-o", str(tmp_path / "ds")])
+    elapsed = time.monotonic() - start
     _one_line_error(result, "http://127.0.0.1:9/api", "Prefect API unreachable")
+    assert elapsed < 10, f"took {elapsed:.1f} s to report an unreachable Prefect API"
     assert not (tmp_path / "ds").exists()
 
 

@@ -76,8 +76,8 @@ def _npy_claiming(path: Path, height: int, width: int) -> None:
 
 
 @pytest.mark.parametrize(("make", "name", "reason"), [
-    (_png_claiming, "bomb.png", r"bomb\.png: .*(max_pixels|decompression bomb)"),
-    (_npy_claiming, "bomb.npy", r"bomb\.npy: "),
+    (_png_claiming, "bomb.png", r"bomb\.png: image has 300000x300000 = 90,000,000,000 pixels, more than max_pixels"),
+    (_npy_claiming, "bomb.npy", r"bomb\.npy: image has 300000x300000 = 90,000,000,000 pixels, more than max_pixels"),
 ])
 def test_a_bomb_is_refused_from_its_header_and_the_rest_ingests(tmp_path: Path, make, name: str,
                                                                 reason: str) -> None:

@@ -161,8 +161,15 @@ def test_preview_strip_is_image_truth_prediction_side_by_side() -> None:
 def test_code_version_names_the_commit_in_a_checkout() -> None:
     tags = tracking.code_version_tags()
     assert tags["package_version"]
-    if "git_commit" in tags:
-        assert len(tags["git_commit"]) == 40 and tags["code_version"].startswith(tags["git_commit"][:12])
+    package = Path(tracking.__file__).resolve().parent
+    if not any((d / ".git").exists() for d in (package, *package.parents)):  # an installed copy: no commit to name
+        assert "git_commit" not in tags and tags["code_version"] == tags["package_version"]
+        return
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, check=True)
+    edited = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=package).returncode != 0
+    sha = head.stdout.strip()
+    assert tags.get("git_commit") == sha and len(sha) == 40
+    assert tags["code_version"] == sha[:12] + ("-dirty" if edited else "")
 
 
 def test_barely_trained_model_does_not_take_champion(tracking_uri: str, tmp_path: Path) -> None:

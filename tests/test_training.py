@@ -427,6 +427,10 @@ def test_lr_schedules(schedule: str, expected: list[float]) -> None:
     factor = training.lr_lambda(TrainConfig(dataset="x", schedule=schedule), 40)
     steps = [0, 20, 40] if schedule != "cosine" else [0, 1, 40]
     assert [factor(s) for s in steps] == pytest.approx(expected)
+    if schedule == "cosine":  # after the 2 warm-up steps, half a cosine period over the remaining 38
+        cosine = [0.5 * (1 + np.cos(np.pi * (s - 2) / 38)) for s in range(2, 41)]
+        assert [factor(s) for s in range(2, 41)] == pytest.approx(cosine, abs=1e-9)
+        assert factor(11) == pytest.approx(0.8679, abs=1e-4)  # a linear decay gives 1 - 9/38 = 0.763 here
 
 
 def test_sgd_is_nesterov_with_high_momentum() -> None:

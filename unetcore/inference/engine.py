@@ -676,6 +676,8 @@ def predict_dataset(cfg: InferConfig, client: Any | None = None) -> list[ImageRe
     model_dir, model_uri = _model_dir(cfg, out_dir / ".models")
     for entry in chosen:
         plan_image(entry, dataset, cfg, model_dir, model_uri)
+    if client is None and cfg.scheduler_address:
+        _probe(cfg.scheduler_address)  # before the lock, which creates the output folder
     with exclusive(out_dir, "predict"):  # one run writes into an output folder at a time
         own = dask_client(cfg.scheduler_address, cfg.n_workers, cfg.threads_per_worker, cfg.device)
         with contextlib.nullcontext(client) if client is not None else own as active:

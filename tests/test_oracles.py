@@ -1,0 +1,269 @@
+"""Core numeric behaviours checked against independent oracles, written here from their definitions.
+
+Each oracle is computed without the code under test (Gaussian blending by hand, percentiles from a known
+order statistic, labelling with scipy, thresholds with numpy), and each is chosen so that a plausible broken
+implementation fails it: ``scripts/mutation_check.py`` swaps such versions in and requires these tests to fail.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from unetcore.config import NormalizationConfig
+from unetcore.inference.components import instances_blockwise, postprocess_blockwise
+from unetcore.inference.predict import logits_to_outputs
+from unetcore.inference.stitch import predict_blocks_numpy, sliding_window
+from unetcore.inference.windows import gaussian_weights
+from unetcore.store.stats import StreamingStats, normalize
+from unetcore.training.augment import AugmentConfig, augment_pair
+
+# --- Gaussian blending ---------------------------------------------------------------------------------
+
+
+def _gaussian_1d(n: int) -> np.ndarray:
+    """nnU-Net's importance profile along one axis: centred in the tile, sigma = n / 8."""
+    d = np.arange(n, dtype=np.float64) - (n - 1) / 2
+    return np.exp(-(d**2) / (2 * (n / 8) ** 2))
+
+
+def _tile_value(y0: int, x0: int) -> float:
+    """A different constant for every tile origin (deterministic, so every visit of a tile agrees)."""
+    return float(10 * np.sin(12.9898 * y0 + 78.233 * x0))
+
+
+class ConstantPerTile:
+    """Predictor on a coordinate image (channel 0 = row, 1 = column): tile ``(y0, x0)`` answers ``_tile_value``.
+
+    The origin is read from the tile's first pixel, so the predictor also records which tiles ran.
+    """
+
+    def __init__(self) -> None:
+        self.origins: set[tuple[int, int]] = set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = np.empty((batch.shape[0], 1, *batch.shape[2:]), np.float32)
+        for i, tile in enumerate(batch):
+            origin = int(tile[0, 0, 0]), int(tile[1, 0, 0])
+            self.origins.add(origin)
+            out[i] = _tile_value(*origin)
+        return out
+
+
+def _coordinates(h: int, w: int) -> np.ndarray:
+    return np.stack(np.mgrid[0:h, 0:w]).astype(np.float32)
+
+
+def _blend_by_hand(shape: tuple[int, int], tile: tuple[int, int], ys: list[int], xs: list[int],
+                   weight: np.ndarray) -> np.ndarray:
+    """Each pixel: sum over the tiles covering it of value * weight, over the sum of their weights (float64)."""
+    (h, w), (th, tw) = shape, tile
+    num = np.zeros((max(h, th) + th, max(w, tw) + tw))
+    den = np.zeros_like(num)
+    for y0 in ys:
+        for x0 in xs:
+            num[y0:y0 + th, x0:x0 + tw] += _tile_value(y0, x0) * weight
+            den[y0:y0 + th, x0:x0 + tw] += weight
+    return num[:h, :w] / den[:h, :w]
+
+
+# Tile starts by hand (nnU-Net: n = ceil((size - tile) / step) + 1 starts, evenly spread, rounded half to even):
+# 100 / 32 / 0.5: step 16, n 6, linspace(0, 68, 6) = 0 13.6 27.2 40.8 54.4 68
+# 130 / 48 / 0.5: step 24, n 5, linspace(0, 82, 5) = 0 20.5 41 61.5 82
+# 20 / 32: one tile at 0 (the image is padded); 90 / 32 / 0.25: step 24, n 4, linspace(0, 58, 4) = 0 19.3 38.7 58
+BLEND_CASES = [
+    ((100, 130), (32, 48), 0.5, [0, 14, 27, 41, 54, 68], [0, 20, 41, 62, 82]),
+    ((20, 90), (32, 32), 0.25, [0], [0, 19, 39, 58]),
+]
+
+
+@pytest.mark.parametrize("tile", [(32, 32), (32, 48), (17, 9)])
+def test_gaussian_weights_follow_the_formula(tile: tuple[int, int]) -> None:
+    expected = np.outer(_gaussian_1d(tile[0]), _gaussian_1d(tile[1]))
+    np.testing.assert_allclose(gaussian_weights(tile), expected / expected.max(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("shape", "tile", "overlap", "ys", "xs"), BLEND_CASES)
+def test_every_blended_pixel_is_the_gaussian_weighted_mean_of_its_tiles(
+    shape: tuple[int, int], tile: tuple[int, int], overlap: float, ys: list[int], xs: list[int]
+) -> None:
+    weight = np.outer(_gaussian_1d(tile[0]), _gaussian_1d(tile[1]))
+    expected = _blend_by_hand(shape, tile, ys, xs, weight)
+    uniform = _blend_by_hand(shape, tile, ys, xs, np.ones(tile))
+    assert np.abs(expected - uniform).max() > 1.0  # the case tells Gaussian from uniform blending apart
+
+    image = _coordinates(*shape)
+    whole = ConstantPerTile()
+    out = sliding_window(image, whole, tile, overlap, batch_size=3)
+    assert whole.origins == {(y, x) for y in ys for x in xs}
+    np.testing.assert_allclose(out[0], expected, rtol=1e-5, atol=1e-4)
+    for block in [(16, 16), (40, 56), (shape[0], 23)]:
+        blocks = ConstantPerTile()
+        np.testing.assert_allclose(predict_blocks_numpy(image, blocks, tile, overlap, block, 4)[0], expected,
+                                   rtol=1e-5, atol=1e-4)
+        assert blocks.origins == whole.origins
+
+
+# --- percentile normalisation ----------------------------------------------------------------------------
+
+
+def _stats(values_cyx: np.ndarray) -> dict:
+    acc = StreamingStats(values_cyx.shape[0], values_cyx.dtype)
+    acc.update(np.moveaxis(values_cyx, 0, -1))
+    return acc.result()
+
+
+def _shuffled(values: np.ndarray, shape: tuple[int, int], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).permutation(values).reshape(shape)
+
+
+def test_integer_percentile_normalisation_clips_outliers_on_both_sides() -> None:
+    # 1000 uint16 pixels: 5 at 0, the ramp 1005..1994, 5 at 65535. The 1st percentile is the 10th smallest value
+    # (1009), the 99th the 990th (1989); min-max scaling would use 0 and 65535 instead.
+    ch0 = np.concatenate([np.zeros(5), np.arange(1005, 1995), np.full(5, 65535)]).astype(np.uint16)
+    ch1 = ch0 // 2  # order statistics halve too: 504 and 994
+    image = np.stack([_shuffled(ch0, (25, 40), 1), _shuffled(ch1, (25, 40), 2)])
+    recipe = NormalizationConfig(mode="percentile", low_percentile=1, high_percentile=99)
+    out = normalize(image, _stats(image), recipe)
+    assert out.dtype == np.float32
+    for c, (lo, hi) in enumerate([(1009, 1989), (504, 994)]):
+        expected = np.clip((image[c].astype(np.float64) - lo) / (hi - lo), 0, 1)
+        np.testing.assert_allclose(out[c], expected, rtol=1e-6, atol=1e-7)
+    at = {int(v): float(out[0][image[0] == v][0]) for v in (0, 1009, 1499, 1989, 65535)}
+    assert at == {0: 0.0, 1009: 0.0, 1499: pytest.approx(0.5, abs=1e-6), 1989: pytest.approx(1.0, abs=1e-6),
+                  65535: 1.0}
+
+
+def test_float_percentile_and_zscore_normalisation_are_exact() -> None:
+    # 1001 float pixels: 5 at -1000, the ramp 0..990, 5 at 10000. np.percentile's linear rule puts the 1st
+    # percentile at sorted[10] = 5 and the 99th at sorted[990] = 985 exactly.
+    values = np.concatenate([np.full(5, -1000.0), np.arange(991.0), np.full(5, 10000.0)]).astype(np.float32)
+    image = _shuffled(values, (7, 143), 3)[None]
+    stats = _stats(image)
+    out = normalize(image, stats, NormalizationConfig(mode="percentile", low_percentile=1, high_percentile=99))
+    np.testing.assert_allclose(out[0], np.clip((image[0] - 5.0) / 980.0, 0, 1), rtol=1e-6, atol=1e-6)
+    assert out[0][image[0] == 495.0] == pytest.approx(0.5, abs=1e-6)
+    z = normalize(image, stats, NormalizationConfig(mode="zscore"))
+    as64 = values.astype(np.float64)
+    np.testing.assert_allclose(z[0], (image[0] - as64.mean()) / as64.std(), rtol=1e-5, atol=1e-5)
+    assert z.max() > 3 and z.min() < -1  # zscore is not clipped
+
+
+# --- logits to labels ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3, 0.8])
+def test_binary_labels_are_probability_above_the_threshold(threshold: float) -> None:
+    logits = np.random.default_rng(0).uniform(-4, 4, (1, 20, 30)).astype(np.float32)
+    probs, labels = logits_to_outputs(logits, 1, threshold)
+    sigmoid = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    np.testing.assert_allclose(probs, sigmoid, rtol=1e-6)
+    np.testing.assert_array_equal(labels, (sigmoid[0] > threshold).astype(np.uint8))
+    assert 0 < labels.mean() < 1
+
+
+def test_multiclass_labels_are_the_softmax_argmax() -> None:
+    logits = np.random.default_rng(1).normal(0, 2, (4, 16, 16)).astype(np.float32)
+    probs, labels = logits_to_outputs(logits, 4)
+    e = np.exp(logits.astype(np.float64) - logits.max(axis=0))
+    np.testing.assert_allclose(probs, e / e.sum(axis=0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(labels, logits.argmax(axis=0))
+    assert set(np.unique(labels)) == {0, 1, 2, 3}
+
+
+# --- connected components across block faces -----------------------------------------------------------
+
+
+def _scipy_instances(semantic: np.ndarray) -> np.ndarray:
+    """4-connected components of equal class, from scipy (each class labelled on its own, ids made unique)."""
+    out = np.zeros(semantic.shape, np.int64)
+    for value in np.unique(semantic[semantic > 0]):
+        ids, _ = ndimage.label(semantic == value)
+        out[ids > 0] = ids[ids > 0] + out.max()
+    return out
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    pairs = set(zip(a.ravel().tolist(), b.ravel().tolist()))
+    return ((a > 0) == (b > 0)).all() and len(pairs) == len(np.unique(a)) == len(np.unique(b))
+
+
+@pytest.mark.parametrize("classes", [1, 2])
+def test_blockwise_instances_equal_scipy_labelling(classes: int) -> None:
+    grains = ndimage.gaussian_filter(np.random.default_rng(classes).random((90, 70)), 2.0)
+    foreground = grains > np.median(grains)
+    # two classes: the right half is class 2, so objects of both classes cross faces and touch at x = 35
+    semantic = (foreground * (1 + (classes == 2) * (np.mgrid[0:90, 0:70][1] >= 35))).astype(np.uint8)
+    reference = _scipy_instances(semantic)
+    crossing = [i for i in np.unique(reference[reference > 0])
+                if len({(y // 16, x // 16) for y, x in zip(*np.nonzero(reference == i))}) > 1]
+    assert len(crossing) >= 3  # several objects span blocks: a missing face merge would split them
+    assert _same_partition(instances_blockwise(semantic, (16, 16)).astype(np.int64), reference)
+
+
+def test_blockwise_postprocessing_equals_scipy_rules() -> None:
+    rng = np.random.default_rng(5)
+    semantic = (ndimage.gaussian_filter(rng.random((80, 96)), 1.5) > 0.5).astype(np.uint8)
+    min_size = 12
+    objects, _ = ndimage.label(semantic == 1)
+    holes, _ = ndimage.label(semantic == 0)
+    object_size, hole_size = np.bincount(objects.ravel()), np.bincount(holes.ravel())
+    on_border = np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))
+    expected = semantic.copy()
+    expected[(objects > 0) & (object_size[objects] < min_size)] = 0
+    small_hole = (holes > 0) & (hole_size[holes] < min_size) & ~np.isin(holes, on_border)
+    expected[small_hole] = 1
+    assert (expected != semantic).sum() > 20  # objects removed and holes filled, some across block faces
+    np.testing.assert_array_equal(postprocess_blockwise(semantic, (16, 16), min_size), expected)
+
+
+# --- augmentation: image and mask stay aligned ---------------------------------------------------------
+
+
+def _blobs(size: int, seed: int) -> np.ndarray:
+    """A smooth image: four off-centre Gaussian blobs (so that rotations and zooms move them)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    image = np.zeros((size, size))
+    for cy, cx in rng.uniform(0.2 * size, 0.8 * size, (4, 2)):
+        sigma = rng.uniform(0.08, 0.12) * size
+        image += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    return image.astype(np.float32)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return np.count_nonzero(a & b) / np.count_nonzero(a | b)
+
+
+SPATIAL_ONLY = {"p_intensity": 0, "p_gamma": 0, "p_noise": 0, "p_blur": 0}
+
+
+@pytest.mark.parametrize(("name", "cfg"), [
+    ("affine", AugmentConfig(p_flip=0, p_rot90=0, p_affine=1, max_rotation_deg=180, scale_range=(0.7, 1.4),
+                             **SPATIAL_ONLY)),
+    ("scale only", AugmentConfig(p_flip=0, p_rot90=0, p_affine=1, max_rotation_deg=0, scale_range=(0.6, 0.8),
+                                 **SPATIAL_ONLY)),
+    ("every spatial step", AugmentConfig(p_flip=1, p_rot90=1, p_affine=1, max_rotation_deg=180, **SPATIAL_ONLY)),
+])
+def test_the_mask_stays_the_threshold_of_the_augmented_image(name: str, cfg: AugmentConfig) -> None:
+    moved = 0
+    for seed in range(10):
+        smooth = _blobs(128, seed)
+        image = np.stack([smooth, 2 * smooth + 1])  # channels must move together too
+        mask = (smooth > 0.5).astype(np.int64)
+        out_image, out_mask = augment_pair(image, mask, np.random.default_rng(seed), cfg)
+        assert set(np.unique(out_mask)) <= {0, 1}
+        np.testing.assert_allclose(out_image[1], 2 * out_image[0] + 1, atol=1e-5)
+        assert _iou(out_image[0] > 0.5, out_mask == 1) > 0.95, (name, seed)
+        moved += _iou(out_mask == 1, mask == 1) < 0.8
+    assert moved >= 5  # the transforms really moved the objects, so a mask left in place would be caught
+
+
+def test_flips_and_quarter_turns_keep_the_mask_exactly_the_threshold() -> None:
+    cfg = AugmentConfig(p_flip=1, p_rot90=1, p_affine=0, **SPATIAL_ONLY)
+    for seed in range(4):
+        smooth = _blobs(64, seed)
+        out_image, out_mask = augment_pair(smooth[None], (smooth > 0.5).astype(np.int64),
+                                           np.random.default_rng(seed), cfg)
+        np.testing.assert_array_equal(out_mask, out_image[0] > 0.5)
