@@ -36,9 +36,7 @@ sys.path[:0] = [{root!r}, {bench!r}]
 from bench_infer import synthetic_image
 from unetcore.allocator import with_heap_buffers
 from unetcore.config import ModelConfig
-from unetcore.inference.predict import torch_predictor
-from unetcore.inference.stitch import predict_block
-from unetcore.inference.windows import Block, TileGrid
+from unetcore.inference import Block, TileGrid, predict_block, torch_predictor
 from unetcore.model import build_model
 from unetcore.model.parts import fold_batch_norm
 torch.set_num_threads(1)

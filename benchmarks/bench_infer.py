@@ -34,11 +34,16 @@ import numpy as np
 import tifffile
 import torch
 
+from unetcore.cluster import dask_cluster, local_cluster_shape
 from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
-from unetcore.inference.engine import dask_client, local_cluster_shape, predict_dataset
-from unetcore.inference.predict import torch_predictor
-from unetcore.inference.stitch import sliding_window
-from unetcore.inference.windows import TileGrid, choose_block_shape, tile_evaluations
+from unetcore.inference import (
+    TileGrid,
+    choose_block_shape,
+    predict_dataset,
+    sliding_window,
+    tile_evaluations,
+    torch_predictor,
+)
 from unetcore.ingest import ingest_folder
 from unetcore.model import build_model, save_model
 from unetcore.store import manifest as mf
@@ -146,10 +151,10 @@ def main() -> None:
             cpu[side].append(time.process_time() - cpu0)
             return out
 
-        with dask_client(None) as client:
-            predict_dataset(cfg("warm"), client=client)  # workers load the model once
+        with dask_cluster(None) as cluster:
+            predict_dataset(cfg("warm"), cluster=cluster)  # workers load the model once
             for r in range(args.repeats):
-                [res] = timed("pipeline", lambda: predict_dataset(cfg(f"run{r}"), client=client))
+                [res] = timed("pipeline", lambda: predict_dataset(cfg(f"run{r}"), cluster=cluster))
                 records = (tmp / f"run{r}" / "img.blocks").glob("y*.json")
                 cpu["pipeline"][-1] += sum(json.loads(p.read_text())["cpu_seconds"] for p in records)
                 timed("bare", lambda: bare_forward(fast, tiles))

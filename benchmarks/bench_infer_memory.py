@@ -32,8 +32,9 @@ import numpy as np
 import psutil
 
 from unetcore.allocator import release_free_memory
+from unetcore.cluster import dask_cluster, local_cluster_shape
 from unetcore.config import InferConfig, ModelConfig, NormalizationConfig
-from unetcore.inference.engine import dask_client, local_cluster_shape, predict_dataset
+from unetcore.inference import predict_dataset
 from unetcore.model import build_model, save_model
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
@@ -132,14 +133,13 @@ def write_store(dataset: Path, image_id: str, size: int, seed: int = 0) -> None:
 def install_identity() -> None:
     """On a worker: replace the model with the identity (logits = normalised channel 0); keeps the rest."""
     from unetcore.config import NormalizationConfig as Norm
-    from unetcore.inference import engine
-    from unetcore.inference.predict import BlockPredictor
+    from unetcore.inference import BlockPredictor, set_worker_predictor_factory
 
     def identity(spec: Any) -> BlockPredictor:
         return BlockPredictor(lambda batch: batch[:, :1], 1, Norm(), spec.tile, spec.overlap, spec.batch_size,
                               spec.threshold)
 
-    engine._worker_predictor = identity
+    set_worker_predictor_factory(identity)
 
 
 def measure(tmp: Path, size: int, model_dir: Path, predictor: str) -> dict[str, Any]:
@@ -153,10 +153,10 @@ def measure(tmp: Path, size: int, model_dir: Path, predictor: str) -> dict[str, 
     PeakRss.reset_high_water_mark()  # forget the store writing above
     with PeakRss() as rss:
         start = time.perf_counter()
-        with dask_client(None) as client:
+        with dask_cluster(None) as cluster:
             if predictor == "identity":
-                client.run(install_identity)
-            [res] = predict_dataset(cfg, client=client)
+                cluster.client.run(install_identity)
+            [res] = predict_dataset(cfg, cluster=cluster)
             marks = PeakRss.high_water_marks()  # before the workers exit
         seconds = time.perf_counter() - start
     driver, largest_worker = rss.driver_and_largest_child()

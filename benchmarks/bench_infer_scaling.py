@@ -33,8 +33,9 @@ import tifffile
 import torch
 from bench_infer import synthetic_image  # type: ignore[import-not-found]  # sibling script
 
+from unetcore.cluster import dask_cluster
 from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
-from unetcore.inference.engine import dask_client, predict_dataset
+from unetcore.inference import predict_dataset
 from unetcore.ingest import ingest_folder
 from unetcore.model import build_model, save_model
 
@@ -67,12 +68,12 @@ def measure(tmp: Path, model: Path, warm: Path, size: int, repeats: int,
 
     for r in range(repeats):
         for key, (workers, threads) in shapes.items():
-            with dask_client(None, workers, threads) as client:
-                predict_dataset(cfg(warm, f"warm-{key}-{r}", threads), client=client)
+            with dask_cluster(None, workers, threads) as cluster:
+                predict_dataset(cfg(warm, f"warm-{key}-{r}", threads), cluster=cluster)
                 if (used := _workers_used(tmp / f"out{size}" / f"warm-{key}-{r}")) < workers:
                     print(f"  warning: the warm-up reached {used} of {workers} workers", flush=True)
                 start = time.perf_counter()
-                [res] = predict_dataset(cfg(dataset, f"{key}-{r}", threads), client=client)
+                [res] = predict_dataset(cfg(dataset, f"{key}-{r}", threads), cluster=cluster)
                 times[key].append(time.perf_counter() - start)
             records = [json.loads(p.read_text()) for p in (tmp / f"out{size}" / f"{key}-{r}" / "img.blocks").glob("y*.json")]
             cpu = sum(rec["cpu_seconds"] for rec in records)

@@ -28,17 +28,26 @@ from skimage import measure
 from typer.testing import CliRunner
 
 from app.cli import app
+from unetcore.cluster import Cluster, dask_cluster
 from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
-from unetcore.errors import OutputExistsError
-from unetcore.inference.components import postprocess_whole
-from unetcore.inference.engine import dask_client, predict_dataset
-from unetcore.inference.predict import BlockPredictor
-from unetcore.inference.stitch import sliding_window
-from unetcore.inference.windows import plan_blocks
+from unetcore.errors import ConfigError, InputError, OutputExistsError
+from unetcore.inference import (
+    BlockPredictor,
+    check_predictable,
+    engine,
+    plan_blocks,
+    plan_image,
+    postprocess_whole,
+    predict_dataset,
+    predict_entries,
+    sliding_window,
+)
 from unetcore.ingest import ingest_folder
+from unetcore.locks import LockedError, exclusive
 from unetcore.model import build_model, save_model
 from unetcore.store import manifest as mf
 from unetcore.store.stats import normalize
+from unetcore.tracking.mlflow import pin_model
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -102,8 +111,8 @@ def config(dataset: Path, out: Path, model: Path, **kw: Any) -> InferConfig:
 
 
 @pytest.fixture(scope="module")
-def client():
-    with dask_client(None, 2, 1) as c:
+def cluster() -> Cluster:
+    with dask_cluster(None, 2, 1) as c:
         yield c
 
 
@@ -119,14 +128,14 @@ def client():
     ],
 )
 def test_engine_equals_whole_image_sliding_window(
-    tmp_path: Path, client: Any, shape: tuple[int, int], chunk: int, tile: int, block_size: int, channels: int,
+    tmp_path: Path, cluster: Cluster, shape: tuple[int, int], chunk: int, tile: int, block_size: int, channels: int,
     classes: int,
 ) -> None:
     image = random_image((*shape, channels) if channels > 1 else shape)
     dataset = make_dataset(tmp_path, image, chunk)
     model = make_model(tmp_path / "model", channels, classes)
     cfg = config(dataset, tmp_path / "out", model, tile=tile, block_size=block_size, probability_dtype="float32")
-    [result] = predict_dataset(cfg, client=client)
+    [result] = predict_dataset(cfg, cluster=cluster)
 
     assert result.blocks > 1 and result.blocks_skipped == 0
     assert result.tile_evaluations >= result.grid_tiles
@@ -158,12 +167,13 @@ def test_workers_get_their_torch_threads_malloc_settings_and_quiet_config(tmp_pa
 
     dataset = make_dataset(tmp_path, random_image((150, 150)), 64)
     model = make_model(tmp_path / "model")
-    with dask_client(None, 1, 2) as c:
-        assert set(c.run(_malloc_tuned).values()) == {0}
-        predict_dataset(config(dataset, tmp_path / "out", model, threads_per_worker=0), client=c)
-        assert set(c.run(torch.get_num_threads).values()) == {2}  # 1 worker on 2 cores: both cores for torch
-        assert set(c.run(_malloc_tuned).values()) == {1}
-        intervals = c.run(lambda: (dask.config.get("distributed.worker.profile.interval"),
+    with dask_cluster(None, 1, 2) as c:
+        assert c.torch_threads == 2
+        assert set(c.client.run(_malloc_tuned).values()) == {0}
+        predict_dataset(config(dataset, tmp_path / "out", model, threads_per_worker=0), cluster=c)
+        assert set(c.client.run(torch.get_num_threads).values()) == {2}  # 1 worker on 2 cores: both cores for torch
+        assert set(c.client.run(_malloc_tuned).values()) == {1}
+        intervals = c.client.run(lambda: (dask.config.get("distributed.worker.profile.interval"),
                                    dask.config.get("distributed.worker.memory.monitor-interval")))
         assert set(intervals.values()) == {("100ms", "500ms")}
 
@@ -171,15 +181,15 @@ def test_workers_get_their_torch_threads_malloc_settings_and_quiet_config(tmp_pa
 # --- options -------------------------------------------------------------------------------------------
 
 
-def test_skipped_empty_tiles_give_background_where_the_model_says_foreground(tmp_path: Path, client: Any) -> None:
+def test_skipped_empty_tiles_give_background_where_the_model_says_foreground(tmp_path: Path, cluster: Cluster) -> None:
     image = np.zeros((200, 400), np.uint8)
     image[:, 300:] = random_image((200, 100))
     dataset = make_dataset(tmp_path, image, 64)
     model = make_model(tmp_path / "model", head_bias=30.0)  # foreground everywhere when it runs
     on = config(dataset, tmp_path / "on", model)
     off = config(dataset, tmp_path / "off", model, skip_empty=False)
-    predict_dataset(on, client=client)
-    predict_dataset(off, client=client)
+    predict_dataset(on, cluster=cluster)
+    predict_dataset(off, cluster=cluster)
 
     labels_on = outputs(tmp_path / "on")["labels/prediction/0"][:]
     assert (outputs(tmp_path / "off")["labels/prediction/0"][:] == 1).all()
@@ -190,13 +200,13 @@ def test_skipped_empty_tiles_give_background_where_the_model_says_foreground(tmp
     np.testing.assert_array_equal(labels_on, (oracle_logits(dataset, model, on)[0] > 0).astype(np.uint8))
 
 
-def test_instances_get_one_id_across_block_borders(tmp_path: Path, client: Any) -> None:
+def test_instances_get_one_id_across_block_borders(tmp_path: Path, cluster: Cluster) -> None:
     dataset = make_dataset(tmp_path, random_image((300, 340), seed=3), 64)
     model = make_model(tmp_path / "model", seed=1)
     probe = config(dataset, tmp_path / "probe", model)
     threshold = float(np.median(torch.sigmoid(torch.from_numpy(oracle_logits(dataset, model, probe)[0]))))
     cfg = config(dataset, tmp_path / "out", model, threshold=threshold, instances=True, block_size=64)
-    [result] = predict_dataset(cfg, client=client)
+    [result] = predict_dataset(cfg, cluster=cluster)
 
     out = outputs(tmp_path / "out")
     semantic, inst = out["labels/prediction/0"][:], out["labels/instances/0"][:]
@@ -209,15 +219,15 @@ def test_instances_get_one_id_across_block_borders(tmp_path: Path, client: Any) 
     assert len(out["labels/instances"].attrs["ome"]["multiscales"][0]["datasets"]) >= 1
 
 
-def test_small_objects_removed_by_whole_image_size(tmp_path: Path, client: Any) -> None:
+def test_small_objects_removed_by_whole_image_size(tmp_path: Path, cluster: Cluster) -> None:
     dataset = make_dataset(tmp_path, random_image((260, 300), seed=5), 64)
     model = make_model(tmp_path / "model", seed=2)
     probe = config(dataset, tmp_path / "probe", model)
     threshold = float(np.median(torch.sigmoid(torch.from_numpy(oracle_logits(dataset, model, probe)[0]))))
     raw_cfg = config(dataset, tmp_path / "raw", model, threshold=threshold, block_size=64)
     post_cfg = config(dataset, tmp_path / "post", model, threshold=threshold, block_size=64, min_object_size=40)
-    predict_dataset(raw_cfg, client=client)
-    predict_dataset(post_cfg, client=client)
+    predict_dataset(raw_cfg, cluster=cluster)
+    predict_dataset(post_cfg, cluster=cluster)
     raw = outputs(tmp_path / "raw")["labels/prediction/0"][:]
     post = outputs(tmp_path / "post")["labels/prediction/0"][:]
     assert (raw != post).any()
@@ -225,11 +235,11 @@ def test_small_objects_removed_by_whole_image_size(tmp_path: Path, client: Any) 
     assert not (tmp_path / "post" / "img.blocks" / "scratch.zarr").exists()  # scratch removed when complete
 
 
-def test_exports_png_tiff_and_preview(tmp_path: Path, client: Any) -> None:
+def test_exports_png_tiff_and_preview(tmp_path: Path, cluster: Cluster) -> None:
     dataset = make_dataset(tmp_path, random_image((210, 190)), 64)
     model = make_model(tmp_path / "model")
-    [png] = predict_dataset(config(dataset, tmp_path / "png", model, export="png"), client=client)
-    [tif] = predict_dataset(config(dataset, tmp_path / "tif", model, export="tiff"), client=client)
+    [png] = predict_dataset(config(dataset, tmp_path / "png", model, export="png"), cluster=cluster)
+    [tif] = predict_dataset(config(dataset, tmp_path / "tif", model, export="tiff"), cluster=cluster)
     labels = outputs(tmp_path / "png")["labels/prediction/0"][:]
     np.testing.assert_array_equal(skio.imread(png.export), labels)
     with tifffile.TiffFile(tif.export) as f:
@@ -247,18 +257,18 @@ def _tree_digest(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def test_different_result_refused_unless_overwrite_and_nothing_touched(tmp_path: Path, client: Any) -> None:
+def test_different_result_refused_unless_overwrite_and_nothing_touched(tmp_path: Path, cluster: Cluster) -> None:
     dataset = make_dataset(tmp_path, random_image((150, 170)), 64)
     model = make_model(tmp_path / "model")
-    predict_dataset(config(dataset, tmp_path / "out", model), client=client)
+    predict_dataset(config(dataset, tmp_path / "out", model), cluster=cluster)
     before = _tree_digest(tmp_path / "out")
     with pytest.raises(OutputExistsError, match="--overwrite"):
-        predict_dataset(config(dataset, tmp_path / "out", model, threshold=0.3), client=client)
+        predict_dataset(config(dataset, tmp_path / "out", model, threshold=0.3), cluster=cluster)
     assert _tree_digest(tmp_path / "out") == before
-    [again] = predict_dataset(config(dataset, tmp_path / "out", model), client=client)  # same options: resumes
+    [again] = predict_dataset(config(dataset, tmp_path / "out", model), cluster=cluster)  # same options: resumes
     assert again.blocks_skipped == again.blocks
     [replaced] = predict_dataset(config(dataset, tmp_path / "out", model, threshold=0.3, overwrite=True),
-                                 client=client)
+                                 cluster=cluster)
     assert replaced.blocks_skipped == 0 and outputs(tmp_path / "out").attrs["unet"]["complete"] is True
 
 
@@ -327,7 +337,7 @@ def _kill_group_after_records(proc: subprocess.Popen, records: Path, n: int, tim
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_byte_identical(tmp_path: Path, client: Any) -> None:
+def test_resume_after_sigkill_is_byte_identical(tmp_path: Path, cluster: Cluster) -> None:
     dataset = make_dataset(tmp_path, random_image((384, 640), seed=7), 64)
     model = make_model(tmp_path / "model", depth=3)
     args = ["--model", str(model), "--tile", "64", "--block-size", "64", "--workers", "2", "--threads-per-worker",
@@ -340,8 +350,8 @@ def test_resume_after_sigkill_is_byte_identical(tmp_path: Path, client: Any) -> 
     assert outputs(killed).attrs["unet"]["complete"] is False
 
     cfg = dict(tile=64, block_size=64, n_workers=2, instances=True, min_object_size=20)
-    [resumed] = predict_dataset(config(dataset, killed, model, **cfg), client=client)
-    [whole] = predict_dataset(config(dataset, tmp_path / "whole", model, **cfg), client=client)
+    [resumed] = predict_dataset(config(dataset, killed, model, **cfg), cluster=cluster)
+    [whole] = predict_dataset(config(dataset, tmp_path / "whole", model, **cfg), cluster=cluster)
     assert 0 < done_at_kill <= resumed.blocks_skipped < resumed.blocks
     a, b = outputs(killed), outputs(tmp_path / "whole")
     arrays_a = {k for k, v in a.members(max_depth=None) if isinstance(v, zarr.Array)}
@@ -416,13 +426,124 @@ def test_real_scheduler_and_two_workers_survive_a_killed_worker(tmp_path: Path) 
                 p.wait()
 
 
-def test_a_second_run_into_the_same_output_is_refused_while_one_writes(tmp_path: Path, client: Any) -> None:
-    from unetcore.locks import LockedError, exclusive
-
+def test_a_second_run_into_the_same_output_is_refused_while_one_writes(tmp_path: Path, cluster: Cluster) -> None:
     dataset = make_dataset(tmp_path, random_image((100, 90)), 64)
     model = make_model(tmp_path / "model")
     with exclusive(tmp_path / "out", "predict"), pytest.raises(LockedError, match="another run is writing here"):
-        predict_dataset(config(dataset, tmp_path / "out", model), client=client)
+        predict_dataset(config(dataset, tmp_path / "out", model), cluster=cluster)
     assert not (tmp_path / "out" / "img.ome.zarr").exists()
-    [done] = predict_dataset(config(dataset, tmp_path / "out", model), client=client)  # free again
+    [done] = predict_dataset(config(dataset, tmp_path / "out", model), cluster=cluster)  # free again
     assert done.blocks_skipped == 0
+
+
+# --- the front door and nightly's entry point ----------------------------------------------------------
+
+
+def two_image_dataset(root: Path) -> Path:
+    make_dataset(root, random_image((90, 100), seed=1), 64, name="a")
+    return make_dataset(root, random_image((80, 110), seed=2), 64, name="b")
+
+
+def test_predict_entries_reports_a_failing_image_through_on_error_and_predicts_the_others(
+    tmp_path: Path, cluster: Cluster
+) -> None:
+    dataset = two_image_dataset(tmp_path)
+    model = pin_model(str(make_model(tmp_path / "model")), "sqlite:///unused.db", tmp_path / "cache")
+    (mf.store_path(dataset, "a") / "zarr.json").unlink()  # "a" can no longer be read
+    entries = mf.entries(mf.require(dataset))
+    cfg = config(dataset, tmp_path / "out", Path(model.uri))
+    with pytest.raises(InputError, match="a.ome.zarr"):
+        predict_entries(cfg, entries, model, cluster)
+    assert not list((tmp_path / "out").glob("*.ome.zarr"))  # planned first: nothing written
+
+    failed, done = [], []
+    results = predict_entries(cfg, entries, model, cluster, on_error=lambda e, exc: failed.append((e["id"], exc)),
+                              on_result=lambda e, r: done.append((e["id"], r.id)))
+    assert [r.id for r in results] == ["b"] and done == [("b", "b")]
+    assert [i for i, _ in failed] == ["a"] and isinstance(failed[0][1], InputError)
+    assert outputs(tmp_path / "out", "b").attrs["unet"]["complete"] is True
+
+
+def test_predict_entries_takes_the_same_output_lock_as_predict_dataset(tmp_path: Path, cluster: Cluster) -> None:
+    dataset = make_dataset(tmp_path, random_image((70, 80)), 64)
+    model = pin_model(str(make_model(tmp_path / "model")), "sqlite:///unused.db", tmp_path / "cache")
+    cfg = config(dataset, tmp_path / "out", Path(model.uri))
+    with exclusive(tmp_path / "out", "predict"), pytest.raises(LockedError, match="another run is writing here"):
+        predict_entries(cfg, mf.entries(mf.require(dataset)), model, cluster, on_error=lambda e, exc: None)
+    assert not (tmp_path / "out" / "img.ome.zarr").exists()
+
+
+def test_each_image_is_planned_once_per_run(tmp_path: Path, cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    dataset = two_image_dataset(tmp_path)
+    planned: list[str] = []
+
+    def counting(entry: dict, *args: Any) -> Any:
+        planned.append(entry["id"])
+        return plan_image(entry, *args)
+
+    monkeypatch.setattr(engine, "plan_image", counting)
+    results = predict_dataset(config(dataset, tmp_path / "out", make_model(tmp_path / "model")), cluster=cluster)
+    assert sorted(planned) == ["a", "b"] and sorted(r.id for r in results) == ["a", "b"]
+
+
+def test_check_predictable_finds_every_problem_before_work(tmp_path: Path) -> None:
+    dataset = two_image_dataset(tmp_path)
+    model = make_model(tmp_path / "model")
+    check = check_predictable(config(dataset, tmp_path / "out", model))
+    assert [p.entry["id"] for p in check.plans] == ["a", "b"] and check.model.directory == model
+    assert not (tmp_path / "out").exists()  # checked writable, nothing written
+
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(InputError, match=r"a-file/out: cannot write here"):
+        check_predictable(config(dataset, tmp_path / "a-file" / "out", model))
+    with pytest.raises(ConfigError, match="not in the dataset's 'all' split: nope"):
+        check_predictable(config(dataset, tmp_path / "out", model, images=["nope"]))
+    with pytest.raises(ConfigError, match="expects 3 channels"):
+        check_predictable(config(dataset, tmp_path / "out", make_model(tmp_path / "rgb", in_channels=3)))
+
+
+# --- model pinning -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_pin_model_pins_an_alias_and_downloads_each_version_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    import mlflow
+
+    from unetcore.tracking import mlflow as tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = tracking.configure(uri, "pin")
+
+    def register(seed: int) -> int:
+        folder = make_model(tmp_path / f"m{seed}", seed=seed)
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_artifacts(str(folder), tracking.MODEL_ARTIFACT)
+            artifact_uri = mlflow.get_artifact_uri(tracking.MODEL_ARTIFACT)
+        return tracking.register("pinned", run.info.run_id, artifact_uri, 0.5 + seed, "set")["version"]
+
+    register(0)
+    cache = tmp_path / "cache"
+    first = pin_model("models:/pinned@champion", uri, cache)
+    assert (first.uri, first.name, first.alias, first.version) == ("models:/pinned/1", "pinned", "champion", 1)
+    assert sorted(p.name for p in first.directory.iterdir()) == ["config.json", "weights.pt"]
+    assert first.directory.parent == cache and first.run_id and first.source
+
+    def no_download(**kwargs: Any) -> str:
+        raise AssertionError("downloaded again")
+
+    with monkeypatch.context() as m:
+        m.setattr(mlflow.artifacts, "download_artifacts", no_download)
+        assert pin_model("models:/pinned/1", uri, cache).directory == first.directory  # re-used, not downloaded
+
+    register(1)  # beats the champion: the alias moves to version 2, whose weights differ
+    second = pin_model("models:/pinned@champion", uri, cache)
+    assert second.uri == "models:/pinned/2" and second.directory != first.directory
+    assert (second.directory / "weights.pt").read_bytes() != (first.directory / "weights.pt").read_bytes()
+
+    with pytest.raises(InputError, match=r"^models:/pinned@nope: model URI does not resolve") as err:
+        pin_model("models:/pinned@nope", uri, cache)
+    assert "\n" not in str(err.value)
+    with pytest.raises(InputError, match="no MLflow database"):
+        pin_model("models:/pinned@champion", f"sqlite:///{tmp_path / 'none.db'}", cache)
+    assert not (tmp_path / "none.db").exists()

@@ -14,25 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage import measure
 
+from unetcore.cluster import local_cluster_shape, probe_scheduler
 from unetcore.errors import ServiceError
-from unetcore.inference.components import (
+from unetcore.inference import (
+    BACKGROUND_LOGIT,
+    TileGrid,
+    background_logits,
+    choose_block_shape,
+    constant_tiles,
     instances_blockwise,
+    plan_blocks,
     postprocess_blockwise,
     postprocess_whole,
-)
-from unetcore.inference.engine import _probe, local_cluster_shape
-from unetcore.inference.stitch import (
-    BACKGROUND_LOGIT,
-    background_logits,
-    constant_tiles,
     predict_blocks_numpy,
     skip_empty_predictor,
     sliding_window,
-)
-from unetcore.inference.windows import (
-    TileGrid,
-    choose_block_shape,
-    plan_blocks,
     tile_evaluations,
     tiles_for_block,
 )
@@ -201,7 +197,7 @@ def test_local_cluster_shape(cores: int, gpus: int, workers: int, threads: int, 
 def test_unreachable_scheduler_fails_fast() -> None:
     start = time.perf_counter()
     with pytest.raises(ServiceError, match="tcp://127.0.0.1:1: Dask scheduler unreachable"):
-        _probe("tcp://127.0.0.1:1")
+        probe_scheduler("tcp://127.0.0.1:1")
     assert time.perf_counter() - start < 3.0
 
 

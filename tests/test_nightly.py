@@ -192,7 +192,7 @@ def test_empty_inbox_is_a_quiet_night_and_a_missing_one_an_error(tmp_path, regis
 def test_unknown_alias_is_one_line_naming_the_uri(tmp_path, registry) -> None:
     uri, register = registry
     register("aliased", 0.5, seed=0)
-    with pytest.raises(InputError, match=r"^models:/aliased@nope: does not resolve") as err:
+    with pytest.raises(InputError, match=r"^models:/aliased@nope: model URI does not resolve") as err:
         nightly.resolve_model("aliased", "nope", uri, tmp_path / ".models")
     assert "\n" not in str(err.value)
 

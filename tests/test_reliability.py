@@ -22,9 +22,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from app.cli import app
+from unetcore.cluster import dask_cluster
 from unetcore.config import IngestConfig, ModelConfig
 from unetcore.errors import InputError
-from unetcore.inference.engine import dask_client
 from unetcore.ingest import ingest_folder
 from unetcore.model import build_model, load_model, save_model
 from unetcore.store import manifest as mf
@@ -45,7 +45,8 @@ def _one_line(result, code: int = 2) -> str:  # noqa: ANN001 - click's Result
 
 @pytest.mark.slow
 def test_local_dask_cluster_scheduler_workers_and_dashboard_bind_loopback() -> None:
-    with dask_client(None, n_workers=1) as client:
+    with dask_cluster(None, n_workers=1) as cluster:
+        client = cluster.client
         info = client.scheduler_info()
         assert urlparse(info["address"]).hostname == LOOPBACK
         assert info["workers"] and all(urlparse(w).hostname == LOOPBACK for w in info["workers"])

@@ -38,7 +38,7 @@ import zarr
 from unetcore import progress as progress_bus
 from unetcore.atomic import atomic_write_json
 from unetcore.config import IngestConfig
-from unetcore.errors import InputError, ServiceError
+from unetcore.errors import InputError
 from unetcore.fs import check_writable
 from unetcore.io import readers
 from unetcore.store import manifest as mf
@@ -456,25 +456,13 @@ def _run_here(jobs: list[_Job], dataset: Path, cfg: IngestConfig) -> Iterator[di
 
 def _run_on_dask(jobs: list[_Job], dataset: Path, cfg: IngestConfig) -> Iterator[dict[str, Any]]:
     """One Dask task per image; results as they finish. Workers must see the input and dataset folders."""
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import as_completed
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)
-    with contextlib.ExitStack() as stack:
-        if cfg.scheduler_address:
-            try:
-                client = stack.enter_context(Client(cfg.scheduler_address, timeout="10s"))
-            except (OSError, TimeoutError) as exc:
-                raise ServiceError(cfg.scheduler_address, f"Dask scheduler unreachable ({type(exc).__name__})",
-                                   "start `dask scheduler` or fix --scheduler-address") from None
-            threads = cfg.threads or 1
-        else:
-            workers = cfg.n_workers
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0",
-                host="127.0.0.1"))
-            client = stack.enter_context(Client(cluster))
-            threads = cfg.threads or max(1, (os.cpu_count() or 1) // workers)
-        futures = [client.submit(_ingest_job, job, dataset, cfg, threads, key=f"ingest-{job.entry_id}", pure=False)
+    from unetcore.cluster import dask_cluster
+
+    with dask_cluster(cfg.scheduler_address, cfg.n_workers, cfg.threads, device="cpu") as cluster:
+        futures = [cluster.client.submit(_ingest_job, job, dataset, cfg, cluster.torch_threads,
+                                         key=f"ingest-{job.entry_id}", pure=False)
                    for job in jobs]
         for future in as_completed(futures):
             yield future.result()

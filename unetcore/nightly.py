@@ -30,6 +30,7 @@ from unetcore.atomic import atomic_write_json
 from unetcore.config import NightlyConfig
 from unetcore.errors import InputError
 from unetcore.io import readers
+from unetcore.locks import LockedError
 from unetcore.store import manifest as mf
 from unetcore.tracking import PinnedModel, pin_model
 
@@ -166,7 +167,8 @@ def _nan_to_none(value: float | None) -> float | None:
 def predict_new(cfg: NightlyConfig, model: PinnedModel, todo: list[mf.ManifestEntry]) -> list[dict[str, Any]]:
     """Predict ``todo`` with ``model`` on one Dask cluster, one image at a time; record each success in the state.
 
-    Each image goes through :func:`unetcore.inference.predict_entries` (the output lock of ``unet predict``).
+    The images go through :func:`unetcore.inference.predict_entries`, which holds the output lock of
+    ``unet predict`` for the whole night.
     Returns one row per image: ``status`` "predicted" (with pixels, seconds, MP/s, Dice where ground truth
     exists, output) or "failed" (with the error). Only the set-up (the Dask cluster, the lock) can raise.
     """
@@ -181,19 +183,25 @@ def predict_new(cfg: NightlyConfig, model: PinnedModel, todo: list[mf.ManifestEn
     opts = cfg.predict
     rows: list[dict[str, Any]] = []
     progress_bus.report(PREDICT_STAGE, 0, len(todo))
-    with dask_cluster(opts.scheduler_address, opts.n_workers, opts.threads_per_worker, opts.device) as cluster:
-        for index, entry in enumerate(todo):
-            base = {"id": entry["id"], "model_version": model.version}
-            try:
-                [result] = predict_entries(infer_cfg, [entry], model, cluster=cluster)
-            except Exception as exc:  # one bad image must not cost the night: report it, try it again tomorrow
-                rows.append({**base, "status": "failed", "error": _one_line(exc)})
-            else:
-                _record(output, entry, model, result.dice)
-                rows.append({**base, "status": "predicted", "pixels": result.pixels, "seconds": result.seconds,
-                             "megapixels_per_s": result.megapixels_per_s, "dice": _nan_to_none(result.dice),
-                             "blocks": result.blocks, "output": result.output, "export": result.export})
-            progress_bus.report(PREDICT_STAGE, index + 1, len(todo))
+    def failed(entry: mf.ManifestEntry, exc: BaseException) -> None:
+        # one bad image must not cost the night: report it, try it again tomorrow
+        rows.append({"id": entry["id"], "model_version": model.version, "status": "failed", "error": _one_line(exc)})
+        progress_bus.report(PREDICT_STAGE, len(rows), len(todo))
+
+    def predicted(entry: mf.ManifestEntry, result: Any) -> None:
+        _record(output, entry, model, result.dice)
+        rows.append({"id": entry["id"], "model_version": model.version, "status": "predicted",
+                     "pixels": result.pixels, "seconds": result.seconds, "megapixels_per_s": result.megapixels_per_s,
+                     "dice": _nan_to_none(result.dice), "blocks": result.blocks, "output": result.output,
+                     "export": result.export})
+        progress_bus.report(PREDICT_STAGE, len(rows), len(todo))
+
+    try:
+        with dask_cluster(opts.scheduler_address, opts.n_workers, opts.threads_per_worker, opts.device) as cluster:
+            predict_entries(infer_cfg, todo, model, cluster=cluster, on_error=failed, on_result=predicted)
+    except LockedError as exc:  # another run writes there: nothing of tonight's was predicted, all are retried
+        for entry in todo:
+            failed(entry, exc)
     return rows
 
 

@@ -7,13 +7,17 @@ no code is ever unpickled from an artifact.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -24,6 +28,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from unetcore.errors import InputError, ServiceError
+from unetcore.fs import os_error_reason
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -201,41 +206,160 @@ def code_version_tags() -> dict[str, str]:
     return tags
 
 
+REGISTRY_PREFIXES = ("models:/", "runs:/")
+_UNRESOLVED_HINT = "train a model first or check the name/alias"
+
+
+@dataclass(frozen=True)
+class PinnedModel:
+    """A model URI resolved once for a whole run: the version it means now, and the local folder of that version.
+
+    Attributes:
+        uri: ``models:/<name>/<version>`` for a registry URI (an alias is pinned to its version), else as given.
+        directory: the local folder holding ``config.json`` and ``weights.pt``.
+        name, alias, version, run_id: the registered model's facts (None where the URI has none).
+        source: where the weights were downloaded from (None for a local folder).
+    """
+
+    uri: str
+    directory: Path
+    name: str | None = None
+    alias: str | None = None
+    version: int | None = None
+    run_id: str | None = None
+    source: str | None = None
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri and ":/" not in uri
+
+
+def _local_model(uri: str) -> Path:
+    local = Path(uri)
+    if not (local / "config.json").exists():
+        raise InputError(uri, "no model here (config.json missing)", "give a model folder or models:/name@alias")
+    return local
+
+
+def _unresolved(uri: str, exc: Exception) -> InputError:
+    return InputError(uri, f"model URI does not resolve ({str(exc).splitlines()[0][:160]})", _UNRESOLVED_HINT)
+
+
+def _registered_version(client: MlflowClient, uri: str) -> tuple[Any, str, str | None]:
+    """(model version, name, alias or None) of ``models:/name@alias`` or ``models:/name/version``.
+
+    Raises:
+        InputError: not such a URI, or no such model, alias or version.
+    """
+    ref = uri[len("models:/"):]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+    elif "/" in ref:
+        (name, version), alias = ref.rsplit("/", 1), None
+    else:
+        raise InputError(uri, "not a model URI", "use models:/name@alias or models:/name/version")
+    try:
+        mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise _unresolved(uri, exc) from None
+    return mv, name, alias
+
+
+def _fetch(uri: str, source: str, dst: Path | None, tracking_uri: str | None) -> Path:
+    """Download the model folder at ``source`` (into ``dst`` if given); return the folder holding config.json."""
+    try:
+        if dst is not None:
+            os.makedirs(dst, exist_ok=True)
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst) if dst else None,
+                                                        tracking_uri=tracking_uri))
+    except MlflowException as exc:
+        raise _unresolved(uri, exc) from None
+    if not (path / "config.json").exists():
+        raise InputError(uri, "resolved artifact holds no config.json", "register models logged by `unet train`")
+    return path
+
+
 def download_model(uri: str, tracking_uri: str | None = None, dst: Path | None = None) -> Path:
     """Resolve a model URI to a local folder holding ``weights.pt`` and ``config.json``.
 
-    Accepts ``models:/name@alias``, ``models:/name/version``, ``runs:/id/path`` and local folders.
+    Accepts ``models:/name@alias``, ``models:/name/version``, ``runs:/id/path`` and local folders. A run that
+    uses one model throughout should call :func:`pin_model` instead (resolved once, downloaded once).
 
     Raises:
         InputError: the URI does not resolve (no such model, alias, version or folder).
     """
-    local = Path(uri)
-    if "://" not in uri and ":/" not in uri:
-        if not (local / "config.json").exists():
-            raise InputError(uri, "no model here (config.json missing)", "give a model folder or models:/name@alias")
-        return local
+    if _is_local(uri):
+        return _local_model(uri)
     if tracking_uri:
         check_tracking_uri(tracking_uri)
         mlflow.set_tracking_uri(tracking_uri)
-    client = MlflowClient()
+    source = _registered_version(MlflowClient(), uri)[0].source if uri.startswith("models:/") else uri
+    return _fetch(uri, source, dst, tracking_uri)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / "config.json").is_file() and (folder / "weights.pt").is_file()
+
+
+def _cached_download(uri: str, source: str, dst: Path, tracking_uri: str) -> Path:
+    """``dst`` holding the model at ``source``: downloaded once, beside it, then renamed into place whole."""
+    if _complete(dst):
+        return dst
     try:
-        if uri.startswith("models:/"):
-            ref = uri[len("models:/") :]
-            if "@" in ref:
-                name, alias = ref.split("@", 1)
-                mv = client.get_model_version_by_alias(name, alias)
-            else:
-                name, version = ref.rsplit("/", 1)
-                mv = client.get_model_version(name, version)
-            source = mv.source
-        else:
-            source = uri
-        if dst is not None:
-            os.makedirs(dst, exist_ok=True)
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst) if dst else None))
-    except MlflowException as exc:
-        first = str(exc).splitlines()[0][:200]
-        raise InputError(uri, f"model URI does not resolve ({first})", "check the name/alias with `mlflow ui`") from None
-    if not (path / "config.json").exists():
-        raise InputError(uri, "resolved artifact holds no config.json", "register models logged by `unet train`")
-    return path
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    except OSError as exc:
+        raise InputError(dst.parent, f"cannot write here ({os_error_reason(exc)})",
+                         "choose another output folder or fix its permissions") from None
+    try:
+        got = _fetch(uri, source, tmp, tracking_uri)
+        shutil.rmtree(dst, ignore_errors=True)  # an incomplete copy left by an interrupted run
+        try:
+            os.replace(got, dst)
+        except OSError:
+            if not _complete(dst):  # else another run renamed the same version into place first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _cache_name(name: str | None, version: int | None, source: str) -> str:
+    """A cache folder per source (a re-registered version with another source never reuses the old weights)."""
+    key = hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
+    return f"{name}-v{version}-{key}" if name else key
+
+
+def pin_model(uri: str, tracking_uri: str, cache: Path) -> PinnedModel:
+    """Resolve a model URI once for a whole run: an alias to its version, the version to a local folder.
+
+    The tracking URI is checked once; a registry or remote model is downloaded once into ``cache`` and re-used
+    from there by later runs. A local folder is used where it is.
+
+    Args:
+        uri: ``models:/name@alias``, ``models:/name/version``, ``runs:/id/path``, another artifact URI, or a folder.
+        tracking_uri: the MLflow tracking store that knows the registry.
+        cache: folder for downloaded models (one sub-folder per source).
+
+    Raises:
+        InputError: the URI does not resolve (no MLflow database, no such model, alias, version or folder) or
+            the cache cannot be written; ServiceError: the tracking server does not answer.
+    """
+    if _is_local(uri):
+        return PinnedModel(uri=uri, directory=_local_model(uri))
+    registry = uri.startswith(REGISTRY_PREFIXES)
+    if registry and tracking_uri.startswith("sqlite:") and not sqlite_path(tracking_uri).exists():
+        raise InputError(uri, f"model URI does not resolve (no MLflow database at {tracking_uri})",
+                         "train a model first or fix --tracking-uri")  # checked first: no empty database is made
+    check_tracking_uri(tracking_uri)
+    name = alias = version = run_id = None
+    pinned, source = uri, uri
+    if uri.startswith("models:/"):
+        mv, name, alias = _registered_version(MlflowClient(tracking_uri), uri)
+        version, run_id, source = int(mv.version), mv.run_id or None, mv.source
+        pinned = f"models:/{name}/{version}"
+    elif uri.startswith("runs:/"):
+        run_id = uri[len("runs:/"):].split("/", 1)[0] or None
+    directory = _cached_download(uri, source, Path(cache) / _cache_name(name, version, source), tracking_uri)
+    return PinnedModel(uri=pinned, directory=directory, name=name, alias=alias, version=version, run_id=run_id,
+                       source=source)

@@ -1,0 +1,171 @@
+"""The driver's planning: which images, what each prediction is (its signature), and its output store's life.
+
+:func:`plan_image` checks one image against the model and the output folder without writing anything; the
+driver then creates the output (:func:`create_output`), the scratch store of the component passes
+(:func:`ensure_scratch`), and marks the output complete when every pass and pyramid is written
+(:func:`finish_output`).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from unetcore.config import InferConfig
+from unetcore.errors import ConfigError, InputError, OutputExistsError
+from unetcore.inference.layout import (
+    INSTANCES_NAME,
+    LABELS_NAME,
+    SCRATCH,
+    output_store,
+    records_dir,
+)
+from unetcore.model.packaging import read_config
+from unetcore.store import manifest as mf
+from unetcore.store import omezarr
+
+if TYPE_CHECKING:
+    from unetcore.tracking.mlflow import PinnedModel
+
+SIGNATURE_OPTIONS = ("tile", "overlap", "threshold", "tta", "min_object_size", "save_probabilities",
+                     "probability_dtype", "skip_empty", "instances")
+"""The options that shape a prediction (with the source and the weights, they make its signature)."""
+
+
+@dataclass
+class ImagePlan:
+    """The checked facts about one image's prediction, gathered before anything is written."""
+
+    entry: dict[str, Any]
+    src_path: Path
+    out_path: Path
+    records: Path
+    shape: tuple[int, int]
+    classes: int
+    chunk: int
+    signature: str
+    weights: str
+    resume: bool
+
+
+def chosen_entries(cfg: InferConfig) -> tuple[Path, list[dict[str, Any]]]:
+    """The dataset folder and the manifest entries to predict: one split, or the listed ids of it.
+
+    Raises:
+        InputError: the dataset has no manifest, or no image in the split.
+        ConfigError: a listed id is not in the split.
+    """
+    dataset = Path(cfg.dataset)
+    manifest = mf.require(dataset)
+    chosen = mf.entries(manifest, cfg.split)
+    if cfg.images:
+        unknown = sorted(set(cfg.images) - {e["id"] for e in chosen})
+        if unknown:
+            raise ConfigError("images", f"not in the dataset's '{cfg.split}' split: {', '.join(unknown)}")
+        chosen = [e for e in chosen if e["id"] in cfg.images]
+    if not chosen:
+        raise InputError(dataset, f"no images in split '{cfg.split}'", "use --split all")
+    return dataset, chosen
+
+
+def signature(entry: dict[str, Any], model_config: dict[str, Any], weights_hash: str, cfg: InferConfig) -> str:
+    """What makes two predictions of one image the same: source, model weights and output-shaping options."""
+    payload = {"source": entry["source_hash"], "weights": weights_hash, "model": model_config["model"],
+               **{k: getattr(cfg, k) for k in SIGNATURE_OPTIONS}}
+    return hashlib.blake2b(json.dumps(payload, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _weights_hash(path: str, mtime_ns: int, size: int) -> str:
+    return mf.file_hash(Path(path))
+
+
+def weights_hash(model_dir: Path) -> str:
+    """Content hash of a model folder's weights (cached by path, size and modification time)."""
+    path = Path(model_dir) / "weights.pt"
+    st = path.stat()
+    return _weights_hash(str(path.resolve()), st.st_mtime_ns, st.st_size)
+
+
+def _existing_signature(path: Path) -> str | None:
+    try:
+        return omezarr.unet_attrs(zarr.open_group(store=str(path), mode="r")).get("signature")
+    except Exception:  # not a store, or unreadable: treat as a different result
+        return None
+
+
+def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: PinnedModel) -> ImagePlan:
+    """Check one image against the model and the output folder, without writing anything.
+
+    Raises:
+        InputError: the image's store is missing or not an OME-Zarr image.
+        ConfigError: the model expects another number of channels.
+        OutputExistsError: the output holds a different prediction and ``overwrite`` is off.
+    """
+    src_path = mf.store_path(dataset, entry["id"])
+    channels, height, width = omezarr.image_array(omezarr.open_root(src_path)).shape
+    _, model_config = read_config(model.directory)  # validated: a tampered config.json is one line, here
+    if model_config["model"]["in_channels"] != channels:
+        raise ConfigError("model", f"{model.uri} expects {model_config['model']['in_channels']} channels, "
+                                   f"image '{entry['id']}' has {channels}")
+    wh = weights_hash(model.directory)
+    sig = signature(entry, model_config, wh, cfg)
+    out_path = output_store(Path(cfg.output), entry["id"])
+    resume = out_path.exists() and _existing_signature(out_path) == sig
+    if out_path.exists() and not resume and not cfg.overwrite:
+        raise OutputExistsError(out_path, "already holds a prediction made with other inputs, model or options")
+    return ImagePlan(entry=entry, src_path=src_path, out_path=out_path, records=records_dir(Path(cfg.output), entry["id"]),
+                     shape=(height, width), classes=int(model_config["model"]["num_classes"]),
+                     chunk=min(int(entry.get("chunk", 1024)), cfg.block_size), signature=sig, weights=wh,
+                     resume=resume)
+
+
+def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, int], info: dict[str, Any]) -> None:
+    """Create the output store and records folder (replacing a different prediction: checked by plan_image)."""
+    if plan.out_path.exists():
+        shutil.rmtree(plan.out_path)
+    shutil.rmtree(plan.records, ignore_errors=True)
+    plan.records.mkdir(parents=True, exist_ok=True)
+    # Probabilities are the store's image (K, H, W); left unwritten (empty chunks, one level) when not asked for.
+    levels = None if cfg.save_probabilities else 1
+    root = omezarr.create_image(plan.out_path, (plan.classes, *plan.shape), cfg.probability_dtype, plan.chunk,
+                                name=f"{info['id']}-probabilities", n_levels=levels)
+    omezarr.create_labels(root, LABELS_NAME, plan.shape, np.uint8, plan.chunk)
+    if cfg.instances:
+        omezarr.create_labels(root, INSTANCES_NAME, plan.shape, np.uint32, plan.chunk)
+    omezarr.set_unet_attrs(root, {**info, "signature": plan.signature, "block_shape": list(block_shape),
+                                  "complete": False})
+
+
+def ensure_scratch(plan: ImagePlan, cfg: InferConfig) -> None:
+    """Create the scratch store of component ids when a pass needs it and it is not there yet."""
+    path = plan.records / SCRATCH
+    if not (cfg.instances or cfg.min_object_size) or path.exists():
+        return
+    plan.records.mkdir(parents=True, exist_ok=True)
+    for stale in plan.records.glob("*.json"):  # records without their component ids cannot be resumed
+        stale.unlink()
+    scratch = zarr.open_group(store=str(path), mode="w", zarr_format=3)
+    for stage in ("raw", "final"):
+        scratch.create_array(stage, shape=plan.shape, dtype=np.uint32, chunks=(plan.chunk, plan.chunk),
+                             compressors=omezarr.compressor(), fill_value=0)
+
+
+def finish_output(plan: ImagePlan, cfg: InferConfig) -> None:
+    """Build the asked pyramids, mark the output complete and drop the scratch store."""
+    root = zarr.open_group(store=str(plan.out_path), mode="r+")
+    omezarr.build_pyramid(root[f"labels/{LABELS_NAME}"], "label")
+    if cfg.instances:
+        omezarr.build_pyramid(root[f"labels/{INSTANCES_NAME}"], "label")
+    if cfg.save_probabilities:
+        omezarr.build_pyramid(root, "image")
+    omezarr.set_unet_attrs(root, {"complete": True})
+    shutil.rmtree(plan.records / SCRATCH, ignore_errors=True)

@@ -1,0 +1,193 @@
+"""The worker side of the Dask engine: one task per output block, the model loaded once per worker process.
+
+A block task reads its block plus the halo of the tiles that touch it, blends them with the global Gaussian
+weights, writes only its own output chunks (blocks are unions of chunks: one writer per chunk), then writes its
+completion record. The post-processing and instance passes are one task per block too (see
+:mod:`unetcore.inference.components`). Tasks get everything through a picklable :class:`ImageJob`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import numpy as np
+import torch
+import zarr
+
+from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
+from unetcore.atomic import atomic_write_json
+from unetcore.inference.components import label_block
+from unetcore.inference.layout import (
+    INSTANCES_NAME,
+    LABELS_NAME,
+    SCRATCH,
+    record_path,
+    side_path,
+)
+from unetcore.inference.predict import BlockPredictor, logits_to_outputs, resolve_device
+from unetcore.inference.windows import Block
+from unetcore.metrics import confusion_counts
+from unetcore.model import load_model
+from unetcore.model.parts import fold_batch_norm
+from unetcore.store import omezarr
+
+Components = Literal["none", "all", "foreground"]
+"""What the prediction pass labels: nothing; every region (post-processing); foreground only (instances)."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a worker needs to build (and cache) its predictor; hashable, so it is the cache key."""
+
+    model_dir: str
+    weights_hash: str
+    device: str
+    tile: int
+    overlap: float
+    batch_size: int
+    threshold: float
+    tta: bool
+    skip_empty: bool
+    threads: int  # torch threads per task
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """Everything a block task needs about one image (paths, statistics, options); picklable."""
+
+    input: str
+    output: str
+    records: str
+    stats: dict[str, Any] = field(hash=False, compare=False)
+    spec: ModelSpec
+    save_probabilities: bool
+    probability_dtype: str
+    components: Components
+    instances: bool
+
+
+def _worker_identity() -> tuple[int, str]:
+    """(index, host) of the Dask worker running this code; (0, "") outside a worker."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):
+        return 0, ""
+    name = str(worker.name)
+    index = int(name) if name.isdigit() else 0
+    return index, urlparse(worker.address).hostname or ""
+
+
+def load_predictor(spec: ModelSpec) -> BlockPredictor:
+    """Build this worker's predictor from ``spec``: the model loaded, folded and set up for block passes.
+
+    Torch gets this worker's share of the host's cores (Dask's nanny sets OMP_NUM_THREADS=1; this overrides it
+    for torch), its batch norms are folded into the convolutions and its forward passes reuse their buffers
+    (:mod:`unetcore.allocator`); worker ``i`` of a local GPU cluster runs on GPU ``i``.
+    """
+    index, _ = _worker_identity()
+    torch.set_num_threads(max(1, spec.threads))
+    model, config = load_model(Path(spec.model_dir))
+    device = resolve_device(spec.device, index)
+    bp = BlockPredictor.from_model(fold_batch_norm(model), config, device, tile=spec.tile, overlap=spec.overlap,
+                                   batch_size=spec.batch_size, threshold=spec.threshold, tta=spec.tta,
+                                   skip_empty=spec.skip_empty)
+    bp.predictor = with_heap_buffers(bp.predictor)  # activations reused from pass to pass (unetcore.allocator)
+    return bp
+
+
+_predictor_factory: Callable[[ModelSpec], BlockPredictor] = load_predictor
+
+
+@functools.lru_cache(maxsize=4)
+def worker_predictor(spec: ModelSpec) -> BlockPredictor:
+    """This process's predictor for ``spec``, built once (cached by the spec, which includes the weights' hash)."""
+    return _predictor_factory(spec)
+
+
+def set_worker_predictor_factory(factory: Callable[[ModelSpec], BlockPredictor] | None) -> None:
+    """Test and benchmark seam: build this process's predictors with ``factory`` (None: :func:`load_predictor`).
+
+    Run it on the workers (``client.run``) before the tasks; the predictor cache is emptied.
+    """
+    global _predictor_factory
+    _predictor_factory = factory or load_predictor
+    worker_predictor.cache_clear()
+
+
+def _counts(src: zarr.Group, labels: np.ndarray, block: Block, num_classes: int) -> list[list[int]] | None:
+    truth = omezarr.label_array(src)
+    if truth is None:
+        return None
+    return [c.tolist() for c in confusion_counts(labels, np.asarray(truth[block.slices]), num_classes)]
+
+
+def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str, with_background: bool,
+                    image_shape: tuple[int, int]) -> None:
+    """Label a block's components, write the local ids to the scratch store and their summary beside them."""
+    ids, comps = label_block(labels, block, image_shape, with_background)
+    zarr.open_group(store=str(Path(job.records) / SCRATCH), mode="r+")[stage][block.slices] = ids
+    comps.save(side_path(Path(job.records), block, f"{stage}.npz"))
+
+
+def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
+    """Predict one block; write its chunks, its component summary if asked, then its completion record."""
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    tune_for_blocks()  # once per process: the Dask nanny's malloc settings slow a CPU forward pass 1.5x
+    bp = worker_predictor(job.spec)
+    src = omezarr.open_root(Path(job.input))
+    image = omezarr.image_array(src)
+    shape = image.shape[1:]
+    grid = bp.grid(shape)
+    logits = bp.logits(image, job.stats, grid, block)
+    t_model = time.perf_counter() - t0
+    probs, labels = logits_to_outputs(logits, bp.num_classes, bp.threshold)
+    out = zarr.open_group(store=job.output, mode="r+")
+    out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
+    if job.save_probabilities:
+        out["0"][(slice(None), *block.slices)] = probs.astype(job.probability_dtype)
+    if job.components != "none":
+        stage = "raw" if job.components == "all" else "final"
+        _label_and_save(job, labels, block, stage, job.components == "all", shape)
+    record = {"block": [block.y0, block.y1, block.x0, block.x1], "counts": _counts(src, labels, block, bp.num_classes),
+              "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
+              "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
+    atomic_write_json(record_path(Path(job.records), block), record)
+    del logits, probs, labels
+    release_free_memory()  # what the block's buffers kept goes back: memory stays flat over many blocks
+    return record
+
+
+def postprocess_block(job: ImageJob, block: Block, num_classes: int) -> dict[str, Any]:
+    """Apply the whole-image post-processing decisions (a per-component class table) to one block."""
+    records = Path(job.records)
+    raw = zarr.open_group(store=str(records / SCRATCH), mode="r")["raw"][block.slices]
+    labels = np.load(side_path(records, block, "post.npy"))[raw]
+    zarr.open_group(store=job.output, mode="r+")[f"labels/{LABELS_NAME}/0"][block.slices] = labels
+    if job.instances:
+        _label_and_save(job, labels, block, "final", False, _image_shape(job))
+    src = omezarr.open_root(Path(job.input))
+    record = {"counts": _counts(src, labels, block, num_classes)}
+    atomic_write_json(record_path(records, block, "post"), record)
+    return record
+
+
+def relabel_block(job: ImageJob, block: Block) -> None:
+    """Write one block's final instance ids: its local component ids mapped through its lookup table."""
+    records = Path(job.records)
+    ids = zarr.open_group(store=str(records / SCRATCH), mode="r")["final"][block.slices]
+    lut = np.load(side_path(records, block, "inst.npy"))
+    zarr.open_group(store=job.output, mode="r+")[f"labels/{INSTANCES_NAME}/0"][block.slices] = lut[ids]
+
+
+def _image_shape(job: ImageJob) -> tuple[int, int]:
+    shape = zarr.open_group(store=job.output, mode="r")[f"labels/{LABELS_NAME}/0"].shape
+    return int(shape[0]), int(shape[1])
