@@ -59,7 +59,7 @@ from unetcore.inference.windows import (
     plan_blocks,
     tile_evaluations,
 )
-from unetcore.locks import exclusive
+from unetcore.locks import exclusive, lock_path
 from unetcore.store import omezarr
 
 if TYPE_CHECKING:
@@ -136,10 +136,22 @@ def _pinned(cfg: InferConfig) -> PinnedModel:
 
 @contextlib.contextmanager
 def _output_lock(out_dir: Path) -> Iterator[None]:
-    """Hold the output folder's ``predict`` lock (one run writes into a folder at a time); checks it is writable."""
+    """Hold the output folder's ``predict`` lock (one run writes into a folder at a time); checks it is writable.
+
+    A run that fails before writing anything leaves no folder behind when it had to create it (the lock file
+    alone is removed with it).
+    """
     check_writable(out_dir)
-    with exclusive(out_dir, "predict"):
-        yield
+    created = not out_dir.exists()
+    try:
+        with exclusive(out_dir, "predict"):
+            yield
+    except BaseException:
+        lock = lock_path(out_dir, "predict")
+        if created and out_dir.is_dir() and {p.name for p in out_dir.iterdir()} <= {lock.name}:
+            lock.unlink(missing_ok=True)
+            out_dir.rmdir()
+        raise
 
 
 def _plan_all(entries: list[dict[str, Any]], cfg: InferConfig, model: PinnedModel,
