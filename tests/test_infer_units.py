@@ -246,3 +246,25 @@ def test_heap_buffers_serve_activations_from_the_heap_only_inside_a_forward_pass
     assert inside == 0  # ... but inside one it comes from the heap, reused by the next pass
     assert large >= 2 * (32 << 20)  # very large requests are still mapped
     assert after >= mib4  # the setting ends with the pass
+
+
+def test_exported_label_png_keeps_the_class_ids_and_shows_colours(tmp_path) -> None:
+    """A 0/1 mask looks black in a viewer unless it carries a palette: ids stay, colours come with them."""
+    from PIL import Image
+
+    from unetcore.inference.outputs import LABEL_COLOURS, label_png
+    from unetcore.io import open_image, open_mask
+
+    labels = np.zeros((20, 30), np.uint8)
+    labels[5:10, 5:10] = 1
+    labels[12:15, 20:25] = 2
+    label_png(labels).save(tmp_path / "m.png")
+    back = Image.open(tmp_path / "m.png")
+    assert back.mode == "P"
+    np.testing.assert_array_equal(np.asarray(back), labels)
+    rgb = np.asarray(back.convert("RGB"))
+    assert tuple(rgb[7, 7]) == LABEL_COLOURS[1] == (255, 255, 255) and tuple(rgb[0, 0]) == (0, 0, 0)
+    assert tuple(rgb[13, 22]) == LABEL_COLOURS[2]
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "img.png")
+    mask = open_mask(tmp_path / "m.png", open_image(tmp_path / "img.png"), num_classes=3)
+    np.testing.assert_array_equal(mask.read(slice(0, 20), slice(0, 30))[..., 0], labels)  # re-ingestable as a mask

@@ -113,10 +113,25 @@ def _local(n_workers: int, threads_per_worker: int, device: Device) -> Iterator[
     try:
         yield Cluster(client, threads)
     finally:
-        client.close()
-        # A busy worker may take more than the nanny's 4 s to exit; it is then killed, which is fine at shutdown.
-        logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
-        cluster.close()
+        with _quiet_shutdown():
+            client.close()
+            cluster.close()
+
+
+@contextlib.contextmanager
+def _quiet_shutdown() -> Iterator[None]:
+    """Silence what closing a local cluster logs about itself: a busy worker may take more than the nanny's 4 s to
+    exit and is then killed, and comms closed mid-message log ``CommClosedError`` tracebacks
+    (``convert_stream_closed_error``); both are normal at shutdown, after every result is in."""
+    names = ("distributed", "tornado", "asyncio")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def dask_cluster(address: str | None, n_workers: int = 0, threads_per_worker: int = 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -31,6 +32,22 @@ def dice_from_records(records: Path, blocks: list[Block], num_classes: int, kind
     return float(np.nanmean(fg)) if np.isfinite(fg).any() else float("nan")
 
 
+LABEL_COLOURS = [(0, 0, 0), (255, 255, 255), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25),
+                 (145, 30, 180), (70, 240, 240), (240, 50, 230), (245, 130, 48)]
+"""Palette of exported label PNGs: background black, class 1 white, then distinct colours (repeating)."""
+
+
+def label_png(labels: np.ndarray) -> Any:
+    """A palette PNG image of class ids: the pixel values stay the ids (0, 1, ...), viewers show colours."""
+    from PIL import Image
+
+    image = Image.fromarray(labels.astype(np.uint8))  # mode L; putpalette makes it P, the values unchanged
+    cycle = LABEL_COLOURS[1:]
+    palette = [LABEL_COLOURS[0]] + [cycle[(i - 1) % len(cycle)] for i in range(1, 256)]
+    image.putpalette([c for colour in palette for c in colour])
+    return image
+
+
 def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, reuse: bool = False) -> str | None:
     """Export the label mask as PNG (small images) or tiled BigTIFF (any size, streamed by tiles).
 
@@ -46,14 +63,13 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
     if reuse and dst.exists():
         return str(dst)
     if png:
-        from skimage import io as skio
-
         with replacing(dst) as tmp:
-            skio.imsave(tmp, np.asarray(labels[:]), check_contrast=False)
+            label_png(np.asarray(labels[:])).save(tmp, format="PNG")
         return str(dst)
     import tifffile
 
     tile = 256
+
     def tiles() -> Iterator[np.ndarray]:
         for y in range(0, h, tile):
             band = np.asarray(labels[y:y + tile, :])
