@@ -8,6 +8,7 @@ from __future__ import annotations
 import typing
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 from prefect.exceptions import ParameterTypeError
@@ -84,40 +85,51 @@ def _literal_fields(model: type) -> dict[str, tuple]:
             if typing.get_origin(f.annotation) is typing.Literal}
 
 
+def _models(model: type) -> dict[str, type]:
+    """The config model and every model nested in it (the stage options a pipeline or nightly form holds)."""
+    found = {model.__name__: model}
+    for f in model.model_fields.values():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, pydantic.BaseModel):
+            found.update(_models(f.annotation))
+    return found
+
+
 @pytest.mark.parametrize("name", sorted(NAMES))
 def test_forms_show_choices_bounds_and_descriptions(served, name: str) -> None:
-    """The deployment form (its OpenAPI schema): Literal → dropdown, bounds → min/max, help text on every field."""
+    """The deployment form (its OpenAPI schema): Literal → dropdown, bounds → min/max, help text on every field,
+    in the config and in every stage's options nested in it."""
     schema = served[name]._parameter_openapi_schema.model_dump()
-    ref = schema["properties"]["config"]["$ref"].rsplit("/", 1)[-1]
-    form = schema["definitions"][ref]
     flow = load_flow_from_entrypoint(served[name].entrypoint)
-    model = typing.get_type_hints(flow.fn)["config"]
-    for field, choices in _literal_fields(model).items():
-        assert form["properties"][field]["enum"] == list(choices), field
-    bounded = [f for f, p in form["properties"].items() if {"minimum", "exclusiveMinimum"} & set(p)]
+    bounded = []
+    for ref, model in _models(typing.get_type_hints(flow.fn)["config"]).items():
+        form = schema["definitions"][ref]
+        for field, choices in _literal_fields(model).items():
+            assert form["properties"][field]["enum"] == list(choices), (ref, field)
+        bounded += [f for f, p in form["properties"].items() if {"minimum", "exclusiveMinimum"} & set(p)]
+        undescribed = {f for f, p in form["properties"].items() if not p.get("description")}
+        assert not undescribed, f"give these fields of {ref} a description: {sorted(undescribed)}"
     assert bounded, "no bounded numeric field"
-    undescribed = {f for f, p in form["properties"].items() if not p.get("description")}
-    assert not undescribed, f"give these fields a description: {sorted(undescribed)}"
 
 
 def test_nightly_form_is_fully_described_and_runnable_without_input(served) -> None:
     schema = served["nightly"]._parameter_openapi_schema.model_dump()
     form = schema["definitions"]["NightlyConfig"]
     assert all(p.get("description") for p in form["properties"].values())
-    assert form["properties"]["export"]["enum"] == ["none", "png", "tiff"]
-    assert (form["properties"]["tile"]["minimum"], form["properties"]["tile"]["maximum"]) == (16, 4096)
+    predict = schema["definitions"]["InferOptions"]["properties"]  # the nightly's `predict` options
+    assert predict["export"]["enum"] == ["none", "png", "tiff"]
+    assert (predict["tile"]["minimum"], predict["tile"]["maximum"]) == (16, 4096)
     assert "inbox" in schema["properties"]["config"]["description"]  # from the flow's docstring
     assert not schema.get("required")  # the schedule can start it with the defaults
 
 
 @pytest.mark.parametrize("entrypoint, config", [
     ("flows/infer.py:infer", {"dataset": "d", "output": "o", "tile": -1}),
-    ("flows/nightly.py:nightly", {"tile": -1}),
+    ("flows/nightly.py:nightly", {"predict": {"tile": -1}}),
 ])
 def test_out_of_bounds_parameter_is_refused_naming_the_field(monkeypatch, entrypoint: str, config: dict) -> None:
     monkeypatch.chdir(ROOT)
     flow = load_flow_from_entrypoint(entrypoint)
-    with pytest.raises(ParameterTypeError, match=r"config\.tile: Input should be greater than or equal to 16"):
+    with pytest.raises(ParameterTypeError, match=r"config\.(predict\.)?tile: Input should be greater than or equal to 16"):
         flow.validate_parameters({"config": config})
 
 
@@ -183,6 +195,8 @@ def test_idle_night_still_gets_a_table_row() -> None:
     ("sqlite:///mlflow.db", "sqlite:///mlflow.db#models/unet/versions/3"),
 ])
 def test_model_link_points_at_the_version(uri: str, expected: str) -> None:
-    from unetcore.nightly import ModelRef
+    from unetcore.tracking import PinnedModel
 
-    assert nightly_flow.model_url(uri, ModelRef("unet", "champion", 3, "abc", "s")) == expected
+    model = PinnedModel(uri="models:/unet/3", directory=Path("m"), name="unet", alias="champion", version=3,
+                        run_id="abc", source="s")
+    assert nightly_flow.model_url(uri, model) == expected
