@@ -130,10 +130,12 @@ def test_ome_zarr_axes_come_from_metadata(tmp_path: Path, version: str, axes: st
     np.testing.assert_array_equal(source.read(YS, XS), expected[YS, XS])
 
 
-def test_ome_zarr_with_a_z_stack_is_refused(tmp_path: Path) -> None:
+def test_ome_zarr_with_a_z_stack_is_refused_as_a_2d_image(tmp_path: Path) -> None:
+    """Volumes (issue 12): ``auto`` reads the z-stack as a volume; a 2-D layout asked for is refused."""
     _write_ome_zarr(tmp_path / "stack.ome.zarr", ramp((4, 40, 50)), ["z", "y", "x"], "0.5")
     with pytest.raises(InputError, match=r"stack\.ome\.zarr.*axis 'z' has 4"):
-        open_image(tmp_path / "stack.ome.zarr")
+        open_image(tmp_path / "stack.ome.zarr", channel_axis="cyx")
+    assert open_image(tmp_path / "stack.ome.zarr").spatial_shape == (4, 40, 50)
 
 
 def test_tiff_pyramid_uses_full_resolution(tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
-"""Ingestion: a folder of images (and masks) into a dataset of OME-Zarr stores plus a manifest.
+"""Ingestion: a folder of images and volumes (and masks) into a dataset of OME-Zarr stores plus a manifest.
 
-One image is cut into *leaves*: regions two chunks high and two chunks wide (or the full width when the file
-decodes whole-width strips), so that a leaf covers whole chunks of level 0 and, halved, whole chunks of level 1.
+One image is cut into *leaves*: regions two chunks long on every spatial axis (or the full extent of an axis
+when the file decodes units that wide: whole-width strips, whole NIfTI.gz or DICOM slices), so that a leaf
+covers whole chunks of level 0 and, halved, whole chunks of level 1. Images and volumes take this one path; a
+volume's chunks and pyramid follow its voxel spacing (:func:`unetcore.store.omezarr.chunk_shape`,
+:func:`~unetcore.store.omezarr.halving`) and its store keeps the source's geometry (spacing, unit, affine).
 A small thread pool handles leaves in parallel (tifffile, blosc and most numpy loops release the GIL): each leaf
 is read once, checked, written to level 0, halved in memory and written to level 1, and summarised into its own
 statistics, which the driver merges in leaf order (so the result does not depend on the thread count). Levels 2+
@@ -20,10 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -120,21 +125,46 @@ class IngestReport:
 # --- geometry and pyramid -----------------------------------------------------------------------------------
 
 
-def chunk_leaves(shape_yx: tuple[int, int], chunk: int, decode_unit: tuple[int, int]) -> list[tuple[slice, slice]]:
+def chunk_leaves(shape: tuple[int, ...], chunk: int | tuple[int, ...],
+                 decode_unit: tuple[int, ...]) -> list[tuple[slice, ...]]:
     """Work units in raster order, each whole chunks of levels 0 and 1 and whole decode units of the source.
 
-    A leaf is ``2 * chunk`` square, grown to a multiple of the source's decode unit (a TIFF strip, a big Zarr
-    chunk) so that no unit is decoded twice; a unit as wide as the image makes the leaves full-width bands.
+    A leaf is ``2 * chunk`` long on every axis, grown to a multiple of the source's decode unit (a TIFF strip, a
+    big Zarr chunk) so that no unit is decoded twice; a unit as long as the image on an axis makes the leaves span
+    that axis (full-width bands of a striped TIFF, whole slices of a NIfTI.gz or DICOM series).
     """
-    height, width = shape_yx
-    step = 2 * chunk
-    rows = -(-decode_unit[0] // step) * step
-    cols = width if decode_unit[1] >= width else -(-decode_unit[1] // step) * step
+    chunks = (chunk,) * len(shape) if isinstance(chunk, int) else tuple(chunk)
+    extents = []
+    for size, unit, c in zip(shape, decode_unit, chunks):
+        step = 2 * c
+        extents.append(size if unit >= size else -(-unit // step) * step)
+    starts = [range(0, size, extent) for size, extent in zip(shape, extents)]
     return [
-        (slice(y, min(y + rows, height)), slice(x, min(x + cols, width)))
-        for y in range(0, height, rows)
-        for x in range(0, width, cols)
+        tuple(slice(o, min(o + e, n)) for o, e, n in zip(origin, extents, shape))
+        for origin in itertools.product(*starts)
     ]
+
+
+class _InOrder:
+    """Lets leaves be read strictly one after the other, in leaf order, when the source wants it (a gzip stream
+    cannot seek back cheaply); a no-op otherwise. Leaves start in order on the pool, so a turn always comes."""
+
+    def __init__(self, active: bool) -> None:
+        self.active, self._next, self._cond = active, 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self, index: int) -> Iterator[None]:
+        if not self.active:
+            yield
+            return
+        with self._cond:
+            self._cond.wait_for(lambda: self._next == index)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._next = index + 1
+                self._cond.notify_all()
 
 
 def _ordered(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], window: int) -> Iterator[R]:
@@ -157,68 +187,93 @@ def thread_count(threads: int, leaf_bytes: int) -> int:
 # --- one image ----------------------------------------------------------------------------------------------
 
 
-def _write_mask(mask: readers.MaskSource, root: zarr.Group, leaves: list[tuple[slice, slice]],
-                pool: ThreadPoolExecutor, window: int, chunk: int, n_levels: int) -> frozenset[int]:
-    """Stream the mask into ``labels/mask`` (levels 0 and 1), checking it on the way; return its classes."""
-    height, width = mask.shape_yxc[:2]
-    group = omezarr.create_labels(root, "mask", (height, width), np.uint8, chunk, n_levels=n_levels)
-    level0, level1 = group["0"], (group["1"] if "1" in group else None)
+def _level1(root: zarr.Group | zarr.Array, spatial_dims: int) -> tuple[Any, tuple[int, ...]]:
+    """Level 1 of a pyramid group (or None) and the factors it divides level 0's axes by."""
+    if "1" not in root:
+        return None, (2,) * spatial_dims
+    return root["1"], omezarr.level_factors(root["0"], root["1"], spatial_dims)
 
-    def leaf(region: tuple[slice, slice]) -> set[int]:
-        ys, xs = region
-        labels, seen = mask.read_checked(ys, xs)
+
+def _halved(region: tuple[slice, ...], factors: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(r.start // f, r.stop // f) for r, f in zip(region, factors))
+
+
+def _write_mask(mask: readers.MaskSource, root: zarr.Group, leaves: list[tuple[slice, ...]],
+                pool: ThreadPoolExecutor, window: int, chunk: int | tuple[int, ...], n_levels: int,
+                spacing: tuple[float, ...] | None = None, unit: str | None = None) -> frozenset[int]:
+    """Stream the mask into ``labels/mask`` (levels 0 and 1), checking it on the way; return its classes."""
+    group = omezarr.create_labels(root, "mask", mask.spatial_shape, np.uint8, chunk, n_levels=n_levels,
+                                  spacing=spacing, unit=unit)
+    level0 = group["0"]
+    level1, factors = _level1(group, mask.spatial_dims)
+    order = _InOrder(mask.sequential)
+
+    def leaf(item: tuple[int, tuple[slice, ...]]) -> set[int]:
+        index, region = item
+        with order.turn(index):
+            labels, seen = mask.read_checked(*region)
         labels = labels[..., 0].astype(np.uint8)
-        level0[ys, xs] = labels
+        level0[region] = labels
         if level1 is not None:
-            level1[ys.start // 2 : ys.stop // 2, xs.start // 2 : xs.stop // 2] = omezarr.halve(labels, "label")
+            level1[_halved(region, factors)] = omezarr.halve(labels, "label", factors)
         return seen
 
     seen: set[int] = set()
-    for values in _ordered(pool, leaf, leaves, window):
+    for values in _ordered(pool, leaf, enumerate(leaves), window):
         seen |= values
     classes = mask.check_seen(seen)
     omezarr.build_pyramid(group, "label", first=2, pool=pool)
     return classes
 
 
-def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tuple[slice, slice]],
+def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tuple[slice, ...]],
                  pool: ThreadPoolExecutor, window: int) -> dict[str, Any]:
     """Stream the image into levels 0 and 1, then build the rest of the pyramid; return its statistics."""
-    height, width, channels = source.shape_yxc
+    channels, pixels_total = source.channels, int(np.prod(source.spatial_shape, dtype=np.int64))
     level0 = omezarr.image_array(root, 0)
-    level1 = omezarr.image_array(root, 1) if "1" in root else None
+    level1, factors = _level1(root, source.spatial_dims)
     is_float = source.dtype.kind == "f"
+    words = ("slice", "row", "column")[-source.spatial_dims:]
+    order = _InOrder(source.sequential)
 
-    def leaf(region: tuple[slice, slice]) -> StreamingStats:
-        ys, xs = region
-        pixels = source.read(ys, xs)
+    def leaf(item: tuple[int, tuple[slice, ...]]) -> StreamingStats:
+        index, region = item
+        with order.turn(index):
+            pixels = source.read(*region)
         if is_float and not np.isfinite(pixels).all():
-            y, x = np.argwhere(~np.isfinite(pixels))[0][:2]
-            raise InputError(source.path, f"image contains NaN or Inf values (e.g. at row {ys.start + y}, column "
-                             f"{xs.start + x})", "replace them (e.g. with 0) before ingesting")
-        stats = StreamingStats(channels, source.dtype, height * width)
+            where = np.argwhere(~np.isfinite(pixels))[0][: source.spatial_dims]
+            at = ", ".join(f"{w} {r.start + int(i)}" for w, r, i in zip(words, region, where))
+            raise InputError(source.path, f"image contains NaN or Inf values (e.g. at {at})",
+                             "replace them (e.g. with 0) before ingesting")
+        stats = StreamingStats(channels, source.dtype, pixels_total)
         stats.update(pixels)
-        cyx = np.moveaxis(pixels, -1, 0)
-        level0[:, ys, xs] = cyx
+        moved = np.moveaxis(pixels, -1, 0)
+        level0[(slice(None), *region)] = moved
         if level1 is not None:
-            level1[:, ys.start // 2 : ys.stop // 2, xs.start // 2 : xs.stop // 2] = omezarr.halve(cyx, "image")
+            level1[(slice(None), *_halved(region, factors))] = omezarr.halve(moved, "image", factors)
         return stats
 
-    total = StreamingStats(channels, source.dtype, height * width)
-    for stats in _ordered(pool, leaf, leaves, window):
+    total = StreamingStats(channels, source.dtype, pixels_total)
+    for stats in _ordered(pool, leaf, enumerate(leaves), window):
         total.merge(stats)
     omezarr.build_pyramid(root, "image", first=2, pool=pool)
     return total.result()
 
 
-def _work_plan(source: readers.ImageSource, mask: readers.MaskSource | None, chunk: int,
-               threads: int) -> tuple[list[tuple[slice, slice]], int]:
+def _work_plan(source: readers.ImageSource, mask: readers.MaskSource | None, chunk: int | tuple[int, ...],
+               threads: int) -> tuple[list[tuple[slice, ...]], int]:
     """The leaves of an image (whole decode units of the image and of its mask) and the threads to use."""
-    units = [source.chunks_yx] + ([mask.chunks_yx] if mask is not None else [])
-    leaves = chunk_leaves(source.shape_yxc[:2], chunk, (max(u[0] for u in units), max(u[1] for u in units)))
-    ys, xs = leaves[0]
-    leaf_bytes = (ys.stop - ys.start) * (xs.stop - xs.start) * source.shape_yxc[2] * source.dtype.itemsize
-    return leaves, thread_count(threads, leaf_bytes)
+    units = [source.decode_unit] + ([mask.decode_unit] if mask is not None else [])
+    leaves = chunk_leaves(source.spatial_shape, chunk, tuple(max(axis) for axis in zip(*units)))
+    leaf_bytes = int(np.prod([r.stop - r.start for r in leaves[0]], dtype=np.int64)) * source.channels
+    return leaves, thread_count(threads, leaf_bytes * source.dtype.itemsize)
+
+
+def _store_geometry(source: readers.ImageSource) -> tuple[tuple[float, ...] | None, str | None]:
+    """Spacing and unit for the store's metadata: a volume's own; a 2-D image stays in pixels (as before)."""
+    if source.spatial_dims == 2:
+        return None, None
+    return source.geometry.spacing, source.geometry.unit
 
 
 def ingest_image(
@@ -245,25 +300,30 @@ def ingest_image(
     mask = None
     if mask_path is not None:
         mask = readers.open_mask(mask_path, source, cfg.num_classes, max_pixels=cfg.max_pixels, scan=False)
-    leaves, workers = _work_plan(source, mask, cfg.chunk_size, cfg.threads if threads is None else threads)
-    height, width, channels = source.shape_yxc
-    n_levels = omezarr.n_levels_for((height, width)) if cfg.pyramid else 1
+    spacing, unit = _store_geometry(source)
+    spatial, channels = source.spatial_shape, source.channels
+    chunk = omezarr.chunk_shape(spatial, cfg.chunk_size, spacing)
+    leaves, workers = _work_plan(source, mask, chunk, cfg.threads if threads is None else threads)
+    n_levels = omezarr.n_levels_for(spatial, spacing=spacing) if cfg.pyramid else 1
+    geometry = source.geometry.to_dict(source.spatial_dims)
     classes: frozenset[int] = frozenset()
     pool = ThreadPoolExecutor(workers, thread_name_prefix=f"ingest-{entry_id}")
     try:
         with omezarr.atomic_store(mf.store_path(dataset, entry_id)) as tmp:
             try:
                 hashes = [pool.submit(mf.file_hash, p) if p else None for p in (image_path, mask_path)]
-                root = omezarr.create_image(tmp, (channels, height, width), source.dtype, cfg.chunk_size,
-                                            name=entry_id, n_levels=n_levels)
+                root = omezarr.create_image(tmp, (channels, *spatial), source.dtype, chunk, name=entry_id,
+                                            n_levels=n_levels, spacing=spacing, unit=unit)
                 if mask is not None:
-                    classes = _write_mask(mask, root, leaves, pool, 2 * workers, cfg.chunk_size, n_levels)
+                    classes = _write_mask(mask, root, leaves, pool, 2 * workers, chunk, n_levels, spacing, unit)
                 stats = _write_image(source, root, leaves, pool, 2 * workers)
                 image_hash, mask_hash = (h.result() if h else None for h in hashes)
             finally:  # no thread may still write into the store when it is renamed or deleted
                 pool.shutdown(wait=True, cancel_futures=True)
-            omezarr.set_unet_attrs(root, {"id": entry_id, "source": str(image_path), "source_hash": image_hash,
-                                          "stats": stats})
+            attrs = {"id": entry_id, "source": str(image_path), "source_hash": image_hash, "stats": stats}
+            if source.spatial_dims == 3:  # a 2-D store's metadata stays as before volumes
+                attrs["geometry"] = geometry
+            omezarr.set_unet_attrs(root, attrs)
     finally:
         source.close()
         if mask is not None:
@@ -277,7 +337,7 @@ def ingest_image(
         "mask_hash": mask_hash,
         "mask_fingerprint": fingerprints[1],
         "store": mf.store_path(dataset, entry_id).name,
-        "shape": [height, width],
+        "shape": list(spatial),
         "channels": channels,
         "dtype": str(np.dtype(source.dtype)),
         "chunk": cfg.chunk_size,
@@ -285,6 +345,10 @@ def ingest_image(
         "has_mask": mask is not None,
         "classes": sorted(classes),
         "stats": stats,
+        "spatial_dims": source.spatial_dims,
+        "spacing": geometry["spacing"],
+        "unit": geometry["unit"],
+        "affine": geometry["affine"],
     }
 
 
@@ -445,7 +509,7 @@ def _record(result: dict[str, Any], dataset: Path, cfg: IngestConfig, report: In
     entry["split"] = old["split"] if old else mf.split_for(entry["source_hash"], cfg.val_fraction, cfg.test_fraction)
     mf.put_entry(dataset, entry)
     (report.updated if old else report.added).append(entry["id"])
-    report.pixels += entry["shape"][0] * entry["shape"][1]
+    report.pixels += int(np.prod(entry["shape"], dtype=np.int64))
 
 
 def _run_here(jobs: list[_Job], dataset: Path, cfg: IngestConfig) -> Iterator[dict[str, Any]]:

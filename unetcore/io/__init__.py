@@ -1,9 +1,12 @@
-"""Readers: open any supported image or mask lazily as an array-like, validated, with our own error types."""
+"""Readers and writers: open any supported image, volume or mask lazily as an array-like, validated, with our own
+error types (``readers``, ``volumes``); write label volumes back as NIfTI or TIFF stacks (``writers``)."""
 
 from unetcore.io.readers import (
     IMAGE_DTYPES,
     MASK_DTYPES,
     SUPPORTED_SUFFIXES,
+    VOLUME_SUFFIXES,
+    Geometry,
     ImageSource,
     MaskSource,
     check_finite,
@@ -16,11 +19,14 @@ from unetcore.io.readers import (
     open_image,
     open_mask,
 )
+from unetcore.io.writers import write_nifti, write_tiff_stack
 
 __all__ = [
     "IMAGE_DTYPES",
     "MASK_DTYPES",
     "SUPPORTED_SUFFIXES",
+    "VOLUME_SUFFIXES",
+    "Geometry",
     "ImageSource",
     "MaskSource",
     "check_finite",
@@ -32,4 +38,6 @@ __all__ = [
     "list_images",
     "open_image",
     "open_mask",
+    "write_nifti",
+    "write_tiff_stack",
 ]

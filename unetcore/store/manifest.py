@@ -1,7 +1,7 @@
 """The dataset manifest: one JSON file listing every ingested image, written atomically.
 
 ``<dataset>/manifest.json`` maps image ids to entries (source, content hashes, shape, dtype, channels, mask,
-class values, statistics, split, store path). An image is listed only after its store is complete. Updates
+class values, statistics, split, store path, and where the voxels lie: spatial dims, spacing, unit, affine). An image is listed only after its store is complete. Updates
 hold an exclusive lock on ``manifest.lock`` so two ingestions of one dataset never lose each other's entries.
 """
 
@@ -32,7 +32,7 @@ class ManifestEntry(TypedDict):
     mask_hash: str | None
     mask_fingerprint: list[int] | None
     store: str  # <id>.ome.zarr, relative to the dataset
-    shape: list[int]  # [height, width]
+    shape: list[int]  # [height, width], or [depth, height, width] for a volume
     channels: int
     dtype: str
     chunk: int
@@ -41,6 +41,11 @@ class ManifestEntry(TypedDict):
     classes: list[int]
     stats: dict[str, Any]
     split: NotRequired[Split]  # given when the entry is put into the manifest
+    # where the voxels lie (absent from manifests written before volumes: read them with .get, 2 / [1, 1] / None)
+    spatial_dims: NotRequired[int]  # 2 or 3, the length of shape
+    spacing: NotRequired[list[float]]  # per spatial axis ([z,] y, x), from the source; [1, 1(, 1)] if unknown
+    unit: NotRequired[str | None]  # unit of spacing (millimeter, micrometer, ...), None if unknown
+    affine: NotRequired[list[list[float]] | None]  # a volume's 4x4 voxel (x, y, z) -> world, as nibabel gives it
 
 
 MANIFEST = "manifest.json"
@@ -65,15 +70,17 @@ def file_hash(path: Path, chunk: int = 1 << 22) -> str:
 def image_id(path: Path) -> str:
     """A safe id from a file name: its stem with anything outside ``[A-Za-z0-9._-]`` replaced.
 
+    A DICOM series' folder keeps its whole name (``1.2.840.1``: series folders are often named by UID).
     Ids become file names inside the dataset folder, so they can never contain a path separator or ``..``.
     """
     name = Path(path).name
-    for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif"):
+    for suffix in (".ome.zarr", ".ome.tiff", ".ome.tif", ".nii.gz", ".nii"):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
     else:
-        name = Path(name).stem
+        if not (Path(path).is_dir() and not name.lower().endswith(".zarr")):
+            name = Path(name).stem
     safe = _SAFE_ID.sub("_", name).strip("._") or "image"
     return safe
 

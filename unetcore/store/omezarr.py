@@ -1,24 +1,34 @@
-"""The OME-Zarr 0.5 layout: images (c, y, x) as multiscale pyramids, masks under ``labels/``.
+"""The OME-Zarr 0.5 layout: images (c, y, x) or volumes (c, z, y, x) as multiscale pyramids, masks under
+``labels/``.
 
 Nothing else in the code base knows the layout's paths. A store is written under a temporary name and
 renamed into place when complete (:func:`atomic_store`), so a store that exists under its final name is whole.
 
 Layout of ``<id>.ome.zarr`` (Zarr v3)::
 
-    zarr.json               attributes.ome.multiscales (axes c, y, x; levels 0..n), attributes.unet (stats …)
-    0, 1, …                 image levels, dtype of the source, chunks (C, chunk, chunk)
+    zarr.json               attributes.ome.multiscales (axes c, [z,] y, x; levels 0..n), attributes.unet (stats,
+                            and for a volume its geometry: spacing, unit, the source's affine and NIfTI header)
+    0, 1, …                 image levels, dtype of the source, chunks (C, chunk...)
     labels/zarr.json        attributes.ome.labels = ["mask"]
-    labels/mask/0, 1, …     integer labels (y, x), attributes.ome.image-label
+    labels/mask/0, 1, …     integer labels ([z,] y, x), attributes.ome.image-label
+
+A 2-D image is scaled in pixels (scale 1 at level 0, no unit), as before volumes existed. A volume's level 0 is
+scaled by its voxel spacing, with the spatial axes' unit (millimeter for NIfTI/DICOM, micrometer for microscopy
+when the file says so). Its chunks hold ``chunk**2`` voxels (>= 1 MB at the default 1024), shaped from the spacing
+into a physical cube (:func:`chunk_shape`); its pyramid halves only the axes that are not already coarse
+(:func:`halving`: never an axis more than 2x coarser than the finest one, as nnU-Net pools), so 5 mm slices are
+not halved while the 0.7 mm plane is.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +42,7 @@ from unetcore.errors import InputError
 OME_VERSION = "0.5"
 LABELS_GROUP = "labels"
 PYRAMID_MIN_SIZE = 1024
+_SPATIAL_NAMES = ("z", "y", "x")
 
 
 def compressor() -> BloscCodec:
@@ -39,29 +50,98 @@ def compressor() -> BloscCodec:
     return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.bitshuffle)
 
 
-def n_levels_for(shape_yx: tuple[int, int], min_size: int = PYRAMID_MIN_SIZE) -> int:
-    """Number of pyramid levels: halve until the larger side is at most ``min_size``."""
-    largest = max(shape_yx)
-    return 1 + max(0, math.ceil(math.log2(largest / min_size))) if largest > min_size else 1
+def halving(shape: Sequence[int], scale: Sequence[float]) -> tuple[int, ...]:
+    """Per spatial axis, 2 if the next pyramid level halves it, else 1.
+
+    An axis is halved while it has at least 2 entries and its voxel size (``scale``) is less than twice the finest
+    one among such axes (nnU-Net's pooling rule); isotropic axes are all halved together.
+    """
+    open_axes = [i for i, n in enumerate(shape) if n >= 2]
+    if not open_axes:
+        return (1,) * len(shape)
+    finest = min(float(scale[i]) for i in open_axes)
+    return tuple(2 if (i in open_axes and float(scale[i]) < 2 * finest) else 1 for i in range(len(shape)))
 
 
-def level_shape(shape_yx: tuple[int, int], level: int) -> tuple[int, int]:
-    """Shape of pyramid level ``level`` (each level halves, rounding down, never below 1)."""
-    return (max(1, shape_yx[0] >> level), max(1, shape_yx[1] >> level))
+def pyramid(shape: Sequence[int], n_levels: int, spacing: Sequence[float] | None = None
+            ) -> list[tuple[tuple[int, ...], tuple[float, ...]]]:
+    """``(shape, scale)`` of each level: level 0 is ``shape`` at ``spacing`` (1 per axis by default), each next
+    level halves the axes :func:`halving` picks (rounding down, never below 1) and doubles their scale."""
+    scale = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * len(shape)
+    levels = [(tuple(int(n) for n in shape), scale)]
+    for _ in range(1, n_levels):
+        current, current_scale = levels[-1]
+        factors = halving(current, current_scale)
+        levels.append((tuple(max(1, n // f) for n, f in zip(current, factors)),
+                       tuple(s * f for s, f in zip(current_scale, factors))))
+    return levels
 
 
-def _axes(with_channel: bool) -> list[dict[str, str]]:
-    space = [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+def n_levels_for(shape: Sequence[int], min_size: int | None = None, spacing: Sequence[float] | None = None) -> int:
+    """Number of pyramid levels: halve (as :func:`pyramid` does) until the largest side is at most ``min_size``
+    (default :data:`PYRAMID_MIN_SIZE`), judged on the unrounded sides."""
+    limit = PYRAMID_MIN_SIZE if min_size is None else min_size
+    scale = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * len(shape)
+    current, extent, levels = tuple(int(n) for n in shape), [float(n) for n in shape], 1
+    while max(extent) > limit:
+        factors = halving(current, scale)
+        if all(f == 1 for f in factors):
+            break
+        current = tuple(max(1, n // f) for n, f in zip(current, factors))
+        extent = [e / f for e, f in zip(extent, factors)]
+        scale = tuple(s * f for s, f in zip(scale, factors))
+        levels += 1
+    return levels
+
+
+def level_shape(shape: Sequence[int], level: int, spacing: Sequence[float] | None = None) -> tuple[int, ...]:
+    """Shape of pyramid level ``level`` (see :func:`pyramid`)."""
+    return pyramid(shape, level + 1, spacing)[level][0]
+
+
+def chunk_shape(shape: Sequence[int], chunk: int, spacing: Sequence[float] | None = None) -> tuple[int, ...]:
+    """Chunk shape of level 0: about ``chunk**2`` pixels (or voxels), no side above ``chunk`` or the image.
+
+    Sides double, one at a time, on the axis whose chunk is physically shortest (the last on ties), until the
+    chunk holds ``chunk**2`` values: a 2-D image gets ``(chunk, chunk)`` (clipped to the image), an isotropic
+    volume ``(chunk**(2/3), ...)`` rounded to powers of two (64 x 128 x 128 for 1024), an anisotropic one a
+    physical cube (fewer 5 mm slices than 0.7 mm rows).
+    """
+    n = len(shape)
+    scale = tuple(float(s) for s in spacing) if spacing is not None else (1.0,) * n
+    caps = [max(1, min(int(chunk), int(size))) for size in shape]
+    edges = [1] * n
+    while math.prod(edges) < chunk * chunk:
+        growable = [i for i in range(n) if edges[i] < caps[i]]
+        if not growable:
+            break
+        i = min(growable, key=lambda a: (edges[a] * scale[a], -a))
+        edges[i] = min(caps[i], edges[i] * 2)
+    return tuple(edges)
+
+
+def _axes(with_channel: bool, spatial_dims: int = 2, unit: str | None = None) -> list[dict[str, str]]:
+    space = []
+    for name in _SPATIAL_NAMES[-spatial_dims:]:
+        axis = {"name": name, "type": "space"}
+        if unit:
+            axis["unit"] = unit
+        space.append(axis)
     return ([{"name": "c", "type": "channel"}] if with_channel else []) + space
 
 
-def _multiscales(name: str, n_levels: int, with_channel: bool, pixel_size: float) -> list[dict[str, Any]]:
+def _multiscales(name: str, levels: list[tuple[tuple[int, ...], tuple[float, ...]]], with_channel: bool,
+                 unit: str | None) -> list[dict[str, Any]]:
     datasets = []
-    for level in range(n_levels):
-        s = pixel_size * 2**level
-        scale = ([1.0] if with_channel else []) + [s, s]
-        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]})
-    return [{"name": name, "axes": _axes(with_channel), "datasets": datasets}]
+    for level, (_, scale) in enumerate(levels):
+        values = ([1.0] if with_channel else []) + list(scale)
+        datasets.append({"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": values}]})
+    spatial_dims = len(levels[0][0])
+    return [{"name": name, "axes": _axes(with_channel, spatial_dims, unit), "datasets": datasets}]
+
+
+def _chunks(chunk: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    return (int(chunk),) * spatial_dims if isinstance(chunk, (int, np.integer)) else tuple(int(c) for c in chunk)
 
 
 @contextlib.contextmanager
@@ -86,62 +166,81 @@ def atomic_store(final: Path) -> Iterator[Path]:
 
 def create_image(
     path: Path,
-    shape_cyx: tuple[int, int, int],
+    shape_c_spatial: Sequence[int],
     dtype: np.dtype | str,
-    chunk: int,
+    chunk: int | Sequence[int],
     *,
     name: str = "image",
     pixel_size: float = 1.0,
     n_levels: int | None = None,
+    spacing: Sequence[float] | None = None,
+    unit: str | None = None,
 ) -> zarr.Group:
-    """Create an empty OME-Zarr image group with all pyramid levels allocated (filled later)."""
-    c, h, w = shape_cyx
-    levels = n_levels if n_levels is not None else n_levels_for((h, w))
+    """Create an empty OME-Zarr image group with all pyramid levels allocated (filled later).
+
+    Args:
+        shape_c_spatial: ``(C, H, W)`` or ``(C, D, H, W)``.
+        chunk: the chunk side (every spatial axis) or the chunk shape of level 0; clipped to each level's shape.
+        pixel_size: level 0's scale on every axis when ``spacing`` is not given.
+        spacing: level 0's voxel size per spatial axis (it also steers which axes the pyramid halves).
+        unit: the spatial axes' unit (``millimeter``, ``micrometer``, …), if known.
+    """
+    channels, *spatial = (int(n) for n in shape_c_spatial)
+    scale = tuple(spacing) if spacing is not None else (float(pixel_size),) * len(spatial)
+    count = n_levels if n_levels is not None else n_levels_for(spatial, spacing=scale)
+    levels = pyramid(spatial, count, scale)
+    chunks = _chunks(chunk, len(spatial))
+    axis_names = ["c", *_SPATIAL_NAMES[-len(spatial):]]
     root = zarr.open_group(store=str(path), mode="w", zarr_format=3)
-    for level in range(levels):
-        lh, lw = level_shape((h, w), level)
+    for level, (level_dims, _) in enumerate(levels):
         root.create_array(
             str(level),
-            shape=(c, lh, lw),
+            shape=(channels, *level_dims),
             dtype=dtype,
-            chunks=(c, min(chunk, lh), min(chunk, lw)),
+            chunks=(channels, *(min(c, n) for c, n in zip(chunks, level_dims))),
             compressors=compressor(),
             fill_value=0,
-            dimension_names=["c", "y", "x"],
+            dimension_names=axis_names,
         )
-    root.attrs["ome"] = {"version": OME_VERSION, "multiscales": _multiscales(name, levels, True, pixel_size)}
+    root.attrs["ome"] = {"version": OME_VERSION, "multiscales": _multiscales(name, levels, True, unit)}
     return root
 
 
 def create_labels(
     root: zarr.Group,
     name: str,
-    shape_yx: tuple[int, int],
+    shape_spatial: Sequence[int],
     dtype: np.dtype | str,
-    chunk: int,
+    chunk: int | Sequence[int],
     *,
     n_levels: int | None = None,
     pixel_size: float = 1.0,
     properties: list[dict[str, Any]] | None = None,
+    spacing: Sequence[float] | None = None,
+    unit: str | None = None,
 ) -> zarr.Group:
-    """Create ``labels/<name>`` with the same number of levels as the image and ``image-label`` metadata."""
-    levels = n_levels if n_levels is not None else n_levels_for(shape_yx)
+    """Create ``labels/<name>`` (``(H, W)`` or ``(D, H, W)``) with the image's levels and ``image-label``
+    metadata; pass the image's ``spacing`` and ``unit`` so that both pyramids agree."""
+    spatial = [int(n) for n in shape_spatial]
+    scale = tuple(spacing) if spacing is not None else (float(pixel_size),) * len(spatial)
+    count = n_levels if n_levels is not None else n_levels_for(spatial, spacing=scale)
+    levels = pyramid(spatial, count, scale)
+    chunks = _chunks(chunk, len(spatial))
     labels = root.require_group(LABELS_GROUP)
     existing = list(labels.attrs.get("ome", {}).get("labels", []))
     if name not in existing:
         existing.append(name)
     labels.attrs["ome"] = {"version": OME_VERSION, "labels": existing}
     group = labels.create_group(name, overwrite=True)
-    for level in range(levels):
-        lh, lw = level_shape(shape_yx, level)
+    for level, (level_dims, _) in enumerate(levels):
         group.create_array(
             str(level),
-            shape=(lh, lw),
+            shape=level_dims,
             dtype=dtype,
-            chunks=(min(chunk, lh), min(chunk, lw)),
+            chunks=tuple(min(c, n) for c, n in zip(chunks, level_dims)),
             compressors=compressor(),
             fill_value=0,
-            dimension_names=["y", "x"],
+            dimension_names=list(_SPATIAL_NAMES[-len(spatial):]),
         )
     image_label: dict[str, Any] = {"source": {"image": "../../"}}
     if properties:
@@ -149,31 +248,49 @@ def create_labels(
     group.attrs["ome"] = {
         "version": OME_VERSION,
         "image-label": image_label,
-        "multiscales": _multiscales(name, levels, False, pixel_size),
+        "multiscales": _multiscales(name, levels, False, unit),
     }
     return group
 
 
-def halve(block: np.ndarray, kind: Literal["image", "label"]) -> np.ndarray:
-    """Next pyramid level of a block (..., h, w) → (..., h // 2, w // 2), same dtype.
+def halve(block: np.ndarray, kind: Literal["image", "label"], factors: Sequence[int] = (2, 2)) -> np.ndarray:
+    """Next pyramid level of a block: its last ``len(factors)`` axes divided by ``factors`` (2 or 1 each), same
+    dtype; ``(..., h, w) -> (..., h // 2, w // 2)`` by default.
 
-    Images: the 2x2 mean (integers rounded half to even, computed as a wide-integer sum: exact and ~10x faster
-    than a float mean); labels: the top-left sample of each 2x2 (never a class that is not there).
+    Images: the mean over each 2x2 (or 2x2x2, 1x2x2, …) cell (integers rounded half to even, computed as a
+    wide-integer sum: exact and ~10x faster than a float mean); labels: the first sample of each cell (never a
+    class that is not there).
     """
-    h, w = block.shape[-2] // 2, block.shape[-1] // 2
-    even = block[..., : 2 * h, : 2 * w]
+    factors = tuple(int(f) for f in factors)
+    dims = block.shape[-len(factors):]
+    lead = block.shape[: block.ndim - len(factors)]
+    out = tuple(d // f for d, f in zip(dims, factors))
+    even = block[(Ellipsis, *(slice(0, o * f) for o, f in zip(out, factors)))]
     if kind == "label":
-        return even[..., ::2, ::2]
+        return even[(Ellipsis, *(slice(None, None, f) for f in factors))]
+    cell = math.prod(factors)
+    if cell == 1:
+        return even.copy()
     if block.dtype.kind in "ui" and block.dtype.itemsize <= 2:
-        total = even[..., 0::2, 0::2].astype(np.int32 if block.dtype.kind == "i" else np.uint32)
-        for dy, dx in ((1, 0), (0, 1), (1, 1)):
-            total += even[..., dy::2, dx::2]
-        quotient, rest = total >> 2, total & 3
-        quotient += (rest > 2) | ((rest == 2) & ((quotient & 1) == 1))
+        offsets = itertools.product(*(range(f) for f in factors))
+        wide = np.int32 if block.dtype.kind == "i" else np.uint32
+        pick = [(Ellipsis, *(slice(d, None, f) for d, f in zip(offset, factors))) for offset in offsets]
+        total = even[pick[0]].astype(wide)
+        for index in pick[1:]:
+            total += even[index]
+        shift, half = cell.bit_length() - 1, cell // 2
+        quotient, rest = total >> shift, total & (cell - 1)
+        quotient += (rest > half) | ((rest == half) & ((quotient & 1) == 1))
         return quotient.astype(block.dtype)
-    lead = block.shape[:-2]
-    mean = even.astype(np.float32).reshape(*lead, h, 2, w, 2).mean(axis=(-3, -1))
+    cells = [n for o, f in zip(out, factors) for n in (o, f)]
+    axes = tuple(len(lead) + 2 * i + 1 - len(lead) - 2 * len(factors) for i in range(len(factors)))
+    mean = even.astype(np.float32).reshape(*lead, *cells).mean(axis=axes)
     return (np.round(mean) if np.issubdtype(block.dtype, np.integer) else mean).astype(block.dtype)
+
+
+def level_factors(src: zarr.Array, dst: zarr.Array, spatial_dims: int) -> tuple[int, ...]:
+    """Per spatial axis, 2 where level ``dst`` halves level ``src``, else 1 (read from their shapes)."""
+    return tuple(2 if d < s else 1 for s, d in zip(src.shape[-spatial_dims:], dst.shape[-spatial_dims:]))
 
 
 def build_pyramid(
@@ -182,8 +299,8 @@ def build_pyramid(
 ) -> None:
     """Fill levels ``first``..n from the level above, one output chunk per job (one writer per chunk).
 
-    Each level is computed from the one above, reading a 2x-sized region per output chunk, so memory is a few
-    chunks per thread whatever the image size. ``pool`` reuses the caller's threads.
+    Each level is computed from the one above, reading a 2x-sized region (along the halved axes) per output
+    chunk, so memory is a few chunks per thread whatever the image size. ``pool`` reuses the caller's threads.
     """
     levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
     own = None if pool is not None else ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
@@ -191,15 +308,20 @@ def build_pyramid(
     try:
         for level in (lv for lv in levels if lv >= max(1, first)):
             src, dst = group[str(level - 1)], group[str(level)]
-            cy, cx = dst.chunks[-2:]
-            height, width = dst.shape[-2:]
+            spatial_dims = dst.ndim - 1 if kind == "image" else dst.ndim
+            factors = level_factors(src, dst, spatial_dims)
+            steps = dst.chunks[-spatial_dims:]
+            sizes = dst.shape[-spatial_dims:]
 
-            def job(origin: tuple[int, int], src: zarr.Array = src, dst: zarr.Array = dst) -> None:
-                y0, x0 = origin
-                y1, x1 = min(y0 + cy, height), min(x0 + cx, width)
-                dst[..., y0:y1, x0:x1] = halve(np.asarray(src[..., 2 * y0 : 2 * y1, 2 * x0 : 2 * x1]), kind)
+            def job(origin: tuple[int, ...], src: zarr.Array = src, dst: zarr.Array = dst,
+                    factors: tuple[int, ...] = factors, steps: tuple[int, ...] = steps,
+                    sizes: tuple[int, ...] = sizes) -> None:
+                region = tuple(slice(o, min(o + c, n)) for o, c, n in zip(origin, steps, sizes))
+                above = tuple(slice(r.start * f, r.stop * f) for r, f in zip(region, factors))
+                dst[(Ellipsis, *region)] = halve(np.asarray(src[(Ellipsis, *above)]), kind, factors)
 
-            list(workers.map(job, [(y, x) for y in range(0, height, cy) for x in range(0, width, cx)]))
+            origins = itertools.product(*(range(0, n, c) for n, c in zip(sizes, steps)))
+            list(workers.map(job, list(origins)))
     finally:
         if own is not None:
             own.shutdown()
@@ -220,12 +342,12 @@ def open_root(path: Path, mode: Literal["r", "r+"] = "r") -> zarr.Group:
 
 
 def image_array(root: zarr.Group, level: int = 0) -> zarr.Array:
-    """The image array (C, H, W) at ``level``."""
+    """The image array (C, H, W) or (C, D, H, W) at ``level``."""
     return root[str(level)]
 
 
 def label_array(root: zarr.Group, name: str = "mask", level: int = 0) -> zarr.Array | None:
-    """The label array (H, W) ``labels/<name>/<level>``, or None when the image has no such labels."""
+    """The label array (H, W) or (D, H, W) ``labels/<name>/<level>``, or None when the image has no such labels."""
     key = f"{LABELS_GROUP}/{name}/{level}"
     try:
         return root[key]
@@ -243,3 +365,21 @@ def set_unet_attrs(root: zarr.Group, values: dict[str, Any]) -> None:
     current = unet_attrs(root)
     current.update(values)
     root.attrs["unet"] = current
+
+
+def geometry(root: zarr.Group) -> dict[str, Any]:
+    """Where the store's voxels lie: ``{"spatial_dims", "spacing", "unit", "affine", "nifti"}``.
+
+    A volume's is what ingestion kept from its source (the affine as nibabel gave it, the NIfTI header's geometry
+    fields, for :func:`unetcore.io.writers.write_nifti`); a 2-D image's (or a store not written by ingest) is
+    read from the multiscales metadata (spacing = level 0's scale, no affine).
+    """
+    kept = unet_attrs(root).get("geometry")
+    if kept:
+        return dict(kept)
+    multiscale = root.attrs["ome"]["multiscales"][0]
+    spatial = [a for a in multiscale["axes"] if a.get("type") == "space"]
+    scale = multiscale["datasets"][0]["coordinateTransformations"][0]["scale"][-len(spatial):]
+    unit = next((a["unit"] for a in spatial if a.get("unit")), None)
+    return {"spatial_dims": len(spatial), "spacing": [float(s) for s in scale], "unit": unit, "affine": None,
+            "nifti": None}

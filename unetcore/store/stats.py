@@ -22,7 +22,8 @@ _SUB_BLOCK = 1 << 20  # pixels per update step: bounds the float64 temporaries t
 
 
 class StreamingStats:
-    """Accumulate per-channel statistics over regions of an image (h, w, C), then :meth:`result`.
+    """Accumulate per-channel statistics over regions of an image (h, w, C) or a volume (d, h, w, C), then
+    :meth:`result`.
 
     Regions may be filled by parallel workers into separate instances and combined with :meth:`merge` (in a
     fixed order, for a reproducible result). Integer images keep an exact histogram (mean and std follow from
@@ -48,7 +49,7 @@ class StreamingStats:
             self._samples: list[np.ndarray] = []
 
     def update(self, band: np.ndarray) -> None:
-        """Add a region of pixels, shape (h, w, C)."""
+        """Add a region of pixels, shape (..., C)."""
         flat = band.reshape(-1, self.channels)
         for start in range(0, flat.shape[0], _SUB_BLOCK):
             part = flat[start : start + _SUB_BLOCK]
