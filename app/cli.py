@@ -129,8 +129,9 @@ def _progress_bar() -> Iterator[None]:
         yield
 
 
-def _run(action: Callable[[], int | None]) -> None:
-    """Run a command body: user errors become one line and exit 2."""
+def run_command(action: Callable[[], int | None], output: Path | None = None) -> None:
+    """Run a command body: user errors (and file-system errors, named by their path or else ``output``) become
+    one line and exit 2."""
     try:
         code = action() or 0
     except ConfigError as err:
@@ -139,6 +140,13 @@ def _run(action: Callable[[], int | None]) -> None:
     except UnetError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(err.exit_code) from None
+    except OSError as err:  # disk full, permission denied, read-only: name the path; finished work is on disk
+        from unetcore.fs import os_error_reason
+
+        where = err.filename or output or "a file"
+        typer.echo(f"error: {where}: {os_error_reason(err)} (free space or fix permissions, then re-run the same "
+                   "command: finished images, blocks and epochs are kept)", err=True)
+        raise typer.Exit(2) from None
     except KeyboardInterrupt as exc:
         # Each stage says what its own interrupt kept (training: TrainingInterrupted); ingestion and prediction
         # keep every finished image or block, and their re-run skips them.
@@ -292,7 +300,7 @@ def ingest(
                    f"{len(report['skipped'])} unchanged, {len(report['failed'])} failed -> {output}/manifest.json")
         return EXIT_PARTIAL if report["status"] in ("partial", "failed") else 0
 
-    _run(body)
+    run_command(body, output)
 
 
 @app.command()
@@ -355,7 +363,7 @@ def train(
                    f"  checkpoint: {Path(cfg.output) / 'last.pt'}\n  best model: {result['model_dir']}")
         return 0
 
-    _run(body)
+    run_command(body, output)
 
 
 @app.command()
@@ -406,7 +414,7 @@ def predict(
         _print_predictions(results)
         return 0
 
-    _run(body)
+    run_command(body, output)
 
 
 @contextlib.contextmanager
@@ -465,7 +473,7 @@ def pipeline(
                       num_classes=num_classes, tracking_uri=tracking_uri, train=train_opts, predict=predict_opts)
         return _run_pipeline(cfg)
 
-    _run(body)
+    run_command(body)
 
 
 def _run_pipeline(cfg: Any) -> int:
@@ -526,7 +534,7 @@ def demo(
         )
         return _run_pipeline(cfg)
 
-    _run(body)
+    run_command(body)
 
 
 STOP_GRACE_S = 8.0
@@ -604,7 +612,7 @@ def serve(
                    f"UI: {url.rstrip('/').removesuffix('/api')}/deployments")
         return serve_supervised(nightly_cfg, cron, timezone)
 
-    _run(body)
+    run_command(body)
 
 
 def main() -> None:

@@ -43,7 +43,7 @@ def test_ingest_missing_folder(tmp_path: Path) -> None:
 def test_ingest_unknown_option_value(tmp_path: Path) -> None:
     (tmp_path / "imgs").mkdir()
     result = runner.invoke(app, ["ingest", str(tmp_path / "imgs"), "-o", str(tmp_path / "ds"),
-                                 "--channel-axis", "zyx", "--no-prefect"])
+                                 "--channel-axis", "xzy", "--no-prefect"])
     _one_line_error(result, "option --channel-axis")
 
 
@@ -171,3 +171,28 @@ def test_piped_progress_is_a_line_per_epoch_with_eta(monkeypatch: pytest.MonkeyP
         "train: 1/3 (33 %), 00:00:40 elapsed, ETA 00:01:20 (train loss 0.5000, val Dice 0.7000, 40 s/epoch)",
         "train: 2/3 (66 %), 00:01:20 elapsed, ETA 00:00:40 (train loss 0.4000, val Dice 0.8000, 40 s/epoch)",
     ]
+
+
+def test_a_file_system_error_is_one_line_naming_the_path(tmp_path: Path, capsys) -> None:
+    """Disk full (ENOSPC) or a read-only file system under a command: one line naming the path (the error's own,
+    else the command's output), exit 2, no traceback."""
+    import errno
+
+    import typer
+
+    from app.cli import run_command
+
+    def disk_full() -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "run" / "last.pt"))
+
+    def read_only() -> int:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    for action in (disk_full, read_only):
+        with pytest.raises(typer.Exit) as exit_:
+            run_command(action, tmp_path / "out")
+        assert exit_.value.exit_code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
+    assert lines[0].startswith(f"error: {tmp_path / 'run' / 'last.pt'}: no space left on the device")
+    assert lines[1].startswith(f"error: {tmp_path / 'out'}: read-only file system")
