@@ -497,6 +497,8 @@ def _run_pipeline(cfg: Any) -> int:
                f"val Dice {trained['best_val_dice']:.4f}")
     typer.echo(f"MLflow run:    {trained['run_id']} in {cfg.tracking_uri}  (browse: mlflow ui --backend-store-uri "
                f"{cfg.tracking_uri})")
+    typer.echo(f"serve it:      unet serve --tracking-uri {cfg.tracking_uri} --registered-model "
+               f"{trained['model_name']}   (the nightly run then predicts with this champion)")
     typer.echo("predictions:")
     _print_predictions(predicted)
     if dices:

@@ -196,3 +196,24 @@ def test_a_file_system_error_is_one_line_naming_the_path(tmp_path: Path, capsys)
     assert len(lines) == 2 and all(line.startswith("error: ") for line in lines)
     assert lines[0].startswith(f"error: {tmp_path / 'run' / 'last.pt'}: no space left on the device")
     assert lines[1].startswith(f"error: {tmp_path / 'out'}: read-only file system")
+
+
+def test_predict_unknown_model_uri(tmp_path: Path) -> None:
+    """An unknown model in Prefect mode (the default): one line, before any server starts."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    from unetcore.config import IngestConfig
+    from unetcore.ingest import ingest_folder
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(tmp_path / "img" / "a.png")
+    ingest_folder(IngestConfig(images=str(tmp_path / "img"), output=str(tmp_path / "ds"), chunk_size=64))
+    start = time.monotonic()
+    result = runner.invoke(app, ["predict", str(tmp_path / "ds"), "-o", str(tmp_path / "out"),
+                                 "--model", "models:/unett@champion", "--tracking-uri",
+                                 f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    _one_line_error(result, "models:/unett@champion", "does not resolve")
+    assert time.monotonic() - start < 10 and not (tmp_path / "out").exists()
