@@ -7,6 +7,8 @@ exactly that line and exits non-zero, flows turn it into a failed task state.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from unetcore.redact import redact
@@ -68,3 +70,23 @@ class OutputExistsError(UnetError):
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = str(path)
         super().__init__(f"{path}: {reason} (pass --overwrite to replace it, or choose another output)")
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or "no details"."""
+    text = str(exc).strip().splitlines()
+    return text[0][:limit] if text else "no details"
+
+
+@contextlib.contextmanager
+def reading(path: str | Path, reason: str) -> Iterator[None]:
+    """Turn a library's exception inside the block into one :class:`InputError` line naming the file.
+
+    Our own errors and ``MemoryError`` pass through unchanged.
+    """
+    try:
+        yield
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:
+        raise InputError(path, f"{reason} ({type(exc).__name__}: {first_line(exc)})") from exc

@@ -48,7 +48,7 @@ import tifffile
 import zarr
 from PIL import Image
 
-from unetcore.errors import InputError
+from unetcore.errors import InputError, first_line, reading
 from unetcore.io import volumes
 from unetcore.io.volumes import Geometry
 from unetcore.modes import ChannelAxis, check_mode
@@ -288,7 +288,7 @@ class ImageSource:
             raise
         except Exception as exc:  # a corrupt tile or strip, a vanished file: say which file and where
             place = ", ".join(f"{a.lower()}={b.start}:{b.stop}" for a, b in zip(letters, bounds))
-            raise InputError(self.path, f"cannot read region {place} ({type(exc).__name__}: {_first_line(exc)})"
+            raise InputError(self.path, f"cannot read region {place} ({type(exc).__name__}: {first_line(exc)})"
                              ) from exc
         kept = self.storage.axes.replace("1", "")
         block = block.transpose([kept.index(a) for a in _SPATIAL + "C" if a in kept])
@@ -810,7 +810,7 @@ def _image_layout(path: Path, shape: tuple[int, ...], letters: str, dims: list[i
 
 
 def _tiff_header(path: Path, max_pixels: int, role: str) -> _Header:
-    with _wrap(path, "not a readable TIFF file"), tifffile.TiffFile(path) as tif:
+    with reading(path, "not a readable TIFF file"), tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise InputError(path, "TIFF file holds no image")
         series = tif.series[0].levels[0]
@@ -892,7 +892,7 @@ def _tiff_chunks(page: Any, axes: str, shape: tuple[int, ...]) -> tuple[int, ...
 def _verify_tiff(source: ImageSource) -> None:
     """Every strip/tile of level 0 must lie inside the file: a truncated download fails here, not mid-run."""
     size = source.path.stat().st_size
-    with _wrap(source.path, "not a readable TIFF file"), tifffile.TiffFile(source.path) as tif:
+    with reading(source.path, "not a readable TIFF file"), tifffile.TiffFile(source.path) as tif:
         for page in tif.series[0].levels[0].pages:
             if page is None:
                 continue
@@ -907,13 +907,13 @@ def _verify_tiff(source: ImageSource) -> None:
 def _open_tiff(path: Path, storage: _Storage) -> Any:
     if storage.raw is not None:
         return _RawArray(path, storage.raw)
-    with _wrap(path, "not a readable TIFF file"):
+    with reading(path, "not a readable TIFF file"):
         store = tifffile.imread(path, aszarr=True, series=0, level=0)
         return store, zarr.open(store, mode="r")
 
 
 def _npy_header(path: Path, max_pixels: int, role: str) -> _Header:
-    with _wrap(path, "not a valid .npy file"), open(path, "rb") as fh:
+    with reading(path, "not a valid .npy file"), open(path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = reader(fh)
@@ -924,7 +924,7 @@ def _npy_header(path: Path, max_pixels: int, role: str) -> _Header:
 
 
 def _verify_npy(source: ImageSource) -> None:
-    with _wrap(source.path, "not a valid .npy file"), open(source.path, "rb") as fh:
+    with reading(source.path, "not a valid .npy file"), open(source.path, "rb") as fh:
         version = np.lib.format.read_magic(fh)
         reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = reader(fh)
@@ -943,7 +943,7 @@ def _open_raw(path: Path, storage: _Storage) -> _RawArray:
 
 def _zarr_header(path: Path, max_pixels: int, role: str) -> _Header:
     spacing, unit, geometry = None, None, None
-    with _wrap(path, "not a readable Zarr store"):
+    with reading(path, "not a readable Zarr store"):
         node = zarr.open(str(path), mode="r")
         key, axes = "", None
         if isinstance(node, zarr.Group):
@@ -1022,7 +1022,7 @@ def _verify_nothing(source: ImageSource) -> None:
 
 
 def _open_zarr(path: Path, storage: _Storage) -> Any:
-    with _wrap(path, "not a readable Zarr store"):
+    with reading(path, "not a readable Zarr store"):
         node = zarr.open(str(path), mode="r")
         return node[storage.key] if storage.key else node
 
@@ -1081,7 +1081,7 @@ def _pil_header(path: Path, max_pixels: int, role: str) -> _Header:
 
 
 def _pil_header_unguarded(path: Path, max_pixels: int, role: str) -> _Header:
-    with _pil_limit(max_pixels), _wrap(path, "not a readable PNG/JPEG image"), Image.open(path) as img:
+    with _pil_limit(max_pixels), reading(path, "not a readable PNG/JPEG image"), Image.open(path) as img:
         mode, (width, height) = img.mode, img.size
         if mode == "P" and role == "mask":  # a palette mask keeps its indices: they are the classes
             entry = ("uint8", 1, "")
@@ -1102,7 +1102,7 @@ def _verify_pil(source: ImageSource) -> None:
 
 
 def _open_pil(path: Path, storage: _Storage) -> np.ndarray:
-    with _pil_limit(DEFAULT_MAX_PIXELS), _wrap(path, "not a readable PNG/JPEG image"), Image.open(path) as img:
+    with _pil_limit(DEFAULT_MAX_PIXELS), reading(path, "not a readable PNG/JPEG image"), Image.open(path) as img:
         img.load()
         if storage.convert:
             img = img.convert(storage.convert)
@@ -1158,15 +1158,6 @@ def _band_values(band: np.ndarray) -> list[float]:
 # --- small helpers ------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _wrap(path: Path, reason: str) -> Iterator[None]:
-    """Turn a library's exception inside the block into one :class:`InputError` line naming the file."""
-    try:
-        yield
-    except (InputError, MemoryError):
-        raise
-    except Exception as exc:
-        raise InputError(path, f"{reason} ({type(exc).__name__}: {_first_line(exc)})") from exc
 
 
 @contextmanager
@@ -1185,6 +1176,3 @@ def _pil_limit(max_pixels: int) -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = old
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else "no details"

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import gzip
 import threading
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unetcore.errors import InputError
+from unetcore.errors import InputError, first_line, reading
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -158,7 +157,7 @@ def read_nifti_header(path: Path, role: str) -> VolumeHeader:
     """
     import nibabel as nib
 
-    with _wrap(path, "not a readable NIfTI file"):
+    with reading(path, "not a readable NIfTI file"):
         image = nib.load(str(path))
         if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
             raise InputError(path, f"not a NIfTI image ({type(image).__name__})")
@@ -325,7 +324,7 @@ def read_dicom_header(folder: Path, role: str) -> VolumeHeader:
             continue  # not a DICOM file (a README beside the slices)
         except Exception as exc:
             raise InputError(folder, f"slice {path.name} is not a readable DICOM file ({type(exc).__name__}: "
-                             f"{_first_line(exc)})") from None
+                             f"{first_line(exc)})") from None
         slices.append((path, ds))
     if not slices:
         raise InputError(folder, "folder holds no DICOM slices")
@@ -448,7 +447,7 @@ class DicomVolume:
                 pixels = pydicom.dcmread(path).pixel_array
             except Exception as exc:
                 raise InputError(self.series.folder, f"cannot read slice {path.name} ({type(exc).__name__}: "
-                                 f"{_first_line(exc)})", "is a decoder for its transfer syntax installed?") from None
+                                 f"{first_line(exc)})", "is a decoder for its transfer syntax installed?") from None
             expected = dicom_slice_shape(self.series)
             if pixels.shape != expected:
                 raise InputError(self.series.folder, f"slice {path.name} has pixel shape {pixels.shape}, "
@@ -511,17 +510,6 @@ def _output_dtype(stored: np.dtype, rescale: tuple[float, float] | None, role: s
 # --- small helpers ------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _wrap(path: Path, reason: str) -> Iterator[None]:
-    try:
-        yield
-    except (InputError, MemoryError):
-        raise
-    except Exception as exc:
-        raise InputError(path, f"{reason} ({type(exc).__name__}: {_first_line(exc)})") from exc
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else "no details"
 
