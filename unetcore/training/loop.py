@@ -271,6 +271,7 @@ def _run_epochs(
 ) -> tuple[str, int]:
     """Run the remaining epochs; return why they stopped and the last epoch run."""
     epoch = s.loop.epoch
+    progress.report("train", epoch + 1, s.cfg.epochs)  # where this run starts (ETA is measured from here)
     for epoch in range(s.loop.epoch + 1, s.cfg.epochs):
         metrics = _run_epoch(s, epoch)
         _end_epoch(s, epoch, metrics)
