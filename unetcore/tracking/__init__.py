@@ -5,7 +5,11 @@ from unetcore.tracking import mlflow, runs
 from unetcore.tracking.mlflow import (
     CHALLENGER,
     CHAMPION,
+    ML_VIEW_QUERY,
     MODEL_ARTIFACT,
+    PREVIEW_KEY,
+    UI_PORT,
+    browse_hint,
     check_tracking_uri,
     code_version_tags,
     configure,
@@ -13,14 +17,20 @@ from unetcore.tracking.mlflow import (
     log_preview,
     preview_strip,
     register,
+    run_page_url,
     sqlite_path,
+    ui_command,
     use_experiment,
 )
 
 __all__ = [
     "CHALLENGER",
     "CHAMPION",
+    "ML_VIEW_QUERY",
     "MODEL_ARTIFACT",
+    "PREVIEW_KEY",
+    "UI_PORT",
+    "browse_hint",
     "check_tracking_uri",
     "code_version_tags",
     "configure",
@@ -29,7 +39,9 @@ __all__ = [
     "mlflow",
     "preview_strip",
     "register",
+    "run_page_url",
     "runs",
     "sqlite_path",
+    "ui_command",
     "use_experiment",
 ]
