@@ -342,6 +342,7 @@ def train(
 
     def body() -> int:
         from unetcore.config import TrainConfig
+        from unetcore.tracking import browse_hint
         from unetcore.training import check_trainable
         from unetcore.training import train as train_lib
 
@@ -360,6 +361,7 @@ def train(
         typer.echo(f"trained in {result['seconds']:.0f} s: best val Dice {result['best_val_dice']:.4f} "
                    f"(epoch {result['best_epoch']}); model {result['model_name']} v{result['model_version']} "
                    f"-> alias '{result['alias']}'; MLflow run {result['run_id']} in {cfg.tracking_uri}\n"
+                   f"  browse: {browse_hint(cfg.tracking_uri, result['experiment_id'], result['run_id'])}\n"
                    f"  checkpoint: {Path(cfg.output) / 'last.pt'}\n  best model: {result['model_dir']}")
         return 0
 
@@ -479,7 +481,7 @@ def pipeline(
 def _run_pipeline(cfg: Any) -> int:
     from flows.pipeline import pipeline as pipeline_flow
     from unetcore.ingest import check_ingestable
-    from unetcore.tracking import check_tracking_uri
+    from unetcore.tracking import browse_hint, check_tracking_uri
 
     for ingest_cfg in filter(None, (cfg.ingest_config(), cfg.holdout_config())):
         check_ingestable(ingest_cfg)
@@ -495,8 +497,8 @@ def _run_pipeline(cfg: Any) -> int:
     typer.echo(f"dataset:       {cfg.workdir}/dataset/manifest.json")
     typer.echo(f"model:         {trained['model_name']} v{trained['model_version']} (alias '{trained['alias']}'), "
                f"val Dice {trained['best_val_dice']:.4f}")
-    typer.echo(f"MLflow run:    {trained['run_id']} in {cfg.tracking_uri}  (browse: mlflow ui --backend-store-uri "
-               f"{cfg.tracking_uri})")
+    typer.echo(f"MLflow run:    {trained['run_id']} in {cfg.tracking_uri}\n"
+               f"  browse:      {browse_hint(cfg.tracking_uri, trained['experiment_id'], trained['run_id'])}")
     typer.echo(f"serve it:      unet serve --tracking-uri {cfg.tracking_uri} --registered-model "
                f"{trained['model_name']}   (the nightly run then predicts with this champion)")
     typer.echo("predictions:")

@@ -8,6 +8,7 @@ from prefect import flow, task
 
 from flows.reporting import flow_run_id, link, log_failure, markdown, progress_artifact
 from unetcore.config import TrainConfig
+from unetcore.tracking import run_page_url, ui_command
 from unetcore.training import train as train_model
 
 
@@ -16,13 +17,6 @@ def train_task(config: TrainConfig, prefect_flow_run: str) -> dict[str, Any]:
     """Train (resuming from the last checkpoint when asked) and register the model."""
     with progress_artifact("train-progress", f"Training on {config.dataset}"):
         return train_model(config, tags={"prefect_flow_run_id": prefect_flow_run}).to_dict()
-
-
-def run_url(tracking_uri: str, run_id: str, experiment_id: str = "0") -> str:
-    """Where a person finds the run: the server's page, or the sqlite URI (open it with `mlflow ui`)."""
-    if tracking_uri.startswith("http"):
-        return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{tracking_uri}#run={run_id}"
 
 
 @flow(name="train", log_prints=True)
@@ -36,8 +30,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
              f"{result['epochs_run']} | {result['stop_reason']} | {result['model_name']} v{result['model_version']} | "
              f"{result['alias']} | {result['seconds']:.0f} |\n\nPromotion gate: {result['gate']}",
              "Summary of the training run")
-    url = run_url(config.tracking_uri, result["run_id"], result["experiment_id"])
-    link("train-mlflow-run", url, "MLflow run", "The run in MLflow")
+    url = run_page_url(config.tracking_uri, result["experiment_id"], result["run_id"])
+    serve = ui_command(config.tracking_uri)
+    link("train-mlflow-run", url, "MLflow run",
+         "The run's curves and preview images in MLflow" + (f" (serve them first: `{serve}`)" if serve else ""))
     print(f"trained: val Dice {result['best_val_dice']:.4f}, {result['model_name']} v{result['model_version']} "
           f"({result['alias']}), MLflow run {result['run_id']}")
     return result

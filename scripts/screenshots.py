@@ -8,7 +8,9 @@ port so pages can finish drawing and MLflow's assistant panel can be closed:
 * docs/prefect-pipeline-run.png: the completed pipeline run (its subflows ingest, train, infer);
 * docs/prefect-infer-artifacts.png: the pipeline's infer subflow run with its artifacts;
 * docs/prefect-nightly-report.png: the nightly-report artifact of the nightly run;
-* docs/mlflow-metrics.png: the training run's loss and Dice curves in the MLflow UI.
+* docs/mlflow-metrics.png: the training run's loss and Dice curves in the MLflow UI;
+* docs/mlflow-previews.png: the run's preview images (one per validation step, a slider over the steps), with the
+  card's "Show run parameters" unticked as the README says (MLflow lists every parameter above the picture).
 
 Usage (from the repository root, about 4 minutes on 2 cores)::
 
@@ -31,6 +33,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from unetcore.tracking import PREVIEW_KEY, run_page_url
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -130,8 +134,25 @@ class Browser:
                     raise RuntimeError(f"{method}: {msg['error']}")
                 return msg.get("result", {})
 
-    def shot(self, url: str, dst: Path, settle_s: float = 8.0, script: str = "") -> None:
-        """Load ``url``, let it render, run ``script``, and save the viewport as ``dst`` (kept under 300 KB)."""
+    def click(self, element: str) -> None:
+        """Click, as a mouse does, the element the JS expression ``element`` yields (menus ignore ``el.click()``)."""
+        import json
+
+        found = self.call("Runtime.evaluate", returnByValue=True, expression=(
+            f"(() => {{ const e = {element}; if (!e) return null; const r = e.getBoundingClientRect(); "
+            "return JSON.stringify([r.x + r.width / 2, r.y + r.height / 2]); })()"))["result"].get("value")
+        if found is None:
+            raise RuntimeError(f"nothing to click: {element}")
+        x, y = json.loads(found)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+        time.sleep(1.5)
+
+    def shot(self, url: str, dst: Path, settle_s: float = 8.0, script: str = "", clicks: tuple[str, ...] = ()) -> None:
+        """Load ``url``, let it render, run ``script``, click ``clicks`` in turn; save the viewport as ``dst``.
+
+        The PNG is kept under 300 KB.
+        """
         import base64
 
         self.call("Page.navigate", url=url)
@@ -139,6 +160,10 @@ class Browser:
         if script:
             self.call("Runtime.evaluate", expression=script)
             time.sleep(2)
+        for element in clicks:
+            self.click(element)
+        if clicks:
+            time.sleep(3)
         png = base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"])
         dst.write_bytes(png)
         if dst.stat().st_size > MAX_BYTES:
@@ -167,6 +192,19 @@ const box = document.querySelector('input[placeholder="Search metric charts"]');
 Object.getOwnPropertyDescriptor(HTMLInputElement.prototype, 'value').set.call(box, 'loss|val_dice');
 box.dispatchEvent(new Event('input', {bubbles: true}));
 """
+# The preview card's menu, then Configure, untick "Show run parameters", Save: the picture shows; then its step slider.
+_CARD_MENU = ('button[data-component-id="codegen_mlflow_app_src_experiment-tracking_components_runs-compare_cards_'
+              'chartcard.common.tsx_158"]')
+MLFLOW_PREVIEW_WITHOUT_PARAMS = (
+    f"[...document.querySelectorAll('{_CARD_MENU}')].find(b => {{ let e = b; "
+    f"while (e.parentElement && e.parentElement.querySelectorAll('{_CARD_MENU}').length === 1) e = e.parentElement; "
+    f"return e.textContent.includes('{PREVIEW_KEY}'); }})",
+    "[...document.querySelectorAll('[role=menuitem]')].find(e => e.textContent === 'Configure')",
+    "[...document.querySelectorAll('[role=dialog] label')].find(e => e.textContent === 'Show run parameters')",
+    "[...document.querySelectorAll('[role=dialog] button')].find(e => e.textContent === 'Save changes')",
+    # the step slider's last mark: the last validation step
+    "[...document.querySelector('[role=slider]').closest('span[dir]').querySelectorAll('div[style]')].pop()",
+)
 # Open the Artifacts tab of a Prefect flow-run page.
 PREFECT_ARTIFACTS_TAB = """
 for (const el of document.querySelectorAll('li.p-tab')) { if (el.textContent.trim() === 'Artifacts') el.click(); }
@@ -230,7 +268,7 @@ def mlflow_run_url(mlflow_url: str, run_id: str) -> str:
     from mlflow import MlflowClient
 
     experiment = MlflowClient(mlflow_url).get_run(run_id).info.experiment_id
-    return f"{mlflow_url}/#/experiments/{experiment}/runs/{run_id}/model-metrics?workflowType=machine_learning"
+    return run_page_url(mlflow_url, experiment, run_id)
 
 
 def take_all(work: Path, keep: bool) -> None:
@@ -286,6 +324,8 @@ def take_all(work: Path, keep: bool) -> None:
                 browser.shot(f"{ui}/artifacts/artifact/{nightly_report}", DOCS / "prefect-nightly-report.png")
                 browser.shot(mlflow_run_url(mlflow_url, train_run_id), DOCS / "mlflow-metrics.png",
                              script=CLOSE_MLFLOW_ASSISTANT + MLFLOW_CHART_FILTER)
+                browser.shot(mlflow_run_url(mlflow_url, train_run_id), DOCS / "mlflow-previews.png",
+                             script=CLOSE_MLFLOW_ASSISTANT, clicks=MLFLOW_PREVIEW_WITHOUT_PARAMS)
             finally:
                 browser.close()
             if keep:

@@ -158,6 +158,64 @@ def test_preview_strip_is_image_truth_prediction_side_by_side() -> None:
     assert (strip[2:4, 8:10, 1] > strip[2:4, 2:4, 1]).all()  # truth tinted green
 
 
+def test_preview_strip_shows_three_channels_in_colour() -> None:
+    rng = np.random.default_rng(0)
+    red = np.zeros((3, 8, 6), np.float32)
+    red[0] = rng.random((8, 6))
+    strip = tracking.preview_strip(red, None, np.zeros((8, 6), np.uint8))
+    assert strip.shape == (8, 12, 3)
+    assert strip[:, :6, 0].max() == 255 and not strip[:, :6, 1:].any()  # red stays red
+    rgb = rng.random((3, 8, 6)).astype(np.float32)
+    base = tracking.preview_strip(rgb, None, np.zeros((8, 6), np.uint8))[:, :6]
+    for c in range(3):  # each channel stretched on its own
+        assert base[..., c].min() == 0 and base[..., c].max() == 255
+
+
+def test_preview_strip_shows_one_channel_and_other_counts_in_grey() -> None:
+    rng = np.random.default_rng(1)
+    two = rng.random((2, 8, 6)).astype(np.float32)
+    pred = np.zeros((8, 6), np.uint8)
+    grey = tracking.preview_strip(two[:1], None, pred)
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    assert np.array_equal(tracking.preview_strip(two, None, pred), grey)  # 2 channels: the first, in grey
+    assert np.array_equal(tracking.preview_strip(two[0], None, pred), grey)  # (H, W) as one channel
+
+
+def test_previews_are_an_image_series_per_step(tracking_uri: str) -> None:
+    """What the run page's image card reads: ``images/<key>+step+<n>+...`` files and the logged-images tag."""
+    image = np.random.default_rng(0).random((1, 16, 16)).astype(np.float32)
+    labels = (image[0] > 0.5).astype(np.uint8)
+    with mlflow.start_run() as run:
+        for step in (0, 5, 9):
+            tracking.log_preview(image, labels, labels, step)
+    client = MlflowClient(tracking_uri)
+    names = [Path(a.path).name for a in client.list_artifacts(run.info.run_id, "images")]
+    key = tracking.PREVIEW_KEY.replace("/", "~")  # how MLflow names a key with a slash
+    for step in (0, 5, 9):
+        assert sum(n.startswith(f"{key}+step+{step}+") and n.endswith(".png") for n in names) == 1, names
+        assert sum(n.startswith(f"{key}+step+{step}+") and n.endswith("+compressed.webp") for n in names) == 1
+    assert client.get_run(run.info.run_id).data.tags["mlflow.loggedImages"] == "True"
+
+
+def test_run_page_url_opens_the_classic_model_metrics_view() -> None:
+    url = tracking.run_page_url("http://mlflow.example:5000/", "7", "abc123")
+    assert url == "http://mlflow.example:5000/#/experiments/7/runs/abc123/model-metrics?workflowType=machine_learning"
+    assert tracking.ui_command("https://mlflow.example") is None
+    assert tracking.browse_hint("http://mlflow.example:5000", "7", "abc123") == url
+
+
+def test_local_store_url_comes_with_the_command_that_serves_it(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    uri = "sqlite:///runs/mlflow.db"
+    url = tracking.run_page_url(uri, "1", "abc")
+    assert url == f"http://127.0.0.1:{tracking.UI_PORT}/#/experiments/1/runs/abc/model-metrics?workflowType=machine_learning"
+    command = tracking.ui_command(uri)
+    assert command.split()[1:] == ["ui", "--backend-store-uri", f"sqlite:///{tmp_path.resolve()}/runs/mlflow.db",
+                                   "--port", str(tracking.UI_PORT)]  # absolute: works from any folder
+    assert Path(command.split()[0]).name == "mlflow"
+    assert tracking.browse_hint(uri, "1", "abc") == f"{command}  then open {url}"
+
+
 def test_code_version_names_the_commit_in_a_checkout() -> None:
     tags = tracking.code_version_tags()
     assert tags["package_version"]

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -89,17 +90,41 @@ def use_experiment(uri: str, experiment: str) -> str:
     return client.create_experiment(experiment, artifact_location=location)
 
 
-def log_preview(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, key: str, step: int) -> None:
-    """Log an input | truth | prediction strip (uint8 RGB) as an image series entry."""
+PREVIEW_KEY = "preview/validation"
+"""Image key of the validation previews: the ``preview/`` prefix gives them their own section, first on the run's
+Model metrics tab, with a step slider over the epochs."""
+UI_PORT = 5000
+"""Where ``mlflow ui`` serves by default."""
+ML_VIEW_QUERY = "workflowType=machine_learning"
+"""MLflow 3's UI opens in its GenAI view unless the URL (or the browser's last choice) asks for the classic one."""
+
+
+def log_preview(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, step: int,
+                key: str = PREVIEW_KEY) -> None:
+    """Log the :func:`preview_strip` as entry ``step`` of the run's image series ``key``.
+
+    The series is what the run page draws: a card with a step slider on the Model metrics tab (stored under
+    ``images/`` in the run's artifacts).
+    """
     mlflow.log_image(preview_strip(image, truth, pred), key=key, step=step)
 
 
 def preview_strip(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
-    """Side-by-side RGB strip: the (first channel of the) image, the truth overlay, the prediction overlay."""
-    gray = image[0] if image.ndim == 3 else image
-    lo, hi = np.percentile(gray, [1, 99])
-    g = np.clip((gray - lo) / max(hi - lo, 1e-6), 0, 1)
-    base = (np.stack([g, g, g], -1) * 255).astype(np.uint8)
+    """Side-by-side uint8 RGB strip: the image, the truth overlay (green), the prediction overlay (magenta).
+
+    Args:
+        image: (C, H, W) or (H, W). Three channels are shown as RGB, one as grey, any other count by its first
+            channel in grey; each channel is stretched between its 1st and 99th percentiles.
+        truth: (H, W) labels, or None (no truth panel).
+        pred: (H, W) labels.
+
+    Returns:
+        (H, k·W, 3) uint8, k = 3 with truth, 2 without.
+    """
+    channels = image[None] if image.ndim == 2 else (image if image.shape[0] == 3 else image[:1])
+    base = np.stack([_stretch(c) for c in channels], -1)
+    if base.shape[-1] == 1:
+        base = np.repeat(base, 3, -1)
 
     def overlay(labels: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
         out = base.copy()
@@ -112,6 +137,49 @@ def preview_strip(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray)
         panels.append(overlay(truth, (0, 255, 0)))
     panels.append(overlay(pred, (255, 0, 255)))
     return np.concatenate(panels, axis=1)
+
+
+def _stretch(channel: np.ndarray) -> np.ndarray:
+    """(H, W) values to uint8, linearly between their 1st and 99th percentiles."""
+    lo, hi = np.percentile(channel, [1, 99])
+    return (np.clip((channel - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
+def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """The run's Model metrics tab (curves and preview images) in MLflow's classic "Model training" view.
+
+    For an http(s) server, on that server; for a local store (sqlite file), where :func:`ui_command` serves it.
+    """
+    base = tracking_uri.rstrip("/") if _is_server(tracking_uri) else f"http://127.0.0.1:{UI_PORT}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?{ML_VIEW_QUERY}"
+
+
+def ui_command(tracking_uri: str) -> str | None:
+    """The ``mlflow ui`` command that serves a local store on :data:`UI_PORT`; None for an http(s) server.
+
+    A relative sqlite path is made absolute so that the command works from any folder.
+    """
+    if _is_server(tracking_uri):
+        return None
+    store = tracking_uri
+    if tracking_uri.startswith("sqlite:///"):
+        store = f"sqlite:///{sqlite_path(tracking_uri).resolve()}"
+    here = Path(sys.executable).parent / "mlflow"
+    exe = "mlflow"
+    if here.exists():
+        exe = os.path.relpath(here) if here.is_relative_to(Path.cwd()) else str(here)
+    return f"{exe} ui --backend-store-uri {store} --port {UI_PORT}"
+
+
+def browse_hint(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where a person sees the run: its :func:`run_page_url`, after the :func:`ui_command` for a local store."""
+    url = run_page_url(tracking_uri, experiment_id, run_id)
+    command = ui_command(tracking_uri)
+    return url if command is None else f"{command}  then open {url}"
+
+
+def _is_server(tracking_uri: str) -> bool:
+    return urlparse(tracking_uri).scheme in ("http", "https")
 
 
 def register(

@@ -77,12 +77,12 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def preview(predictor: BlockPredictor, dataset: Path, entry: dict[str, Any], step: int) -> None:
-    """Log an input / truth / prediction strip of a validation image's top-left corner (≤ 512²)."""
+    """Log an input / truth / prediction strip of a validation image's top-left corner (≤ 512²) at ``step``."""
     root = omezarr.open_root(mf.store_path(dataset, entry["id"]))
     image, truth = omezarr.image_array(root), omezarr.label_array(root)
     size = min(512, *image.shape[1:])
     _, _, labels = next(predictor.blocks(image[:, :size, :size], entry["stats"], size))
-    tracking.log_preview(np.asarray(image[:, :size, :size]), np.asarray(truth[:size, :size]), labels, "preview", step)
+    tracking.log_preview(np.asarray(image[:, :size, :size]), np.asarray(truth[:size, :size]), labels, step)
 
 
 @dataclass(frozen=True)
