@@ -81,7 +81,9 @@ def _local_gpus(device: Device) -> int:
         return 0
     import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    from unetcore.devices import gpu_is_usable
+
+    return torch.cuda.device_count() if gpu_is_usable() else 0
 
 
 @contextlib.contextmanager

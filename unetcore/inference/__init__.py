@@ -32,7 +32,6 @@ from unetcore.inference.plan import ImagePlan, chosen_entries, plan_image
 from unetcore.inference.predict import (
     BlockPredictor,
     logits_to_outputs,
-    resolve_device,
     tile_shape,
     torch_predictor,
 )
@@ -115,7 +114,6 @@ __all__ = [
     "read_padded",
     "records_dir",
     "region_for_tiles",
-    "resolve_device",
     "results_to_dicts",
     "set_worker_predictor_factory",
     "skip_empty_predictor",

@@ -32,6 +32,7 @@ import zarr
 from unetcore import progress as progress_bus
 from unetcore.cluster import Cluster, dask_cluster, probe_scheduler
 from unetcore.config import InferConfig
+from unetcore.devices import check_device
 from unetcore.fs import check_writable
 from unetcore.inference.components import BlockComponents, merge_faces
 from unetcore.inference.layout import MODEL_CACHE, record_path, side_path
@@ -180,6 +181,7 @@ def check_predictable(cfg: InferConfig) -> PredictionCheck:
             does not answer.
     """
     dataset, entries = chosen_entries(cfg)
+    check_device(cfg.device)
     model = _pinned(cfg)
     check_writable(Path(cfg.output))
     return PredictionCheck(dataset=dataset, model=model, plans=_plan_all(entries, cfg, model, None))
@@ -345,4 +347,5 @@ def predict_dataset(cfg: InferConfig, cluster: Cluster | None = None) -> list[Im
         output folder; ServiceError: a server is unreachable.
     """
     _, entries = chosen_entries(cfg)
+    check_device(cfg.device)
     return predict_entries(cfg, entries, _pinned(cfg), cluster)

@@ -28,17 +28,6 @@ from unetcore.inference.windows import Block, Shape, TileGrid, plan_blocks
 from unetcore.store.stats import normalize
 
 
-def resolve_device(name: str, index: int = 0) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU falls back to CPU.
-
-    ``index`` picks the GPU (taken modulo the number visible), so worker ``i`` of a local cluster with one
-    worker per GPU runs on GPU ``i``.
-    """
-    if name in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", index % max(1, torch.cuda.device_count()))
-    return torch.device("cpu")
-
-
 def torch_predictor(model: torch.nn.Module, device: torch.device, spatial_dims: int = 2) -> Predictor:
     """Wrap ``model`` as a numpy batch → logits function: inference mode, channels-last on CPU, AMP on CUDA.
 

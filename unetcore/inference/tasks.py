@@ -23,6 +23,7 @@ import zarr
 
 from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
 from unetcore.atomic import atomic_write_json
+from unetcore.devices import resolve_device, worker_gpu_index
 from unetcore.inference.components import label_block
 from unetcore.inference.layout import (
     INSTANCES_NAME,
@@ -31,7 +32,7 @@ from unetcore.inference.layout import (
     record_path,
     side_path,
 )
-from unetcore.inference.predict import BlockPredictor, logits_to_outputs, resolve_device
+from unetcore.inference.predict import BlockPredictor, logits_to_outputs
 from unetcore.inference.windows import Block
 from unetcore.metrics import confusion_counts
 from unetcore.model import load_model
@@ -81,9 +82,7 @@ def _worker_identity() -> tuple[int, str]:
         worker = get_worker()
     except (ImportError, ValueError):
         return 0, ""
-    name = str(worker.name)
-    index = int(name) if name.isdigit() else 0
-    return index, urlparse(worker.address).hostname or ""
+    return worker_gpu_index(worker.name), urlparse(worker.address).hostname or ""
 
 
 def load_predictor(spec: ModelSpec) -> BlockPredictor:

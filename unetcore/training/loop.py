@@ -18,14 +18,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from unetcore import progress
 from unetcore.config import TrainConfig
+from unetcore.devices import check_device, device_facts, resolve_device
 from unetcore.errors import ConfigError, InputError
-from unetcore.inference.predict import resolve_device
 from unetcore.model import build_model, save_model
 from unetcore.store import manifest as mf
 from unetcore.tracking import mlflow as tracking
@@ -98,6 +99,7 @@ def check_trainable(cfg: TrainConfig) -> TrainInputs:
     if not val:
         raise InputError(cfg.dataset, "the validation split is empty", "re-ingest with --val-fraction > 0")
     _check_training_split(cfg, [e for e in mf.entries(manifest, "train") if e["has_mask"]])
+    check_device(cfg.device)
     tracking.check_tracking_uri(cfg.tracking_uri)
     return TrainInputs(manifest, val)
 
@@ -159,6 +161,7 @@ def train(
                              s.loop.epoch + 1 if state is not None else None)
     with runs.start_run(experiment_id, s.loop.run_id, run_tags, f"train-{dataset.name}") as run:
         runs.log_start(run.info.run_id, cfg.flat_params(), state)
+        mlflow.set_tags(device_facts(s.device))  # where it really ran (device=auto says nothing)
         s.loop.run_id = run.info.run_id
         try:
             stop_reason, epoch = _run_epochs(s, start, on_epoch)
@@ -186,8 +189,6 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def _interrupted(s: _Session, run_id: str, resumed: bool) -> TrainingInterrupted:
     """End the MLflow run after an interrupt: KILLED when a checkpoint holds its work, deleted when it is empty."""
-    import mlflow
-
     if s.loop.epoch < 0:  # not one epoch finished, in this call or before: nothing to resume
         mlflow.end_run("KILLED")
         if not resumed:
