@@ -1,0 +1,84 @@
+"""Pooling and kernels per axis of a UNet, planned from the voxel spacing (nnU-Net's rule).
+
+The same rule as :func:`unetcore.model.plan_pooling` of the N-D model (written there in parallel): this copy lets
+the plan decide depth and per-axis pooling before the model package has it; once both are merged, the planner
+should import the model's and this module go.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+MIN_FEATURE_MAP = 4
+"""Smallest edge of a feature map after pooling (nnU-Net's ``min_feature_map_size``): an axis pools only while its
+feature map is at least twice this."""
+
+
+@dataclass(frozen=True)
+class PoolingPlan:
+    """Per-stage pooling (``depth`` lists) and kernels (``depth + 1`` lists: stem first, bottleneck last), per axis."""
+
+    pool: list[list[int]]
+    kernels: list[list[int]]
+
+    @property
+    def multiple(self) -> tuple[int, ...]:
+        """Per axis, the product of its pooling factors: a patch's edge is a multiple of it."""
+        return tuple(math.prod(p[axis] for p in self.pool) for axis in range(len(self.kernels[0])))
+
+    @property
+    def is_default(self) -> bool:
+        """Pooling 2 and kernels 3 along every axis at every stage (the plain UNet)."""
+        return all(v == 2 for p in self.pool for v in p) and all(v == 3 for k in self.kernels for v in k)
+
+
+def plan_pooling(spacing: Sequence[float], patch: Sequence[int], depth: int) -> PoolingPlan:
+    """Pooling and kernels of a ``depth``-stage UNet for voxels of ``spacing`` and patches of ``patch`` (same axes).
+
+    At each stage, as nnU-Net's ``get_pool_and_conv_props``: among the axes whose feature map is still at least
+    ``2 * MIN_FEATURE_MAP``, those whose current spacing is less than twice the finest of them are pooled by 2 (their
+    spacing doubles); the others keep stride 1, so a coarse axis waits until the fine ones have caught up. An axis'
+    kernel is 1 until its spacing first comes within twice the finest spacing, then 3 for good; the bottleneck
+    always uses 3. Isotropic spacing gives 2 and 3 everywhere.
+
+    Raises:
+        ValueError: mismatched or non-positive inputs, or a patch too small to pool ``depth`` times.
+    """
+    if len(spacing) != len(patch) or len(spacing) not in (2, 3):
+        raise ValueError(f"spacing {tuple(spacing)} and patch {tuple(patch)} need the same 2 or 3 axes")
+    if min(spacing) <= 0 or min(patch) < 1 or depth < 1:
+        raise ValueError(f"spacing and patch must be positive and depth >= 1; got {tuple(spacing)}, {tuple(patch)}, "
+                         f"{depth}")
+    dims = len(spacing)
+    current, size = [float(s) for s in spacing], [int(n) for n in patch]
+    kernel = [1] * dims
+    pools, kernels = [], []
+    for stage in range(depth):
+        finest = min(current)
+        kernel = [3 if k == 3 or current[d] / finest < 2 else 1 for d, k in enumerate(kernel)]
+        kernels.append(list(kernel))
+        room = [d for d in range(dims) if size[d] >= 2 * MIN_FEATURE_MAP]
+        if not room:
+            raise ValueError(f"patch {tuple(patch)} is too small for {depth} stages: before stage {stage + 1} every "
+                             f"axis is under {2 * MIN_FEATURE_MAP}; use a larger patch or a smaller depth")
+        finest_room = min(current[d] for d in room)
+        pooled = {d for d in room if current[d] / finest_room < 2}
+        pools.append([2 if d in pooled else 1 for d in range(dims)])
+        for d in pooled:
+            current[d] *= 2
+            size[d] = math.ceil(size[d] / 2)
+    kernels.append([3] * dims)
+    return PoolingPlan(pools, kernels)
+
+
+def deepest(spacing: Sequence[float], patch: Sequence[int], max_depth: int) -> int:
+    """The most stages (at most ``max_depth``) that :func:`plan_pooling` can pool ``patch`` into; 0 if none."""
+    for depth in range(max_depth, 0, -1):
+        try:
+            plan_pooling(spacing, patch, depth)
+        except ValueError:
+            continue
+        return depth
+    return 0
