@@ -1,4 +1,4 @@
-"""The ``unet`` command: ingest, train, predict, pipeline, demo (and serve).
+"""The ``unet`` command: ingest, plan, train, predict, pipeline, demo (and serve).
 
 Each command builds the typed config (refusing bad values with the option named), runs quick pre-flight checks
 (folders exist, tracking server reachable) so a user error never costs hours, then runs the Prefect flow (or the
@@ -342,22 +342,35 @@ def train(
 
     def body() -> int:
         from unetcore.config import TrainConfig
+        from unetcore.planning import planned_config
         from unetcore.tracking import browse_hint
         from unetcore.training import check_trainable
         from unetcore.training import train as train_lib
 
-        model = _config(ModelConfig, num_classes=num_classes, in_channels=in_channels, base_channels=base_channels,
-                        depth=depth)
-        cfg = _config(TrainConfig, dataset=str(dataset), output=str(output) if output else None, epochs=epochs,
-                      steps_per_epoch=steps_per_epoch, patch_size=patch_size, batch_size=batch_size, lr=lr,
-                      optimizer=optimizer, schedule=schedule, loss=loss, model=model, time_budget_s=time_budget_s,
-                      patience=patience, device=device, tracking_uri=tracking_uri, registered_model=registered_model,
-                      resume=resume, seed=seed, sampling=sampling, ignore_index=ignore_index, num_workers=num_workers,
-                      class_weights=class_weights.split(",") if class_weights else None,
-                      compile=compile_model or None, hd95=hd95 or None)
+        given = {"output": str(output) if output else None, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+                 "patch_size": patch_size, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
+                 "schedule": schedule, "loss": loss, "model.num_classes": num_classes, "model.in_channels": in_channels,
+                 "model.base_channels": base_channels, "model.depth": depth, "time_budget_s": time_budget_s,
+                 "patience": patience, "device": device, "tracking_uri": tracking_uri,
+                 "registered_model": registered_model, "resume": resume, "seed": seed, "sampling": sampling,
+                 "ignore_index": ignore_index, "num_workers": num_workers,
+                 "class_weights": class_weights.split(",") if class_weights else None,
+                 "compile": compile_model or None, "hd95": hd95 or None}
+        explicit = {k: v for k, v in given.items() if v is not None}
+        model = _config(ModelConfig, **{k.split(".")[1]: v for k, v in explicit.items() if k.startswith("model.")})
+        # a bad value is refused, naming its option, before the dataset is read (the ones checked against the
+        # classes, once the plan has them)
+        _config(TrainConfig, dataset=str(dataset), model=model,
+                **{k: v for k, v in explicit.items()
+                   if not k.startswith("model.") and k not in ("class_weights", "ignore_index")})
+        cfg, plan = planned_config(dataset, explicit)
+        check_trainable(cfg)  # a refusal is the one line, before the plan is shown (the flow checks again)
+        typer.echo(f"plan of {dataset} (options override their field; `unet plan` writes it to plan.json):\n"
+                   f"{plan.table()}\noverridden by options: {', '.join(plan.overridden) or 'none'}")
         from flows.train import train as train_flow
 
-        result = _flow_or_library(use_prefect, train_flow, lambda c: train_lib(c).to_dict(), cfg, check_trainable)
+        result = _flow_or_library(use_prefect, lambda c: train_flow(c, plan.to_dict()),
+                                  lambda c: train_lib(c, plan=plan).to_dict(), cfg, lambda c: None)
         typer.echo(f"trained in {result['seconds']:.0f} s: best val Dice {result['best_val_dice']:.4f} "
                    f"(epoch {result['best_epoch']}); model {result['model_name']} v{result['model_version']} "
                    f"-> alias '{result['alias']}'; MLflow run {result['run_id']} in {cfg.tracking_uri}\n"
@@ -366,6 +379,22 @@ def train(
         return 0
 
     run_command(body, output)
+
+
+@app.command()
+def plan(dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`.")) -> None:
+    """Plan a training from the dataset's fingerprint: print each choice and why; write <dataset>/plan.json."""
+
+    def body() -> int:
+        from unetcore.planning import plan_dataset, write_plan
+
+        planned = plan_dataset(dataset)
+        typer.echo(planned.table())
+        typer.echo(f"plan written to {write_plan(planned, dataset)}; `unet train {dataset}` trains it (an option "
+                   "overrides exactly its field)")
+        return 0
+
+    run_command(body)
 
 
 @app.command()
@@ -514,10 +543,11 @@ def _run_pipeline(cfg: Any) -> int:
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo"), help="Folder for the sample, datasets, model and predictions."),
-    epochs: int = typer.Option(12, help="Training epochs."),
-    steps_per_epoch: int = typer.Option(40, help="Optimiser steps per epoch."),
+    epochs: int = typer.Option(8, help="Training epochs."),
+    steps_per_epoch: int = typer.Option(25, help="Optimiser steps per epoch (the run's length is epochs x steps: "
+                                        "a few minutes on 2 cores, the same model on an idle or a busy machine)."),
     large_size: int = typer.Option(2048, help="Edge of the held-out large image."),
-    time_budget_s: float = typer.Option(360.0, help="Training wall-clock budget in seconds."),
+    time_budget_s: float = typer.Option(0.0, help="Upper bound on training seconds (0 = none)."),
 ) -> None:
     """Generate the bundled sample and run the whole pipeline on it (embedded Prefect, sqlite MLflow, local Dask)."""
 

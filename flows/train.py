@@ -8,21 +8,35 @@ from prefect import flow, task
 
 from flows.reporting import flow_run_id, link, log_failure, markdown, progress_artifact
 from unetcore.config import TrainConfig
+from unetcore.planning import Plan
 from unetcore.tracking import run_page_url, ui_command
 from unetcore.training import train as train_model
 
 
 @task(name="train-unet", on_failure=[log_failure], timeout_seconds=7 * 24 * 3600)
-def train_task(config: TrainConfig, prefect_flow_run: str) -> dict[str, Any]:
+def train_task(config: TrainConfig, prefect_flow_run: str, plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (resuming from the last checkpoint when asked) and register the model."""
     with progress_artifact("train-progress", f"Training on {config.dataset}"):
-        return train_model(config, tags={"prefect_flow_run_id": prefect_flow_run}).to_dict()
+        return train_model(config, tags={"prefect_flow_run_id": prefect_flow_run},
+                           plan=Plan.from_dict(plan) if plan else None).to_dict()
+
+
+def plan_markdown(plan: Plan) -> str:
+    """The plan as a markdown table (field, value, why), overridden fields marked."""
+    rows = "\n".join(f"| `{f}` | {v} | {w} |" for f, v, w in plan.rows())
+    overridden = ", ".join(f"`{f}`" for f in plan.overridden) or "none"
+    return f"## Plan\n\n| field | value | why |\n|---|---|---|\n{rows}\n\nOverridden by options: {overridden}"
 
 
 @flow(name="train", log_prints=True)
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train a UNet on an ingested dataset and register it in MLflow."""
-    result = train_task(config, flow_run_id())
+def train(config: TrainConfig, plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train a UNet on an ingested dataset and register it in MLflow.
+
+    ``plan``: the dataset's plan that ``config`` was made from (``unet train`` passes it), logged with the run.
+    """
+    if plan:
+        markdown("train-plan", plan_markdown(Plan.from_dict(plan)), "The training plan and why each choice was made")
+    result = train_task(config, flow_run_id(), plan)
     markdown("train-report",
              f"## Training\n\n| run | best val Dice | epoch | epochs run | stopped | model | alias | seconds |\n"
              f"|---|---|---|---|---|---|---|---|\n"

@@ -178,7 +178,10 @@ class TrainOptions(_Config):
     normalization: NormalizationConfig = Field(
         default_factory=NormalizationConfig, description="How intensities are normalised (stored with the model)."
     )
-    patch_size: int = Field(256, ge=16, le=2048, description="Training patch edge in pixels.")
+    patch_size: int | list[int] = Field(
+        256, description="Training patch: an edge in pixels (a square; a cube for volumes), 16-2048, or one size per "
+        "spatial axis ([z,] y, x), 4-2048 each.",
+    )
     batch_size: int = Field(4, ge=1, le=512, description="Patches per optimiser step.")
     epochs: int = Field(
         10, ge=1, le=10_000, description="Training epochs (each ends with a validation; 10 fit ~10 min on 2 cores)."
@@ -211,9 +214,21 @@ class TrainOptions(_Config):
     hd95: bool = Field(False, description="Also compute the 95th-percentile Hausdorff distance (reads masks whole).")
     preview_every: int = Field(5, ge=1, description="Log a preview image every this many epochs (and the last).")
     patience: int = Field(0, ge=0, description="Stop after this many epochs without improvement (0 = never).")
-    time_budget_s: float = Field(0.0, ge=0, description="Stop after this many seconds of training (0 = none).")
+    time_budget_s: float = Field(
+        0.0, ge=0, description="Upper bound: stop after the epoch that passes this many seconds of training (0 = "
+        "none; the length of a run is its epochs x steps_per_epoch, the same on any machine).",
+    )
     seed: int = Field(0, ge=0, description="Seed of patch sampling, augmentation and initialisation.")
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
+
+    @field_validator("patch_size")
+    @classmethod
+    def _patch_in_bounds(cls, value: int | list[int]) -> int | list[int]:
+        if isinstance(value, int) and not 16 <= value <= 2048:
+            raise ValueError(f"{value} is outside 16-2048 pixels")
+        if isinstance(value, list) and (len(value) not in (2, 3) or not all(4 <= v <= 2048 for v in value)):
+            raise ValueError(f"{value} needs 2 or 3 sizes ([z,] y, x) of 4-2048 each")
+        return value
 
     @field_validator("class_weights")
     @classmethod

@@ -200,15 +200,19 @@ def _halved(region: tuple[slice, ...], factors: tuple[int, ...]) -> tuple[slice,
 
 def _write_mask(mask: readers.MaskSource, root: zarr.Group, leaves: list[tuple[slice, ...]],
                 pool: ThreadPoolExecutor, window: int, chunk: int | tuple[int, ...], n_levels: int,
-                spacing: tuple[float, ...] | None = None, unit: str | None = None) -> frozenset[int]:
-    """Stream the mask into ``labels/mask`` (levels 0 and 1), checking it on the way; return its classes."""
+                spacing: tuple[float, ...] | None = None, unit: str | None = None
+                ) -> tuple[frozenset[int], dict[str, int]]:
+    """Stream the mask into ``labels/mask`` (levels 0 and 1), checking it on the way.
+
+    Returns its classes and the pixel count of each (``{"0": n0, "1": n1, ...}``, keys as JSON writes them).
+    """
     group = omezarr.create_labels(root, "mask", mask.spatial_shape, np.uint8, chunk, n_levels=n_levels,
                                   spacing=spacing, unit=unit)
     level0 = group["0"]
     level1, factors = _level1(group, mask.spatial_dims)
     order = _InOrder(mask.sequential)
 
-    def leaf(item: tuple[int, tuple[slice, ...]]) -> set[int]:
+    def leaf(item: tuple[int, tuple[slice, ...]]) -> tuple[set[int], np.ndarray]:
         index, region = item
         with order.turn(index):
             labels, seen = mask.read_checked(*region)
@@ -216,27 +220,35 @@ def _write_mask(mask: readers.MaskSource, root: zarr.Group, leaves: list[tuple[s
         level0[region] = labels
         if level1 is not None:
             level1[_halved(region, factors)] = omezarr.halve(labels, "label", factors)
-        return seen
+        return seen, np.bincount(labels.ravel(), minlength=256)
 
     seen: set[int] = set()
-    for values in _ordered(pool, leaf, enumerate(leaves), window):
+    counts = np.zeros(256, np.int64)
+    for values, leaf_counts in _ordered(pool, leaf, enumerate(leaves), window):
         seen |= values
+        counts += leaf_counts
     classes = mask.check_seen(seen)
     omezarr.build_pyramid(group, "label", first=2, pool=pool)
-    return classes
+    return classes, {str(c): int(counts[c]) for c in sorted(classes)}
 
 
 def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tuple[slice, ...]],
-                 pool: ThreadPoolExecutor, window: int) -> dict[str, Any]:
-    """Stream the image into levels 0 and 1, then build the rest of the pyramid; return its statistics."""
+                 pool: ThreadPoolExecutor, window: int, foreground_pixels: int = 0
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Stream the image into levels 0 and 1, then build the rest of the pyramid.
+
+    Returns its statistics and, when the store already holds a mask with ``foreground_pixels`` > 0, the
+    statistics of the pixels inside it (mask > 0; read back leaf by leaf from the mask just written).
+    """
     channels, pixels_total = source.channels, int(np.prod(source.spatial_shape, dtype=np.int64))
     level0 = omezarr.image_array(root, 0)
+    labels0 = root["labels/mask/0"] if foreground_pixels and "labels" in root else None
     level1, factors = _level1(root, source.spatial_dims)
     is_float = source.dtype.kind == "f"
     words = ("slice", "row", "column")[-source.spatial_dims:]
     order = _InOrder(source.sequential)
 
-    def leaf(item: tuple[int, tuple[slice, ...]]) -> StreamingStats:
+    def leaf(item: tuple[int, tuple[slice, ...]]) -> tuple[StreamingStats, StreamingStats | None]:
         index, region = item
         with order.turn(index):
             pixels = source.read(*region)
@@ -247,17 +259,24 @@ def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tup
                              "replace them (e.g. with 0) before ingesting")
         stats = StreamingStats(channels, source.dtype, pixels_total)
         stats.update(pixels)
+        inside = None
+        if labels0 is not None:
+            inside = StreamingStats(channels, source.dtype, foreground_pixels)
+            inside.update(pixels[np.asarray(labels0[region]) > 0])
         moved = np.moveaxis(pixels, -1, 0)
         level0[(slice(None), *region)] = moved
         if level1 is not None:
             level1[(slice(None), *_halved(region, factors))] = omezarr.halve(moved, "image", factors)
-        return stats
+        return stats, inside
 
     total = StreamingStats(channels, source.dtype, pixels_total)
-    for stats in _ordered(pool, leaf, enumerate(leaves), window):
+    foreground = StreamingStats(channels, source.dtype, foreground_pixels) if labels0 is not None else None
+    for stats, inside in _ordered(pool, leaf, enumerate(leaves), window):
         total.merge(stats)
+        if foreground is not None and inside is not None:
+            foreground.merge(inside)
     omezarr.build_pyramid(root, "image", first=2, pool=pool)
-    return total.result()
+    return total.result(), foreground.result() if foreground is not None and foreground.count else None
 
 
 def _work_plan(source: readers.ImageSource, mask: readers.MaskSource | None, chunk: int | tuple[int, ...],
@@ -307,6 +326,7 @@ def ingest_image(
     n_levels = omezarr.n_levels_for(spatial, spacing=spacing) if cfg.pyramid else 1
     geometry = source.geometry.to_dict(source.spatial_dims)
     classes: frozenset[int] = frozenset()
+    class_pixels: dict[str, int] | None = None
     pool = ThreadPoolExecutor(workers, thread_name_prefix=f"ingest-{entry_id}")
     try:
         with omezarr.atomic_store(mf.store_path(dataset, entry_id)) as tmp:
@@ -315,8 +335,10 @@ def ingest_image(
                 root = omezarr.create_image(tmp, (channels, *spatial), source.dtype, chunk, name=entry_id,
                                             n_levels=n_levels, spacing=spacing, unit=unit)
                 if mask is not None:
-                    classes = _write_mask(mask, root, leaves, pool, 2 * workers, chunk, n_levels, spacing, unit)
-                stats = _write_image(source, root, leaves, pool, 2 * workers)
+                    classes, class_pixels = _write_mask(mask, root, leaves, pool, 2 * workers, chunk, n_levels,
+                                                        spacing, unit)
+                inside = sum(n for c, n in (class_pixels or {}).items() if c != "0")
+                stats, foreground_stats = _write_image(source, root, leaves, pool, 2 * workers, inside)
                 image_hash, mask_hash = (h.result() if h else None for h in hashes)
             finally:  # no thread may still write into the store when it is renamed or deleted
                 pool.shutdown(wait=True, cancel_futures=True)
@@ -345,6 +367,8 @@ def ingest_image(
         "has_mask": mask is not None,
         "classes": sorted(classes),
         "stats": stats,
+        "foreground_stats": foreground_stats,
+        "class_pixels": class_pixels,
         "spatial_dims": source.spatial_dims,
         "spacing": geometry["spacing"],
         "unit": geometry["unit"],

@@ -39,6 +39,7 @@ from unetcore.inference.layout import MODEL_CACHE, record_path, side_path
 from unetcore.inference.outputs import dice_from_records, export_mask, write_preview
 from unetcore.inference.plan import (
     ImagePlan,
+    check_model_fits,
     chosen_entries,
     create_output,
     ensure_scratch,
@@ -177,12 +178,13 @@ def check_predictable(cfg: InferConfig) -> PredictionCheck:
     Raises:
         InputError: no manifest, no image in the split, the model URI or an image store cannot be used, or the
             output folder cannot be written; ConfigError: an unknown image id, or the model does not fit an
-            image; OutputExistsError: an output holds a different prediction; ServiceError: the tracking server
+            image or the dataset's task (dims, the masks' classes); OutputExistsError: an output holds a different prediction; ServiceError: the tracking server
             does not answer.
     """
     dataset, entries = chosen_entries(cfg)
     check_device(cfg.device)
     model = _pinned(cfg)
+    check_model_fits(model, dataset, entries)
     check_writable(Path(cfg.output))
     return PredictionCheck(dataset=dataset, model=model, plans=_plan_all(entries, cfg, model, None))
 
@@ -328,6 +330,7 @@ def predict_entries(cfg: InferConfig, entries: list[dict[str, Any]], model: Pinn
     """
     if not entries:
         return []
+    check_model_fits(model, Path(cfg.dataset), entries)
     if cluster is None and cfg.scheduler_address:
         probe_scheduler(cfg.scheduler_address)  # before the lock, which creates the output folder
     with _output_lock(Path(cfg.output)):

@@ -29,6 +29,7 @@ from unetcore.inference.layout import (
     records_dir,
 )
 from unetcore.model.packaging import read_config
+from unetcore.planning import TaskSignature, model_classes
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 
@@ -100,6 +101,37 @@ def _existing_signature(path: Path) -> str | None:
         return omezarr.unet_attrs(zarr.open_group(store=str(path), mode="r")).get("signature")
     except Exception:  # not a store, or unreadable: treat as a different result
         return None
+
+
+def check_model_fits(model: PinnedModel, dataset: Path, entries: list[dict[str, Any]]) -> None:
+    """Refuse, before any work, a model of another task than the dataset's: spatial dims (of ``entries``) and
+    classes (those the dataset's masks hold, when any image has one). Channels are checked per image by
+    :func:`plan_image`.
+
+    Raises:
+        ConfigError: on ``model``, one line naming both sides.
+    """
+    _, config = read_config(model.directory)
+    task = TaskSignature.of_model(config)
+    dims = sorted({int(e.get("spatial_dims", len(e["shape"]))) for e in entries})
+    # a recorded task names the data's dims; an older model only its network's (a 2-D one may slice volumes)
+    misfit = [d for d in dims if d != task.spatial_dims] if "task" in config else [d for d in dims
+                                                                                  if d < task.spatial_dims]
+    if misfit:
+        raise ConfigError("model", f"{model.uri} was trained on {task.spatial_dims}-D data ({task.describe()}), "
+                                   f"this dataset holds {misfit[0]}-D images: predict with a model trained on such "
+                                   "data")
+    labelled = [e for e in mf.entries(mf.require(dataset)) if e.get("has_mask")]
+    if not labelled:
+        return
+    classes = sorted({int(c) for e in labelled for c in e.get("classes", [])})
+    declared = max(int(e.get("options", {}).get("num_classes", 1)) for e in labelled)
+    data_classes = model_classes(classes, declared)
+    if data_classes != task.num_classes:
+        theirs = "binary" if data_classes == 1 else f"{data_classes} classes"
+        raise ConfigError("model", f"{model.uri} was trained for another task ({task.describe()}); the masks of this "
+                                   f"dataset hold classes {', '.join(map(str, classes))} ({theirs}): predict with "
+                                   "a model trained on this dataset")
 
 
 def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: PinnedModel) -> ImagePlan:

@@ -18,7 +18,7 @@ from unetcore.model.parts import (
     make_dropout,
     make_norm,
 )
-from unetcore.model.planning import MIN_FEATURE_MAP, PoolingPlan, plan_pooling
+from unetcore.model.planning import MIN_FEATURE_MAP, PoolingPlan, deepest, plan_pooling
 from unetcore.model.unet import (
     UNet,
     build_model,
@@ -43,6 +43,7 @@ __all__ = [
     "Up",
     "build_model",
     "crop",
+    "deepest",
     "fold_batch_norm",
     "group_count",
     "load_model",

@@ -29,6 +29,11 @@ class PoolingPlan:
         """Per axis, the product of its pooling factors: input sizes are padded to multiples of it."""
         return tuple(math.prod(p[axis] for p in self.pool) for axis in range(len(self.kernels[0])))
 
+    @property
+    def is_default(self) -> bool:
+        """Pooling 2 and kernels 3 along every axis at every stage (the plain UNet)."""
+        return all(v == 2 for p in self.pool for v in p) and all(v == 3 for k in self.kernels for v in k)
+
 
 def plan_pooling(spacing: Sequence[float], patch: Sequence[int], depth: int) -> PoolingPlan:
     """Pooling and kernels of a ``depth``-stage UNet for voxels of ``spacing`` and patches of ``patch`` (same axes).
@@ -67,3 +72,14 @@ def plan_pooling(spacing: Sequence[float], patch: Sequence[int], depth: int) -> 
             size[d] = math.ceil(size[d] / 2)
     kernels.append([3] * dims)
     return PoolingPlan(pools, kernels)
+
+
+def deepest(spacing: Sequence[float], patch: Sequence[int], max_depth: int) -> int:
+    """The most stages (at most ``max_depth``) that :func:`plan_pooling` can pool ``patch`` into; 0 if none."""
+    for depth in range(max_depth, 0, -1):
+        try:
+            plan_pooling(spacing, patch, depth)
+        except ValueError:
+            continue
+        return depth
+    return 0

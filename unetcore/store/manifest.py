@@ -40,6 +40,10 @@ class ManifestEntry(TypedDict):
     has_mask: bool
     classes: list[int]
     stats: dict[str, Any]
+    # what ingestion measured inside the mask (absent from manifests written before the fingerprint; None: no mask
+    # or no foreground): the statistics of the foreground pixels, and each class's pixel count by class ("0": n0)
+    foreground_stats: NotRequired[dict[str, Any] | None]
+    class_pixels: NotRequired[dict[str, int] | None]
     split: NotRequired[Split]  # given when the entry is put into the manifest
     # where the voxels lie (absent from manifests written before volumes: read them with .get, 2 / [1, 1] / None)
     spatial_dims: NotRequired[int]  # 2 or 3, the length of shape

@@ -28,8 +28,9 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from unetcore.errors import InputError, ServiceError
+from unetcore.errors import ConfigError, InputError, ServiceError
 from unetcore.fs import os_error_reason
+from unetcore.planning.task import TaskSignature
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -190,14 +191,17 @@ def register(
     val_set: str,
     evaluate_champion: Callable[[Path], float] | None = None,
     model_config: dict[str, Any] | None = None,
+    task: TaskSignature | None = None,
 ) -> dict[str, Any]:
     """Register the run's model folder as a new version and apply the promotion gate.
 
     The alias ``champion`` moves to the new version only if its validation Dice beats the champion's on the
     same validation set: the champion's stored figure when its ``val_set`` tag matches, else
-    ``evaluate_champion(champion_dir)`` (its Dice measured now on this set). A champion built for other
-    classes or channels (``model_config``) cannot be compared and keeps its alias. Otherwise the new version
-    becomes ``challenger``. The version's ``gate`` tag says why.
+    ``evaluate_champion(champion_dir)`` (its Dice measured now on this set). Only models of the same task are
+    compared: a champion of other channels, classes, class names or spatial dims (``task``, else what
+    ``model_config`` says) keeps its alias. Otherwise the new version becomes ``challenger``. The version's
+    ``gate`` tag says why; its task is in its tags (:meth:`TaskSignature.tags`). Training refuses such a
+    registration before it starts (:func:`check_same_task`).
 
     Returns:
         ``{"version", "alias", "champion_dice", "gate"}``.
@@ -207,11 +211,12 @@ def register(
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="UNet segmentation model (weights-only + config.json)")
-    task = _task_tags(model_config)
+    task_tags = task.tags() if task is not None else _task_tags(model_config)
     version = client.create_model_version(
-        name, source=artifact_uri, run_id=run_id, tags={"val_dice": f"{val_dice:.6f}", "val_set": val_set, **task}
+        name, source=artifact_uri, run_id=run_id,
+        tags={"val_dice": f"{val_dice:.6f}", "val_set": val_set, **task_tags},
     )
-    champion_dice, gate = _champion_dice(client, name, val_set, task, evaluate_champion)
+    champion_dice, gate = _champion_dice(client, name, val_set, task_tags, evaluate_champion)
     wins = gate is None and (champion_dice is None or val_dice > champion_dice)
     if gate is None:
         verdict = "beats" if wins else "does not beat"
@@ -243,7 +248,7 @@ def _champion_dice(
     except MlflowException:
         return None, None
     for key, value in task.items():
-        if champion.tags.get(key, value) != value:
+        if key in TaskSignature.COMPARED and champion.tags.get(key, value) != value:
             return float("nan"), (f"not comparable: the champion (v{champion.version}) has {key}="
                                   f"{champion.tags[key]}, this model {value}; promote it by hand if intended")
     if champion.tags.get("val_set") == val_set and "val_dice" in champion.tags:
@@ -251,6 +256,29 @@ def _champion_dice(
     if evaluate is None:
         return float(champion.tags.get("val_dice", "nan")), None
     return float(evaluate(download_model(f"models:/{name}@{CHAMPION}"))), None
+
+
+def check_same_task(tracking_uri: str, name: str, task: TaskSignature, own_name: str) -> None:
+    """Refuse, before any training, a model of ``task`` under ``name`` when ``name``'s champion has another task.
+
+    Models of different tasks are never compared, so the new one could never become champion there; the fix
+    names a registered model of its own (``own_name``). Nothing is created: no database, no model.
+
+    Raises:
+        ConfigError: on ``registered_model``, naming both tasks and the fix.
+    """
+    if tracking_uri.startswith("sqlite:") and not sqlite_path(tracking_uri).exists():
+        return
+    try:
+        champion = MlflowClient(tracking_uri).get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return
+    if task.differences(champion.tags):
+        theirs = TaskSignature.from_tags(champion.tags)
+        raise ConfigError("registered_model", f"the champion of '{name}' (v{champion.version}) is {theirs.describe()}, "
+                                              f"this model {task.describe()}: models of different tasks are never "
+                                              f"compared; register it under its own name: --registered-model "
+                                              f"{own_name}")
 
 
 def code_version_tags() -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""Run bookkeeping of a training: start or reopen the MLflow run, log each epoch once, register the best model.
+"""Run bookkeeping of a training: start or reopen the MLflow run, log its plan and each epoch once, register the
+best model.
 
 Every epoch's metrics land exactly once whatever the moment of a crash: the loop checkpoints an epoch before
 logging its metrics, and a resumed run logs the checkpointed epoch's metrics when the run lacks them
@@ -20,6 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from unetcore.errors import ConfigError
 from unetcore.model import load_model
+from unetcore.planning import PLAN_FILE, Plan, TaskSignature
 from unetcore.tracking import mlflow as tracking
 
 Validate = Callable[[torch.nn.Module, dict[str, Any]], dict[str, float]]
@@ -92,11 +94,19 @@ def register_best(
         champion, champion_cfg = load_model(folder)
         return validate(champion, champion_cfg)["val_dice"]
 
+    task = TaskSignature.from_dict(best_config["task"]) if "task" in best_config else None
     reg = tracking.register(
         name, run_id, mlflow.get_artifact_uri(tracking.MODEL_ARTIFACT), best_dice, val_set, evaluate_champion,
-        model_config=best_config["model"],
+        model_config=best_config["model"], task=task,
     )
     return reg, best_dice
+
+
+def log_plan(plan: Plan) -> None:
+    """Log the training plan to the active run: ``plan.<field>`` params (the planned values), ``plan.overridden``
+    (the fields an explicit option set) and the whole plan as the ``plan.json`` artifact."""
+    mlflow.log_params(plan.params())
+    mlflow.log_dict(plan.to_dict(), PLAN_FILE)
 
 
 def tag_outcome(registered: dict[str, Any], stop_reason: str) -> None:

@@ -28,6 +28,7 @@ from unetcore.config import TrainConfig
 from unetcore.devices import check_device, device_facts, resolve_device
 from unetcore.errors import ConfigError, InputError
 from unetcore.model import build_model, save_model
+from unetcore.planning import Plan, TaskSignature, dataset_model_name, fingerprint, training_task
 from unetcore.store import manifest as mf
 from unetcore.tracking import mlflow as tracking
 from unetcore.tracking import runs
@@ -79,18 +80,22 @@ class TrainResult:
 
 @dataclass(frozen=True)
 class TrainInputs:
-    """What :func:`check_trainable` read: the dataset's manifest and its labelled validation entries."""
+    """What :func:`check_trainable` read: the dataset's manifest, its labelled validation entries and the task
+    the model will be trained for."""
 
     manifest: dict[str, Any]
     val_entries: list[dict[str, Any]]
+    task: TaskSignature
 
 
 def check_trainable(cfg: TrainConfig) -> TrainInputs:
-    """Refuse datasets the recipe cannot train on and an unreachable tracking store, before any compute.
+    """Refuse datasets the recipe cannot train on, an unreachable tracking store and a registered-model name
+    whose champion has another task, before any compute.
 
     Raises:
         InputError: no manifest, no mask, an empty split, or a sqlite store whose folder cannot be made.
-        ConfigError: the masks hold undeclared classes, channels differ, patches exceed every image.
+        ConfigError: the masks hold undeclared classes, channels differ, patches exceed every image, or the
+            champion of ``registered_model`` was trained for another task (channels, classes, dims).
         ServiceError: the tracking server does not answer.
     """
     manifest = mf.require(Path(cfg.dataset))
@@ -101,7 +106,10 @@ def check_trainable(cfg: TrainConfig) -> TrainInputs:
     _check_training_split(cfg, [e for e in mf.entries(manifest, "train") if e["has_mask"]])
     check_device(cfg.device)
     tracking.check_tracking_uri(cfg.tracking_uri)
-    return TrainInputs(manifest, val)
+    task = training_task(cfg.model, fingerprint(Path(cfg.dataset), manifest))
+    tracking.check_same_task(cfg.tracking_uri, cfg.registered_model, task,
+                             dataset_model_name(cfg.registered_model, Path(cfg.dataset)))
+    return TrainInputs(manifest, val, task)
 
 
 def _check_labels(cfg: TrainConfig, items: list[dict[str, Any]]) -> None:
@@ -127,9 +135,16 @@ def _check_training_split(cfg: TrainConfig, train_items: list[dict[str, Any]]) -
     """The training split has labelled images, and one at least as large as a patch."""
     if not train_items:
         raise InputError(cfg.dataset, "the training split has no image with a mask", "ingest more labelled images")
-    if all(min(e["shape"]) < cfg.patch_size for e in train_items):
-        largest = max(min(e["shape"]) for e in train_items)
-        raise ConfigError("patch_size", f"{cfg.patch_size} is larger than every training image (≤ {largest} px)")
+    if isinstance(cfg.patch_size, int):
+        if all(min(e["shape"]) < cfg.patch_size for e in train_items):
+            largest = max(min(e["shape"]) for e in train_items)
+            raise ConfigError("patch_size", f"{cfg.patch_size} is larger than every training image (≤ {largest} px)")
+        return
+    if any(len(e["shape"]) != len(cfg.patch_size) for e in train_items):
+        raise ConfigError("patch_size", f"{cfg.patch_size} has {len(cfg.patch_size)} axes, the images "
+                                        f"{len(train_items[0]['shape'])}")
+    if all(any(n < p for n, p in zip(e["shape"], cfg.patch_size)) for e in train_items):
+        raise ConfigError("patch_size", f"{cfg.patch_size} is larger than every training image along some axis")
 
 
 def train(
@@ -137,13 +152,18 @@ def train(
     *,
     tags: dict[str, str] | None = None,
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    plan: Plan | None = None,
 ) -> TrainResult:
     """Train a UNet on ``cfg.dataset``, track it in MLflow and register it behind the promotion gate.
 
     Args:
-        cfg: the recipe, data, tracking and output options.
+        cfg: the recipe, data, tracking and output options (:func:`unetcore.planning.planned_config` makes it
+            from the dataset's plan).
         tags: extra MLflow run tags (the Prefect flow sets its flow-run id here).
         on_epoch: called as ``on_epoch(epoch, metrics)`` after each epoch's checkpoint and metrics.
+        plan: the plan ``cfg`` came from: logged with the run (params and ``plan.json``) and stored with the model.
+
+    The model's task (:class:`~unetcore.planning.TaskSignature`) is stored with it and registered as its tags.
 
     Raises:
         InputError / ConfigError: the dataset or options cannot be trained on (before any compute).
@@ -155,13 +175,15 @@ def train(
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
     state = _resumed_checkpoint(cfg, out / CHECKPOINT)
-    s = _prepare(cfg, inputs.val_entries, state, out)
+    s = _prepare(cfg, inputs, state, out, plan)
     dataset = Path(cfg.dataset)
     run_tags = runs.run_tags(dataset, s.saved_with_model["dataset_manifest"], tags,
                              s.loop.epoch + 1 if state is not None else None)
     with runs.start_run(experiment_id, s.loop.run_id, run_tags, f"train-{dataset.name}") as run:
         runs.log_start(run.info.run_id, cfg.flat_params(), state)
         mlflow.set_tags(device_facts(s.device))  # where it really ran (device=auto says nothing)
+        if plan is not None and state is None:
+            runs.log_plan(plan)
         s.loop.run_id = run.info.run_id
         try:
             stop_reason, epoch = _run_epochs(s, start, on_epoch)
@@ -254,7 +276,8 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, For
     return model, forward, optimizer, make_scheduler(cfg, optimizer)
 
 
-def _prepare(cfg: TrainConfig, val_entries: list[dict[str, Any]], state: dict[str, Any] | None, out: Path) -> _Session:
+def _prepare(cfg: TrainConfig, inputs: TrainInputs, state: dict[str, Any] | None, out: Path,
+             plan: Plan | None) -> _Session:
     """Build the model, loss, loader and validation; restore ``state`` (a checkpoint) into them if given."""
     device = resolve_device(cfg.device)
     model, forward, optimizer, scheduler = _build(cfg, device)
@@ -262,9 +285,11 @@ def _prepare(cfg: TrainConfig, val_entries: list[dict[str, Any]], state: dict[st
     loader, sampler = make_loader(cfg, Path(cfg.dataset))
     loop = restore(state, model, optimizer, scheduler, device) if state is not None else LoopState()
     saved = {"normalization": cfg.normalization.model_dump(), "tile": cfg.val_tile,
-             "dataset_manifest": mf.manifest_hash(Path(cfg.dataset))}
+             "dataset_manifest": mf.manifest_hash(Path(cfg.dataset)), "task": inputs.task.to_dict()}
+    if plan is not None:
+        saved["plan"] = plan.to_dict()
     return _Session(cfg, device, model, forward, optimizer, scheduler, loss_fn, loader, sampler,
-                    Validation.of(cfg, val_entries, device), loop, saved, out / CHECKPOINT, out / BEST)
+                    Validation.of(cfg, inputs.val_entries, device), loop, saved, out / CHECKPOINT, out / BEST)
 
 
 def _run_epochs(

@@ -1,0 +1,106 @@
+"""The task a model solves: what two models must share to be compared, and what a dataset must be to be predicted.
+
+A model records its task in ``config.json`` (``"task"``) and as registry version tags: input channels, classes
+(with their names when known), spatial dims of its data and the spacing it works at. The champion gate compares
+only models whose channels, classes, class names and dims agree (spacing is recorded, not compared: the gate
+measures both models on the same validation set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+from unetcore.config import ModelConfig
+from unetcore.planning.fingerprint import DatasetFingerprint
+from unetcore.planning.plan import working_spacing
+from unetcore.store.manifest import image_id
+
+
+@dataclass(frozen=True)
+class TaskSignature:
+    """What a model was trained for.
+
+    Attributes:
+        in_channels: input channels.
+        num_classes: 1 (binary) or the number of classes including background.
+        spatial_dims: 2 (images) or 3 (volumes): the dims of the data it was trained on.
+        spacing: the pixel / voxel spacing it works at ([z,] y, x); None if unknown.
+        class_names: a name per class (background first) when the dataset gives them; None if unknown.
+    """
+
+    in_channels: int
+    num_classes: int
+    spatial_dims: int = 2
+    spacing: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+
+    COMPARED: ClassVar[tuple[str, ...]] = ("in_channels", "num_classes", "spatial_dims", "class_names")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TaskSignature:
+        spacing, names = data.get("spacing"), data.get("class_names")
+        return cls(in_channels=int(data["in_channels"]), num_classes=int(data["num_classes"]),
+                   spatial_dims=int(data.get("spatial_dims", 2)),
+                   spacing=tuple(float(s) for s in spacing) if spacing is not None else None,
+                   class_names=tuple(str(n) for n in names) if names is not None else None)
+
+    @classmethod
+    def of_model(cls, config: Mapping[str, Any]) -> TaskSignature:
+        """The task of a saved model's ``config.json``: its ``task``, or (older models) what its ``model`` says."""
+        if "task" in config:
+            return cls.from_dict(config["task"])
+        model = config["model"]
+        return cls(int(model["in_channels"]), int(model["num_classes"]), int(model.get("spatial_dims", 2)))
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> TaskSignature:
+        """The task a registry version's tags record (versions older than spatial dims were 2-D)."""
+        spacing, names = tags.get("spacing"), tags.get("class_names")
+        return cls(in_channels=int(tags.get("in_channels", 1)), num_classes=int(tags.get("num_classes", 1)),
+                   spatial_dims=int(tags.get("spatial_dims", 2)),
+                   spacing=tuple(float(s) for s in spacing.split(",")) if spacing else None,
+                   class_names=tuple(names.split(",")) if names else None)
+
+    def tags(self) -> dict[str, str]:
+        """The task as registry version tags (unknown parts left out)."""
+        out = {"in_channels": str(self.in_channels), "num_classes": str(self.num_classes),
+               "spatial_dims": str(self.spatial_dims)}
+        if self.spacing is not None:
+            out["spacing"] = ",".join(f"{s:g}" for s in self.spacing)
+        if self.class_names is not None:
+            out["class_names"] = ",".join(self.class_names)
+        return out
+
+    def differences(self, tags: Mapping[str, str]) -> list[tuple[str, str, str]]:
+        """``(key, theirs, mine)`` for each compared part where ``tags`` (another version's) records another value.
+
+        A part that either side does not record is not a difference (versions registered before it was recorded).
+        """
+        mine = self.tags()
+        return [(k, tags[k], mine[k]) for k in self.COMPARED if k in mine and k in tags and tags[k] != mine[k]]
+
+    def describe(self) -> str:
+        """In words: ``binary, 1 channel, 2-D`` or ``3 classes (background, nucleus, border), 3 channels, 3-D``."""
+        classes = "binary" if self.num_classes == 1 else f"{self.num_classes} classes"
+        if self.class_names:
+            classes += f" ({', '.join(self.class_names)})"
+        channels = f"{self.in_channels} channel" + ("s" if self.in_channels != 1 else "")
+        return f"{classes}, {channels}, {self.spatial_dims}-D"
+
+
+def training_task(model: ModelConfig, fp: DatasetFingerprint, class_names: tuple[str, ...] | None = None
+                  ) -> TaskSignature:
+    """The task of a model with architecture ``model`` trained on the dataset ``fp`` (at the plan's spacing)."""
+    return TaskSignature(in_channels=model.in_channels, num_classes=model.num_classes, spatial_dims=fp.spatial_dims,
+                         spacing=working_spacing(fp)[0], class_names=class_names)
+
+
+def dataset_model_name(name: str, dataset: Path) -> str:
+    """A registered-model name of a dataset's own: ``<name>-<dataset folder>`` (what a refusal suggests)."""
+    return f"{name}-{image_id(Path(dataset).resolve())}"
