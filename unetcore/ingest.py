@@ -227,8 +227,11 @@ def _write_mask(mask: readers.MaskSource, root: zarr.Group, leaves: list[tuple[s
 
 
 def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tuple[slice, ...]],
-                 pool: ThreadPoolExecutor, window: int) -> dict[str, Any]:
-    """Stream the image into levels 0 and 1, then build the rest of the pyramid; return its statistics."""
+                 pool: ThreadPoolExecutor, window: int, labels: zarr.Array | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Stream the image into levels 0 and 1, then build the rest of the pyramid; return its statistics and, with
+    ``labels`` (the mask's level 0, already written), those of its foreground (labels > 0), which ``ct``
+    normalisation pools over the training set."""
     channels, pixels_total = source.channels, int(np.prod(source.spatial_shape, dtype=np.int64))
     level0 = omezarr.image_array(root, 0)
     level1, factors = _level1(root, source.spatial_dims)
@@ -247,17 +250,24 @@ def _write_image(source: readers.ImageSource, root: zarr.Group, leaves: list[tup
                              "replace them (e.g. with 0) before ingesting")
         stats = StreamingStats(channels, source.dtype, pixels_total)
         stats.update(pixels)
+        foreground = None
+        if labels is not None:
+            foreground = StreamingStats(channels, source.dtype, pixels_total)
+            foreground.update(pixels[np.asarray(labels[region]) > 0])
         moved = np.moveaxis(pixels, -1, 0)
         level0[(slice(None), *region)] = moved
         if level1 is not None:
             level1[(slice(None), *_halved(region, factors))] = omezarr.halve(moved, "image", factors)
-        return stats
+        return stats, foreground
 
     total = StreamingStats(channels, source.dtype, pixels_total)
-    for stats in _ordered(pool, leaf, enumerate(leaves), window):
+    total_fg = StreamingStats(channels, source.dtype, pixels_total) if labels is not None else None
+    for stats, foreground in _ordered(pool, leaf, enumerate(leaves), window):
         total.merge(stats)
+        if total_fg is not None:
+            total_fg.merge(foreground)
     omezarr.build_pyramid(root, "image", first=2, pool=pool)
-    return total.result()
+    return total.result(), (total_fg.result() if total_fg is not None else None)
 
 
 def _work_plan(source: readers.ImageSource, mask: readers.MaskSource | None, chunk: int | tuple[int, ...],
@@ -316,19 +326,22 @@ def ingest_image(
                                             n_levels=n_levels, spacing=spacing, unit=unit)
                 if mask is not None:
                     classes = _write_mask(mask, root, leaves, pool, 2 * workers, chunk, n_levels, spacing, unit)
-                stats = _write_image(source, root, leaves, pool, 2 * workers)
+                labels = omezarr.label_array(root) if mask is not None else None
+                stats, foreground_stats = _write_image(source, root, leaves, pool, 2 * workers, labels)
                 image_hash, mask_hash = (h.result() if h else None for h in hashes)
             finally:  # no thread may still write into the store when it is renamed or deleted
                 pool.shutdown(wait=True, cancel_futures=True)
             attrs = {"id": entry_id, "source": str(image_path), "source_hash": image_hash, "stats": stats}
             if source.spatial_dims == 3:  # a 2-D store's metadata stays as before volumes
                 attrs["geometry"] = geometry
+            if foreground_stats is not None:
+                attrs["foreground_stats"] = foreground_stats
             omezarr.set_unet_attrs(root, attrs)
     finally:
         source.close()
         if mask is not None:
             mask.close()
-    return {
+    entry: mf.ManifestEntry = {
         "id": entry_id,
         "source": str(image_path.resolve()),
         "source_hash": image_hash,
@@ -350,6 +363,9 @@ def ingest_image(
         "unit": geometry["unit"],
         "affine": geometry["affine"],
     }
+    if foreground_stats is not None:
+        entry["foreground_stats"] = foreground_stats
+    return entry
 
 
 # --- a folder -----------------------------------------------------------------------------------------------

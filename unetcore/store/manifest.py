@@ -46,6 +46,8 @@ class ManifestEntry(TypedDict):
     spacing: NotRequired[list[float]]  # per spatial axis ([z,] y, x), from the source; [1, 1(, 1)] if unknown
     unit: NotRequired[str | None]  # unit of spacing (millimeter, micrometer, ...), None if unknown
     affine: NotRequired[list[list[float]] | None]  # a volume's 4x4 voxel (x, y, z) -> world, as nibabel gives it
+    # statistics of the image's pixels under its mask's foreground (> 0), as `stats`; images with masks only
+    foreground_stats: NotRequired[dict[str, Any]]
 
 
 MANIFEST = "manifest.json"

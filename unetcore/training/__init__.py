@@ -26,6 +26,8 @@ from unetcore.training.sampler import (
     PatchDataset,
     class_locations,
     load_images,
+    pad_to,
+    patch_shape,
 )
 from unetcore.training.validation import Validation, evaluate
 
@@ -51,6 +53,8 @@ __all__ = [
     "make_loader",
     "make_optimizer",
     "make_scheduler",
+    "pad_to",
+    "patch_shape",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
