@@ -21,7 +21,14 @@ from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.store.stats import StreamingStats, fit_normalization, normalize
 from unetcore.tracking import orthogonal_slices, preview_strip, volume_preview_strip
-from unetcore.training import AugmentConfig, PatchDataset, class_locations, load_images, patch_shape
+from unetcore.training import (
+    AugmentConfig,
+    ChunkCache,
+    PatchDataset,
+    class_locations,
+    load_images,
+    patch_shape,
+)
 
 SHAPE = (20, 40, 36)  # (z, y, x) at AFFINE's (2.5, 0.8, 0.75) mm
 
@@ -111,11 +118,35 @@ def test_patches_are_read_region_by_region(volume_ds: Path, monkeypatch: pytest.
         reads.append(np.shape(out))
         return out
 
-    data = _dataset(volume_ds)
+    uncached, cached = _dataset(volume_ds, cache_bytes=0), _dataset(volume_ds, cache_bytes=40_000)
     monkeypatch.setattr(zarr.Array, "__getitem__", spy)
     for i in range(6):
-        data[i]
+        uncached[i]
     assert sorted(set(reads)) == [(1, 6, 12, 12), (6, 12, 12)]  # image and label patches, nothing whole
+    reads.clear()
+    chunks = omezarr.image_array(omezarr.open_root(cached.images[0].store)).chunks  # (1, 8, 16, 32)
+    for i in range(len(cached)):
+        a, b = cached[i], uncached[i]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        assert cached.cache.nbytes <= 40_000
+    assert all(len(r) in (3, 4) and all(n <= c for n, c in zip(r[-3:], chunks[1:])) for r in reads)  # chunk by chunk
+    assert len(reads) < 2 * 6 * len(cached)  # chunks read before came from the cache
+
+
+def test_the_chunk_cache_assembles_any_region_within_its_budget() -> None:
+    data = np.random.default_rng(2).integers(0, 1000, (2, 13, 30, 41)).astype(np.int16)
+    array = zarr.create_array(store=zarr.storage.MemoryStore(), shape=data.shape, dtype=data.dtype,
+                              chunks=(2, 4, 8, 16))
+    array[:] = data
+    cache = ChunkCache(3 * 2 * 4 * 8 * 16 * 2)  # three chunks
+    rng = np.random.default_rng(3)
+    for _ in range(40):
+        start = [int(rng.integers(0, n)) for n in data.shape[1:]]
+        region = (slice(0, 2), *(slice(a, a + int(rng.integers(1, 20))) for a in start))  # stops may run past
+        np.testing.assert_array_equal(cache.read("a", array, region), data[region])
+        assert cache.nbytes <= cache.max_bytes
+    np.testing.assert_array_equal(ChunkCache(0).read("a", array, (slice(0, 2), slice(3, 9), slice(0, 5),
+                                                                   slice(7, 60))), data[:, 3:9, :5, 7:60])
 
 
 def test_class_locations_read_slabs_and_match_the_whole_array() -> None:

@@ -22,6 +22,7 @@ from unetcore.training.loop import (
 from unetcore.training.losses import SegmentationLoss
 from unetcore.training.optim import lr_lambda, make_optimizer, make_scheduler
 from unetcore.training.sampler import (
+    ChunkCache,
     EpochSampler,
     PatchDataset,
     class_locations,
@@ -35,6 +36,7 @@ __all__ = [
     "BEST",
     "CHECKPOINT",
     "AugmentConfig",
+    "ChunkCache",
     "EpochSampler",
     "LoopState",
     "PatchDataset",

@@ -13,8 +13,10 @@ copy of the dataset, still draw the right epoch's patches, and any number of wor
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,6 +35,7 @@ from unetcore.store.stats import normalize
 from unetcore.training.augment import AugmentConfig, augment_pair
 
 MAX_LOCATIONS = 10_000  # per class and image, as nnU-Net: enough variety, bounded memory
+CHUNK_CACHE_BYTES = 256 << 20  # decoded store chunks kept per process (DataLoader worker) for patch reads
 SLAB_VOXELS = 1 << 24  # label values read at once when looking up class locations (16 MB of uint8)
 
 
@@ -61,6 +64,51 @@ class _Image:
         if not self.class_coords:
             return np.zeros((0, len(self.shape)), np.int32)
         return np.concatenate(list(self.class_coords.values()))
+
+
+class ChunkCache:
+    """Decoded chunks of Zarr arrays, at most ``max_bytes`` of them (least recently used out first).
+
+    :meth:`read` assembles a region from whole chunks (Zarr decodes whole chunks anyway), so patches that fall on
+    chunks read before cost a copy instead of a decode: oversampled patches cluster around the foreground, and a
+    volume's chunks (about a million voxels) are far larger than a patch. Memory stays bounded whatever the
+    volumes' size; ``max_bytes=0`` reads every region from the store.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._chunks: OrderedDict[tuple[Hashable, tuple[int, ...]], np.ndarray] = OrderedDict()
+
+    def _chunk(self, key: Hashable, array: zarr.Array, index: tuple[int, ...]) -> np.ndarray:
+        entry = (key, index)
+        chunk = self._chunks.get(entry)
+        if chunk is not None:
+            self._chunks.move_to_end(entry)
+            return chunk
+        chunk = np.asarray(array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, array.chunks))])
+        self._chunks[entry] = chunk
+        self.nbytes += chunk.nbytes
+        while self.nbytes > self.max_bytes and self._chunks:
+            self.nbytes -= self._chunks.popitem(last=False)[1].nbytes
+        return chunk
+
+    def read(self, key: Hashable, array: zarr.Array, region: tuple[slice, ...]) -> np.ndarray:
+        """``array[region]`` (slices with a start, one per axis; stops past the end are cut, as Zarr does)."""
+        if self.max_bytes <= 0:
+            return np.asarray(array[region])
+        bounds = [(r.start or 0, min(n if r.stop is None else r.stop, n)) for r, n in zip(region, array.shape)]
+        out = np.empty([b - a for a, b in bounds], array.dtype)
+        axes = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(bounds, array.chunks)]
+        for index in itertools.product(*axes):
+            chunk = self._chunk(key, array, index)
+            src, dst = [], []
+            for (a, b), i, c in zip(bounds, index, array.chunks):
+                lo, hi = max(a, i * c), min(b, (i + 1) * c)
+                src.append(slice(lo - i * c, hi - i * c))
+                dst.append(slice(lo - a, hi - a))
+            out[tuple(dst)] = chunk[tuple(src)]
+        return out
 
 
 def _slabs(shape: tuple[int, ...], slab_voxels: int) -> list[tuple[int, int]]:
@@ -213,12 +261,13 @@ class PatchDataset(Dataset):
     """``len = steps * batch`` random patches per epoch; item ``i`` is ``(image (C, *patch), target (*patch))``.
 
     ``patch`` is ``(p, p)`` for images, ``(pz, py, px)`` for volumes (``patch_size`` an int: the same on every
-    axis); only the patch's region of the store is read. Within each batch the last
+    axis); only the chunks under the patch are read. Within each batch the last
     ``round(batch * foreground_fraction)`` items are centred on a labelled voxel (nnU-Net's oversampling): in
     ``foreground`` mode on any foreground voxel of a random image, in ``class_balanced`` mode on a voxel of a
     class drawn uniformly from the foreground classes present (so rare classes are seen as often as common
     ones). The other items are uniform over a random image. Index ``e * len + i`` is item ``i`` of epoch ``e``
-    (see :class:`EpochSampler`), offset by :meth:`set_epoch`.
+    (see :class:`EpochSampler`), offset by :meth:`set_epoch`. Patches are read through a :class:`ChunkCache` of
+    ``cache_bytes`` per process.
     """
 
     def __init__(
@@ -232,6 +281,7 @@ class PatchDataset(Dataset):
         augment: AugmentConfig | None,
         seed: int = 0,
         sampling: SamplingKind = "foreground",
+        cache_bytes: int = CHUNK_CACHE_BYTES,
     ) -> None:
         self.images = images
         self.patch = patch_shape(patch_size, len(images[0].shape))
@@ -245,6 +295,7 @@ class PatchDataset(Dataset):
         self.epoch = 0
         self.classes = sorted({c for img in images for c in img.class_coords})
         self._arrays: dict[Path, tuple[zarr.Array, zarr.Array]] = {}
+        self.cache = ChunkCache(cache_bytes)
 
     def set_epoch(self, epoch: int) -> None:
         """Offset the epoch read from indices: index ``i < len`` then returns item ``i`` of ``epoch``."""
@@ -290,8 +341,9 @@ class PatchDataset(Dataset):
         img, coords = self._pick(rng, self.is_foreground_slot(item))
         region = tuple(slice(o, o + p) for o, p in zip(self._origin(rng, img, coords), self.patch))
         image_arr, label_arr = self._arrays_for(img.store)
-        image = normalize(np.asarray(image_arr[(slice(None), *region)]), img.stats, self.recipe)
-        target = np.asarray(label_arr[region]).astype(np.int64)
+        raw = self.cache.read((img.store, "image"), image_arr, (slice(0, image_arr.shape[0]), *region))
+        image = normalize(raw, img.stats, self.recipe)
+        target = self.cache.read((img.store, "labels"), label_arr, region).astype(np.int64)
         image, target = pad_to(image, self.patch), pad_to(target, self.patch)
         if self.augment is not None:
             image, target = augment_pair(image, target, rng, self.augment)
