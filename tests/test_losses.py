@@ -151,3 +151,41 @@ def test_class_weights_of_the_wrong_length_are_refused(k: int, weights: list[flo
 def test_logits_target_shape_mismatch_is_refused() -> None:
     with pytest.raises(ValueError, match=r"target \(N, H, W\)"):
         cross_entropy_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4, dtype=torch.long))
+
+
+# --- volumes: (N, K, D, H, W) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dice_ce", "ce", "dice", "focal"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_volume_loss_is_the_loss_of_its_voxels_laid_out_flat(kind: str, k: int) -> None:
+    """Batch Dice and the CE mean run over every voxel: (N, K, D, H, W) scores as (N, K, D * H, W) does."""
+    torch.manual_seed(1)
+    logits = torch.randn(2, k, 3, 4, 5)
+    target = torch.randint(0, max(k, 2), (2, 3, 4, 5))
+    target[0, 1, 2, 3] = 255
+    loss = SegmentationLoss(kind, k, ignore_index=255, class_weights=[1.0, 2.0] if k == 1 else [1.0, 2.0, 0.5])
+    flat = loss(logits.reshape(2, k, 12, 5), target.reshape(2, 12, 5))
+    assert loss(logits, target).item() == pytest.approx(flat.item(), rel=1e-6)
+
+
+def test_dice_ce_of_a_volume_by_hand() -> None:
+    """Confident logits on a 2x2x2 volume: Dice from counts; CE ~ 0 where right, 2 * BIG where wrong."""
+    truth = torch.tensor([[[[0, 1], [1, 1]], [[0, 0], [1, 0]]]])  # (1, 2, 2, 2): 4 foreground voxels
+    pred = torch.tensor([[[[0, 1], [1, 0]], [[1, 0], [1, 0]]]])  # TP 3, FP 1, FN 1
+    logits = torch.nn.functional.one_hot(pred, 2).movedim(-1, 1).float() * 2 * BIG - BIG
+    dice = soft_dice_loss(logits, truth, num_classes=2)
+    assert dice.item() == pytest.approx(1 - 2 * 3 / (2 * 3 + 1 + 1), abs=1e-6)
+    ce = cross_entropy_loss(logits, truth)  # two of eight voxels wrong by a logit margin of 2 * BIG
+    assert ce.item() == pytest.approx(2 / 8 * 2 * BIG, rel=1e-6)
+    assert SegmentationLoss("dice_ce", 2)(logits, truth).item() == pytest.approx(dice.item() + ce.item(), rel=1e-6)
+
+
+def test_a_volume_loss_has_gradients_and_a_perfect_prediction_scores_zero() -> None:
+    target = torch.zeros(1, 4, 6, 6, dtype=torch.long)
+    target[0, 1:3, 2:5, 1:4] = 1
+    perfect = (torch.nn.functional.one_hot(target, 2).movedim(-1, 1).float() * 2 - 1) * BIG
+    assert SegmentationLoss("dice_ce", 2)(perfect, target).item() == pytest.approx(0.0, abs=1e-5)
+    logits = torch.zeros(1, 2, 4, 6, 6, requires_grad=True)
+    SegmentationLoss("dice_ce", 2)(logits, target).backward()
+    assert logits.grad.shape == logits.shape and logits.grad.abs().sum() > 0

@@ -114,3 +114,61 @@ def test_hd95_is_nan_when_a_mask_is_empty(empty: str) -> None:
     pred = none if empty in ("pred", "both") else square
     target = none if empty in ("target", "both") else square
     assert math.isnan(hd95(pred, target))
+
+
+# --- volumes: HD95 in physical units -------------------------------------------------------------------
+
+SPACING = (2.5, 0.8, 0.75)  # (z, y, x) mm: thick slices, each axis its own voxel size
+
+
+def cubes(offset: tuple[int, int, int], shape: tuple[int, int, int] = (20, 12, 20)) -> tuple[np.ndarray, np.ndarray]:
+    """A 4x4x4 cube at (1, 2, 1) and the same cube moved by ``offset`` voxels."""
+    a, b = np.zeros(shape, bool), np.zeros(shape, bool)
+    a[1:5, 2:6, 1:5] = True
+    z, y, x = offset
+    b[1 + z : 5 + z, 2 + y : 6 + y, 1 + x : 5 + x] = True
+    return a, b
+
+
+def test_hd95_of_cubes_apart_along_z_is_in_slices_of_their_thickness() -> None:
+    """Cubes 10 slices apart: a face voxel of one is 7, 8, 9 or 10 slices from the other's surface (16, 12, 12,
+    16 of the 56 surface voxels), so the 95th percentile is 10 slices: 10 voxels, 25 mm at 2.5 mm."""
+    a, b = cubes((10, 0, 0))
+    assert hd95(a, b) == pytest.approx(10.0)
+    assert hd95(a, b, SPACING) == pytest.approx(25.0)
+    a, b = cubes((0, 0, 10))  # the same offset along x: 10 columns of 0.75 mm
+    assert hd95(a, b, SPACING) == pytest.approx(7.5)
+
+
+def test_hd95_of_cubes_one_slice_apart_is_one_slice_thick() -> None:
+    """Overlapping cubes one slice apart: 36 surface voxels coincide, 4 lie one column (0.75 mm) from the other's
+    side, 16 (a whole face) one slice (2.5 mm) from the other's face; 16 / 56 > 5 %, so HD95 is 2.5 mm."""
+    a, b = cubes((1, 0, 0))
+    assert hd95(a, b, SPACING) == pytest.approx(2.5)
+    assert hd95(a, b) == pytest.approx(1.0)
+
+
+def test_hd95_refuses_a_spacing_of_another_dimension() -> None:
+    a, b = cubes((1, 0, 0))
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(a, b, (1.0, 1.0))
+
+
+def test_volume_scores_per_class_with_hd95_in_mm() -> None:
+    """Two classes in a volume: Dice and IoU from counts, HD95 per class in mm, an absent class NaN."""
+    a, b = cubes((1, 0, 0))
+    truth = a.astype(np.int64)
+    pred = b.astype(np.int64)
+    truth[10:12, 2:4, 10:12] = 2  # class 2: 8 voxels, predicted exactly
+    pred[10:12, 2:4, 10:12] = 2
+    got = segmentation_scores(pred, truth, 4, with_hd95=True, spacing=SPACING)
+    assert got["dice_per_class"][1] == pytest.approx(2 * 48 / (64 + 64))  # 3 of 4 slices overlap: 48 voxels
+    assert got["iou_per_class"][1] == pytest.approx(48 / 80)
+    assert got["dice_per_class"][2] == 1.0 and got["hd95_per_class"][2] == 0.0
+    assert got["hd95_per_class"][1] == pytest.approx(2.5)
+    assert math.isnan(got["hd95_per_class"][3]) and math.isnan(got["dice_per_class"][3])
+    assert got["hd95_mean"] == pytest.approx(1.25)
+    ignored = truth.copy()
+    ignored[pred != truth] = 255  # leave out every disagreeing voxel: a perfect score
+    clean = segmentation_scores(pred, ignored, 4, 255, with_hd95=True, spacing=SPACING)
+    assert clean["dice_per_class"][1] == 1.0 and clean["hd95_per_class"][1] == 0.0

@@ -16,7 +16,7 @@ from unetcore.inference.components import instances_blockwise, postprocess_block
 from unetcore.inference.predict import logits_to_outputs
 from unetcore.inference.stitch import predict_blocks_numpy, sliding_window
 from unetcore.inference.windows import gaussian_weights
-from unetcore.store.stats import StreamingStats, normalize
+from unetcore.store.stats import StreamingStats, fit_normalization, normalize
 from unetcore.training.augment import AugmentConfig, augment_pair
 
 # --- Gaussian blending ---------------------------------------------------------------------------------
@@ -208,6 +208,62 @@ def test_float_percentile_and_zscore_normalisation_are_exact() -> None:
     assert z.max() > 3 and z.min() < -1  # zscore is not clipped
 
 
+# --- ct normalisation: the training set's foreground ------------------------------------------------------
+
+
+def _foreground_entry(name: str, values: np.ndarray) -> dict:
+    """A labelled manifest entry whose foreground statistics (streamed, as ingestion keeps them) are ``values``."""
+    return {"id": name, "has_mask": True, "foreground_stats": _stats(values.reshape(1, 1, -1))}
+
+
+def test_ct_normalisation_clips_to_the_pooled_foreground_percentiles_then_z_scores() -> None:
+    # Two CTs whose foregrounds are 0..999 and 1000..1999 HU. Over the training set's 2000 foreground voxels the
+    # 0.5th percentile is the 10th smallest (9) and the 99.5th the 1990th (1989); mean 999.5, std of 0..1999.
+    # Naive versions: the mean of the per-image percentiles (4 and 1004 -> 504; 994 and 1994 -> 1494), or a
+    # z-score with each image's own statistics, give other numbers.
+    a, b = np.arange(1000, dtype=np.int16), np.arange(1000, 2000, dtype=np.int16)
+    entries = [_foreground_entry("a", a), _foreground_entry("b", b),
+               {"id": "unlabelled", "has_mask": False}]
+    recipe = fit_normalization(NormalizationConfig(mode="ct"), entries)
+    pooled = np.arange(2000, dtype=np.float64)
+    (fitted,) = recipe.foreground
+    assert (fitted.low, fitted.high) == (9.0, 1989.0)
+    assert fitted.mean == pytest.approx(999.5) and fitted.std == pytest.approx(pooled.std(), rel=1e-12)
+    block = np.array([-3000, -500, 9, 500, 1989, 2500, 30000], np.int16).reshape(1, 1, 1, 7)  # (C, D, H, W)
+    out = normalize(block, {"channels": [{}]}, recipe)  # ct ignores the image's own statistics
+    expected = (np.clip(block.astype(np.float64), 9, 1989) - 999.5) / pooled.std()
+    np.testing.assert_allclose(out, expected, rtol=1e-6)
+    assert out.dtype == np.float32 and out.shape == block.shape
+    assert out[0, 0, 0, 0] == out[0, 0, 0, 2] and out[0, 0, 0, -1] == out[0, 0, 0, 4]  # clipped before scaling
+    naive = (block.astype(np.float64) - 999.5) / pooled.std()  # z-score alone: outliers stay outliers
+    assert not np.allclose(out, naive, rtol=1e-3)
+    per_image = normalize(block, _stats(a.reshape(1, 1, -1)), NormalizationConfig(mode="zscore"))
+    assert not np.allclose(out, per_image, rtol=1e-3)
+
+
+def test_ct_percentiles_of_one_float_image_are_numpys() -> None:
+    """One training image: the fitted clip range is np.percentile of its foreground sample, exactly."""
+    values = np.random.default_rng(4).normal(40.0, 300.0, 5000).astype(np.float32)
+    recipe = fit_normalization(NormalizationConfig(mode="ct"), [_foreground_entry("a", values)])
+    (fitted,) = recipe.foreground
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    assert fitted.low == pytest.approx(float(lo), abs=1e-4) and fitted.high == pytest.approx(float(hi), abs=1e-4)
+    assert fitted.mean == pytest.approx(float(values.astype(np.float64).mean()), rel=1e-9)
+
+
+def test_ct_percentiles_of_overlapping_images_follow_the_pooled_cdf() -> None:
+    # foregrounds 0..999 (1000 voxels) and 0..1999 step 0.5 (4000 voxels): the pooled CDF is a mixture, 1 : 4
+    a = np.arange(1000, dtype=np.float32)
+    b = np.arange(0, 2000, 0.5, dtype=np.float32)
+    recipe = fit_normalization(NormalizationConfig(mode="ct", low_percentile=2, high_percentile=98),
+                               [_foreground_entry("a", a), _foreground_entry("b", b)])
+    pooled = np.concatenate([a, b]).astype(np.float64)
+    lo, hi = np.percentile(pooled, [2, 98])
+    (fitted,) = recipe.foreground
+    assert fitted.low == pytest.approx(lo, abs=1.0) and fitted.high == pytest.approx(hi, abs=1.0)
+    assert abs(fitted.high - (np.percentile(a, 98) + np.percentile(b, 98)) / 2) > 400  # not the mean of percentiles
+
+
 # --- logits to labels ----------------------------------------------------------------------------------
 
 
@@ -355,3 +411,69 @@ def test_flips_and_quarter_turns_keep_the_mask_exactly_the_threshold() -> None:
         out_image, out_mask = augment_pair(smooth[None], (smooth > 0.5).astype(np.int64),
                                            np.random.default_rng(seed), cfg)
         np.testing.assert_array_equal(out_mask, out_image[0] > 0.5)
+
+
+# --- augmentation of volumes ----------------------------------------------------------------------------
+
+
+def _blobs_3d(shape: tuple[int, int, int], seed: int) -> np.ndarray:
+    """A sum of a few Gaussian blobs (smooth, values ~0..1.5): thresholding it at 0.5 gives round objects."""
+    rng = np.random.default_rng(seed)
+    grid = np.indices(shape).astype(np.float64)
+    image = np.zeros(shape)
+    for _ in range(3):
+        centre = [rng.uniform(0.3, 0.7) * n for n in shape]
+        sigma = rng.uniform(0.16, 0.2) * max(shape)
+        image += np.exp(-sum((g - c) ** 2 for g, c in zip(grid, centre)) / (2 * sigma**2))
+    return image.astype(np.float32)
+
+
+@pytest.mark.parametrize(("name", "cfg"), [
+    ("in-plane rotation + scaling", AugmentConfig(p_flip=0, p_rot90=0, p_affine=1, max_rotation_deg=180,
+                                                  scale_range=(0.7, 1.4), **SPATIAL_ONLY)),
+    ("scale only", AugmentConfig(p_flip=0, p_rot90=0, p_affine=1, max_rotation_deg=0, scale_range=(0.6, 0.8),
+                                 **SPATIAL_ONLY)),
+    ("every spatial step", AugmentConfig(p_flip=1, p_rot90=1, p_affine=1, max_rotation_deg=180, **SPATIAL_ONLY)),
+])
+def test_the_mask_stays_the_threshold_of_the_augmented_volume(name: str, cfg: AugmentConfig) -> None:
+    moved = 0
+    for seed in range(6):
+        smooth = _blobs_3d((48, 80, 80), seed)  # objects of ~20 voxels radius: few of them lie on the surface
+        image = np.stack([smooth, 2 * smooth + 1])
+        mask = (smooth > 0.5).astype(np.int64)
+        out_image, out_mask = augment_pair(image, mask, np.random.default_rng(seed), cfg)
+        assert out_image.shape == image.shape and out_mask.shape == mask.shape
+        assert set(np.unique(out_mask)) <= {0, 1}
+        np.testing.assert_allclose(out_image[1], 2 * out_image[0] + 1, atol=1e-5)
+        assert _iou(out_image[0] > 0.5, out_mask == 1) > 0.95, (name, seed)
+        moved += _iou(out_mask == 1, mask == 1) < 0.8
+    assert moved >= 3
+
+
+def test_volume_flips_cover_every_axis_and_quarter_turns_stay_in_plane() -> None:
+    smooth = _blobs_3d((12, 20, 20), 1)
+    flips = AugmentConfig(p_flip=1, p_rot90=0, p_affine=0, **SPATIAL_ONLY)
+    out_image, out_mask = augment_pair(smooth[None], (smooth > 0.5).astype(np.int64), np.random.default_rng(0), flips)
+    np.testing.assert_array_equal(out_image[0], smooth[::-1, ::-1, ::-1])
+    np.testing.assert_array_equal(out_mask, smooth[::-1, ::-1, ::-1] > 0.5)
+    turns = AugmentConfig(p_flip=0, p_rot90=1, p_affine=0, **SPATIAL_ONLY)
+    out_image, out_mask = augment_pair(smooth[None], (smooth > 0.5).astype(np.int64), np.random.default_rng(0), turns)
+    assert any(np.array_equal(out_image[0], np.rot90(smooth, k, axes=(1, 2))) for k in (1, 2, 3))
+    np.testing.assert_array_equal(out_mask, out_image[0] > 0.5)
+    # a plane that is not square turns by half turns only: the patch keeps its shape for the batch
+    wide = _blobs_3d((8, 16, 24), 2)
+    for seed in range(4):
+        out_image, out_mask = augment_pair(wide[None], (wide > 0.5).astype(np.int64), np.random.default_rng(seed),
+                                           turns)
+        assert out_image.shape == (1, 8, 16, 24) and out_mask.shape == (8, 16, 24)
+        np.testing.assert_array_equal(out_image[0], wide[:, ::-1, ::-1])
+
+
+def test_volume_intensity_steps_keep_the_mask_and_change_the_image() -> None:
+    smooth = _blobs_3d((10, 16, 16), 3)
+    image, mask = np.stack([smooth, smooth]), (smooth > 0.5).astype(np.int64)
+    cfg = AugmentConfig(p_flip=0, p_rot90=0, p_affine=0, p_intensity=1, p_gamma=1, p_noise=1, p_blur=1)
+    out_image, out_mask = augment_pair(image, mask, np.random.default_rng(0), cfg)
+    np.testing.assert_array_equal(out_mask, mask)
+    assert out_image.shape == image.shape and out_image.dtype == np.float32
+    assert np.abs(out_image - image).mean() > 0.01

@@ -12,7 +12,7 @@ import zarr
 from unetcore.config import NormalizationConfig
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
-from unetcore.store.stats import StreamingStats, normalize, percentile
+from unetcore.store.stats import StreamingStats, mixture_percentile, normalize, percentile, pooled_mean_std
 
 
 @pytest.mark.parametrize(("shape", "levels"), [((512, 512), 1), ((1024, 1000), 1), ((1025, 10), 2), ((5000, 3000), 4)])
@@ -116,3 +116,32 @@ def test_normalize_percentile_and_zscore() -> None:
     assert out[0, 0, 50] == pytest.approx(0.5, abs=1e-3)
     z = normalize(img, stats, NormalizationConfig(mode="zscore"))
     assert z.mean() == pytest.approx(0.0, abs=1e-5) and z.std() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["percentile", "zscore"])
+def test_normalize_a_volume_as_its_slices(mode: str) -> None:
+    """Per-image modes on a (C, D, H, W) block: each z slice normalised as a (C, H, W) block, the same numbers."""
+    vol = np.random.default_rng(1).integers(0, 3000, size=(2, 5, 7, 9)).astype(np.uint16)
+    acc = StreamingStats(2, np.uint16)
+    acc.update(np.moveaxis(vol, 0, -1))
+    stats, recipe = acc.result(), NormalizationConfig(mode=mode)
+    out = normalize(vol, stats, recipe)
+    assert out.shape == vol.shape and out.dtype == np.float32
+    for z in range(5):
+        np.testing.assert_array_equal(out[:, z], normalize(vol[:, z], stats, recipe))
+
+
+def test_pooled_mean_std_and_mixture_percentile_of_two_images() -> None:
+    a, b = np.arange(100.0), np.arange(100.0, 400.0)  # 100 and 300 pixels
+    channels = [{"mean": a.mean(), "std": a.std(), "percentiles": {"0": 0.0, "50": 49.5, "100": 99.0}},
+                {"mean": b.mean(), "std": b.std(), "percentiles": {"0": 100.0, "50": 249.5, "100": 399.0}}]
+    mean, std = pooled_mean_std(channels, [100, 300])
+    pooled = np.concatenate([a, b])
+    assert mean == pytest.approx(pooled.mean()) and std == pytest.approx(pooled.std())
+    # the mixed CDF: a holds the first quarter, b the rest; 25 % is a's maximum, 62.5 % b's median
+    assert mixture_percentile(channels, [100, 300], 25.0) == 99.0
+    assert mixture_percentile(channels, [100, 300], 62.5) == 249.5
+    assert mixture_percentile(channels, [100, 300], 0.0) == 0.0
+    assert mixture_percentile(channels, [100, 300], 100.0) == 399.0
+    assert mixture_percentile(channels, [100, 300], 12.5) == pytest.approx(49.5)
+    assert mixture_percentile(channels[:1], [100], 50.0) == 49.5  # one image: its own stored percentile

@@ -21,6 +21,8 @@ from unetcore.config import IngestConfig, ModelConfig, NormalizationConfig, Trai
 from unetcore.data.synthetic import generate_image, instances_to_semantic, write_sample
 from unetcore.errors import ConfigError, InputError, ServiceError
 from unetcore.ingest import ingest_folder
+from unetcore.store import manifest as mf
+from unetcore.store.stats import fit_normalization
 from unetcore.tracking import mlflow as tracking
 from unetcore.tracking import runs
 from unetcore.training import (
@@ -164,6 +166,26 @@ def test_class_locations(labels: np.ndarray, ignore: int | None, expected: dict)
 def test_class_locations_keep_at_most_the_cap() -> None:
     got = class_locations(np.ones((100, 100), int), max_per_class=50)
     assert got[1].shape == (50, 2) and len({tuple(c) for c in got[1]}) == 50
+
+
+def test_image_patches_may_be_rectangular_and_ct_normalised(binary_ds: Path) -> None:
+    """A patch shape per axis works for images too, and ct fits on their ingested foreground statistics."""
+    entries = [e for e in mf.entries(mf.load(binary_ds), "train") if e["has_mask"]]
+    assert all(e["foreground_stats"]["pixels"] > 0 for e in entries)
+    recipe = fit_normalization(NormalizationConfig(mode="ct"), entries)
+    (fitted,) = recipe.foreground
+    low, high = (np.array([fitted.low, fitted.high]) - fitted.mean) / fitted.std
+    plain = _dataset(binary_ds, patch_size=(32, 48), normalization=recipe)
+    turned = _dataset(binary_ds, patch_size=(32, 48), normalization=recipe, augment=AugmentConfig(p_rot90=1))
+    values = []
+    for i in range(6):
+        image, target = plain[i]
+        assert image.shape == (1, 32, 48) and target.shape == (32, 48)
+        assert turned[i][0].shape == (1, 32, 48) and turned[i][1].shape == (32, 48)  # half turns only
+        values.append(image)
+    values = torch.cat([v.flatten() for v in values])
+    assert values.min() >= low - 1e-5 and values.max() <= high + 1e-5  # clipped to the foreground's range
+    assert fitted.low > 0 and values.min() == pytest.approx(low, abs=1e-5)  # dark background sits at the clip
 
 
 # --- augmentation -----------------------------------------------------------------------------------------

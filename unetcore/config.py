@@ -6,7 +6,7 @@ One pydantic model per stage. Fields carry descriptions (Prefect renders them in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -69,16 +69,32 @@ def validated(schema: type[BaseModel], /, **values: Any) -> Any:
         raise ConfigError(field, err["msg"]) from None
 
 
+class ForegroundIntensity(_Config):
+    """One channel's intensities over the training set's foreground, as ``ct`` normalisation uses them."""
+
+    low: float = Field(description="Lower clip: the foreground's low_percentile over the training split.")
+    high: float = Field(description="Upper clip: the foreground's high_percentile over the training split.")
+    mean: float = Field(description="Mean of the (unclipped) foreground intensities.")
+    std: float = Field(ge=0, description="Standard deviation of the (unclipped) foreground intensities.")
+
+
 class NormalizationConfig(_Config):
     """How raw intensities become network inputs; stored with the model and applied at inference."""
 
     mode: NormalizationMode = Field(
         "percentile",
         description="percentile: clip to the image's [low, high] percentiles and scale to [0, 1]; "
-        "zscore: subtract the image mean, divide by its std.",
+        "zscore: subtract the image mean, divide by its std (MRI, microscopy); "
+        "ct: clip to the training set's foreground [low, high] percentiles, then subtract the foreground mean and "
+        "divide by its std (nnU-Net's CT scheme; fitted on the training split and stored with the model).",
     )
-    low_percentile: float = Field(0.5, ge=0, le=50, description="Lower clip percentile (percentile mode).")
-    high_percentile: float = Field(99.5, ge=50, le=100, description="Upper clip percentile (percentile mode).")
+    low_percentile: float = Field(0.5, ge=0, le=50, description="Lower clip percentile (percentile and ct modes).")
+    high_percentile: float = Field(99.5, ge=50, le=100,
+                                   description="Upper clip percentile (percentile and ct modes).")
+    foreground: list[ForegroundIntensity] | None = Field(
+        None, description="ct mode: per channel, the training set's foreground clip range, mean and std "
+        "(filled in by training from the ingested statistics; None until fitted).",
+    )
 
 
 class ModelConfig(_Config):
@@ -220,6 +236,11 @@ class TrainOptions(_Config):
     )
     seed: int = Field(0, ge=0, description="Seed of patch sampling, augmentation and initialisation.")
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
+    patch_shape: list[Annotated[int, Field(ge=1, le=2048)]] | None = Field(
+        None, min_length=2, max_length=3,
+        description="Training patch per spatial axis ([z,] y, x), e.g. [64, 128, 128] for volumes; None = "
+        "patch_size on every axis.",
+    )
 
     @field_validator("patch_size")
     @classmethod

@@ -9,6 +9,7 @@ means use :func:`mean_ignoring_nan` so such classes neither reward nor punish.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -93,24 +94,47 @@ def segmentation_scores(
     target: np.ndarray | torch.Tensor,
     num_classes: int,
     ignore_index: int | None = None,
+    *,
+    with_hd95: bool = False,
+    spacing: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Dice and IoU of a label prediction against the truth, over the foreground classes.
+    """Dice and IoU (and HD95) of a label prediction against the truth, over the foreground classes.
+
+    Works on images and volumes alike; ``spacing`` (per axis, e.g. a volume's ``(z, y, x)`` in mm) puts HD95 in
+    physical units, voxels otherwise. Ignored voxels count as background for HD95.
 
     Returns:
         ``{"dice_per_class": {label: float}, "iou_per_class": {label: float}, "dice_mean": float,
-        "iou_mean": float}``; per-class dicts are keyed by foreground label, NaN marks a class absent from
-        both inputs, and the means skip NaNs (NaN if every class is absent).
+        "iou_mean": float}``, and with ``with_hd95`` also ``"hd95_per_class"`` and ``"hd95_mean"``; per-class
+        dicts are keyed by foreground label, NaN marks a class absent from both inputs (for HD95: from either),
+        and the means skip NaNs (NaN if every class is absent).
     """
     tp, fp, fn = confusion_counts(pred, target, num_classes, ignore_index)
     classes = foreground_classes(num_classes)
     dice = dice_from_counts(tp, fp, fn)[classes]
     iou = iou_from_counts(tp, fp, fn)[classes]
-    return {
+    out = {
         "dice_per_class": {c: float(d) for c, d in zip(classes, dice)},
         "iou_per_class": {c: float(i) for c, i in zip(classes, iou)},
         "dice_mean": mean_ignoring_nan(dice),
         "iou_mean": mean_ignoring_nan(iou),
     }
+    if with_hd95:
+        pred_np, target_np = _as_array(pred), _as_array(target)
+        if ignore_index is not None:
+            keep = target_np != ignore_index
+            pred_np, target_np = np.where(keep, pred_np, 0), np.where(keep, target_np, 0)
+        distances = {c: hd95(pred_np == c, target_np == c, spacing) for c in classes}
+        out["hd95_per_class"] = distances
+        out["hd95_mean"] = mean_ignoring_nan(np.array(list(distances.values())))
+    return out
+
+
+def _as_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A label array or tensor as numpy, shape kept."""
+    if isinstance(labels, torch.Tensor):
+        return labels.detach().cpu().numpy()
+    return np.asarray(labels)
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -118,15 +142,20 @@ def _surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
-def hd95(pred_mask: np.ndarray, target_mask: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
-    """95th-percentile symmetric Hausdorff distance between the boundaries of two boolean masks.
+def hd95(pred_mask: np.ndarray, target_mask: np.ndarray, spacing: Sequence[float] | None = None) -> float:
+    """95th-percentile symmetric Hausdorff distance between the boundaries of two boolean masks (2-D or 3-D).
 
-    The larger of the two directed 95th percentiles (as MONAI), in pixels or in ``spacing`` units.
-    NaN when either mask is empty (the distance is undefined).
+    The larger of the two directed 95th percentiles (as MONAI), in pixels or in ``spacing`` units (one voxel
+    size per axis, e.g. a volume's ``(z, y, x)`` spacing in mm). Boundary voxels are those with a face
+    neighbour outside the mask. NaN when either mask is empty (the distance is undefined).
     """
     pred_mask, target_mask = np.asarray(pred_mask, dtype=bool), np.asarray(target_mask, dtype=bool)
     if pred_mask.shape != target_mask.shape:
         raise ValueError(f"mask shapes differ: {pred_mask.shape} vs {target_mask.shape}")
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != pred_mask.ndim:
+            raise ValueError(f"spacing {spacing} has {len(spacing)} values for {pred_mask.ndim} axes")
     if not pred_mask.any() or not target_mask.any():
         return float("nan")
     pred_surface, target_surface = _surface(pred_mask), _surface(target_mask)

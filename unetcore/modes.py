@@ -12,7 +12,7 @@ from unetcore.errors import ConfigError
 LossKind = Literal["dice_ce", "ce", "dice", "focal"]
 NormKind = Literal["batch", "instance", "group"]
 UpsampleKind = Literal["transpose", "bilinear"]
-NormalizationMode = Literal["percentile", "zscore"]
+NormalizationMode = Literal["percentile", "zscore", "ct"]  # ct: fitted on the training set's foreground
 ChannelAxis = Literal["auto", "yx", "yxc", "cyx", "zyx", "zyxc", "czyx"]  # the last three: volumes
 OptimizerKind = Literal["adamw", "sgd"]
 ScheduleKind = Literal["poly", "cosine", "constant"]

@@ -3,6 +3,7 @@
 
 from unetcore.store import manifest, omezarr, stats
 from unetcore.store.manifest import ManifestEntry
-from unetcore.store.stats import StreamingStats, normalize, percentile
+from unetcore.store.stats import StreamingStats, fit_normalization, normalize, percentile
 
-__all__ = ["ManifestEntry", "StreamingStats", "manifest", "normalize", "omezarr", "percentile", "stats"]
+__all__ = ["ManifestEntry", "StreamingStats", "fit_normalization", "manifest", "normalize", "omezarr", "percentile",
+           "stats"]

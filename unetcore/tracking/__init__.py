@@ -1,7 +1,8 @@
 """The MLflow face of the pipeline: the tracking server's health, runs and their bookkeeping (``runs``), previews,
-the registry's champion gate, and resolving a model URI to a local, pinned folder."""
+the registry's champion gate, and resolving a model URI to a local, pinned folder. Volumes are previewed as three
+orthogonal mid-slices (``previews``)."""
 
-from unetcore.tracking import mlflow, runs
+from unetcore.tracking import mlflow, previews, runs
 from unetcore.tracking.mlflow import (
     CHALLENGER,
     CHAMPION,
@@ -25,6 +26,7 @@ from unetcore.tracking.mlflow import (
     ui_command,
     use_experiment,
 )
+from unetcore.tracking.previews import log_volume_preview, orthogonal_slices, volume_preview_strip
 
 __all__ = [
     "CHALLENGER",
@@ -41,13 +43,17 @@ __all__ = [
     "configure",
     "download_model",
     "log_preview",
+    "log_volume_preview",
     "mlflow",
+    "orthogonal_slices",
     "pin_model",
     "preview_strip",
+    "previews",
     "register",
     "run_page_url",
     "runs",
     "sqlite_path",
     "ui_command",
     "use_experiment",
+    "volume_preview_strip",
 ]

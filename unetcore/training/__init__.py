@@ -22,10 +22,13 @@ from unetcore.training.loop import (
 from unetcore.training.losses import SegmentationLoss
 from unetcore.training.optim import lr_lambda, make_optimizer, make_scheduler
 from unetcore.training.sampler import (
+    ChunkCache,
     EpochSampler,
     PatchDataset,
     class_locations,
     load_images,
+    pad_to,
+    patch_shape,
 )
 from unetcore.training.validation import Validation, evaluate
 
@@ -33,6 +36,7 @@ __all__ = [
     "BEST",
     "CHECKPOINT",
     "AugmentConfig",
+    "ChunkCache",
     "EpochSampler",
     "LoopState",
     "PatchDataset",
@@ -51,6 +55,8 @@ __all__ = [
     "make_loader",
     "make_optimizer",
     "make_scheduler",
+    "pad_to",
+    "patch_shape",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

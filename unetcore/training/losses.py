@@ -1,6 +1,6 @@
 """Segmentation losses: pure tensor functions, then :class:`SegmentationLoss` holding the options.
 
-Conventions:
+Conventions (images; volumes add a depth axis everywhere: ``(N, K, D, H, W)`` and ``(N, D, H, W)``):
     logits: ``(N, K, H, W)`` float. ``K == 1`` is binary (sigmoid, foreground is ``target == 1``);
         ``K >= 2`` is multi-class (softmax, class 0 is background).
     target: ``(N, H, W)`` integer class indices.
@@ -25,9 +25,10 @@ from unetcore.modes import LossKind, check_mode
 
 
 def _check_shapes(logits: Tensor, target: Tensor) -> None:
-    if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+    if logits.ndim not in (4, 5) or target.shape != (logits.shape[0], *logits.shape[2:]):
         shapes = f"{tuple(logits.shape)} and {tuple(target.shape)}"
-        raise ValueError(f"expected logits (N, K, H, W) and target (N, H, W), got {shapes}")
+        raise ValueError(f"expected logits (N, K, H, W) and target (N, H, W), or for volumes (N, K, D, H, W) and "
+                         f"(N, D, H, W), got {shapes}")
 
 
 def valid_mask(target: Tensor, ignore_index: int | None) -> Tensor:
@@ -48,7 +49,7 @@ def target_one_hot(target: Tensor, num_classes: int, valid: Tensor) -> Tensor:
     if num_classes == 1:
         onehot = (target == 1).unsqueeze(1)
     else:
-        onehot = F.one_hot(target.long().masked_fill(~valid, 0), num_classes).permute(0, 3, 1, 2)
+        onehot = F.one_hot(target.long().masked_fill(~valid, 0), num_classes).movedim(-1, 1)
     return (onehot & valid.unsqueeze(1)).float()
 
 
@@ -58,7 +59,7 @@ def soft_dice(probs: Tensor, onehot: Tensor, valid: Tensor, smooth: float = 1e-5
     ``(2 * sum(p * t) + smooth) / (sum(p) + sum(t) + smooth)``; a class absent from both scores 1.
     """
     probs = probs * valid.unsqueeze(1)
-    dims = (0, 2, 3)
+    dims = (0, *range(2, probs.ndim))
     intersection = (probs * onehot).sum(dims)
     cardinality = probs.sum(dims) + onehot.sum(dims)
     return (2 * intersection + smooth) / (cardinality + smooth)
@@ -76,8 +77,8 @@ def soft_dice_loss(
     """``1 - mean Dice`` over the foreground classes (class 1..K-1, or the single channel when K == 1).
 
     Args:
-        logits: ``(N, K, H, W)`` with ``K == num_classes``.
-        target: ``(N, H, W)`` class indices.
+        logits: ``(N, K, H, W)`` or ``(N, K, D, H, W)`` with ``K == num_classes``.
+        target: ``(N, H, W)`` or ``(N, D, H, W)`` class indices.
         num_classes: K, checked against ``logits``.
         ignore_index: target value excluded from the loss.
         smooth: added to numerator and denominator; keeps empty classes finite.
@@ -153,7 +154,7 @@ def focal_loss(
 
 
 class SegmentationLoss(nn.Module):
-    """Holds the loss options; ``forward(logits (N, K, H, W), target (N, H, W)) -> scalar``.
+    """Holds the loss options; ``forward(logits (N, K, [D,] H, W), target (N, [D,] H, W)) -> scalar``.
 
     Kinds: ``dice_ce`` (Dice + cross-entropy, as nnU-Net), ``ce``, ``dice``, ``focal``.
     """
@@ -179,7 +180,7 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("class_weights", weights)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Args: logits ``(N, K, H, W)``; target ``(N, H, W)`` class indices. Returns a scalar."""
+        """Args: logits ``(N, K, [D,] H, W)``; target ``(N, [D,] H, W)`` class indices. Returns a scalar."""
         ce_options = {"ignore_index": self.ignore_index, "class_weights": self.class_weights}
         if self.kind == "ce":
             return cross_entropy_loss(logits, target, **ce_options)

@@ -1,8 +1,10 @@
-"""Random patches from OME-Zarr stores, with foreground or class-balanced oversampling, never loading a whole image.
+"""Random patches from OME-Zarr stores, images (2 spatial axes) or volumes (3), with foreground or class-balanced
+oversampling, never loading a whole image.
 
-Class locations are looked up once per image on the mask's coarsest pyramid level (small), kept as at most
-:data:`MAX_LOCATIONS` coordinates per class, and mapped to full resolution with a random offset inside the
-coarse pixel, so sampling costs one patch read whatever the image size.
+Class locations are looked up once per image on the mask's coarsest pyramid level, read in slabs of at most
+:data:`SLAB_VOXELS` (so not even that level is held whole), kept as at most :data:`MAX_LOCATIONS` coordinates per
+class, and mapped to full resolution with a random offset inside the coarse voxel (the pyramid may halve some axes
+only: the factor is per axis), so sampling costs one patch read whatever the image size.
 
 Sampling is deterministic: patch ``i`` of epoch ``e`` depends only on ``(seed, e, i)``. The epoch travels inside
 the index (:class:`EpochSampler` yields ``e * len + i``), so persistent DataLoader workers, which hold their own
@@ -11,10 +13,13 @@ copy of the dataset, still draw the right epoch's patches, and any number of wor
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+import math
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,14 +27,25 @@ import zarr
 from torch.utils.data import Dataset, Sampler
 
 from unetcore.config import NormalizationConfig
-from unetcore.errors import InputError
+from unetcore.errors import ConfigError, InputError
+from unetcore.modes import SamplingKind
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.store.stats import normalize
 from unetcore.training.augment import AugmentConfig, augment_pair
 
-SamplingMode = Literal["foreground", "class_balanced"]
 MAX_LOCATIONS = 10_000  # per class and image, as nnU-Net: enough variety, bounded memory
+CHUNK_CACHE_BYTES = 256 << 20  # decoded store chunks kept per process (DataLoader worker) for patch reads
+SLAB_VOXELS = 1 << 24  # label values read at once when looking up class locations (16 MB of uint8)
+
+
+class LabelArray(Protocol):
+    """What :func:`class_locations` reads: a numpy or Zarr array, sliced along its first axis."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
 
 
 @dataclass
@@ -37,43 +53,142 @@ class _Image:
     """One training image: where it lives and what sampling needs to know about it."""
 
     store: Path
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     stats: dict[str, Any]
-    class_coords: dict[int, np.ndarray] = field(default_factory=dict)  # class -> (n, 2) coarse coordinates
-    coarse_factor: int = 1
+    class_coords: dict[int, np.ndarray] = field(default_factory=dict)  # class -> (n, ndim) coarse coordinates
+    coarse_factor: tuple[int, ...] = (1, 1)  # per spatial axis: full-resolution voxels per coarse voxel
 
     @property
     def fg_coords(self) -> np.ndarray:
-        """``(n, 2)`` coarse coordinates of foreground pixels of any class."""
+        """``(n, ndim)`` coarse coordinates of foreground voxels of any class."""
         if not self.class_coords:
-            return np.zeros((0, 2), np.int32)
+            return np.zeros((0, len(self.shape)), np.int32)
         return np.concatenate(list(self.class_coords.values()))
 
 
+class ChunkCache:
+    """Decoded chunks of Zarr arrays, at most ``max_bytes`` of them (least recently used out first).
+
+    :meth:`read` assembles a region from whole chunks (Zarr decodes whole chunks anyway), so patches that fall on
+    chunks read before cost a copy instead of a decode: oversampled patches cluster around the foreground, and a
+    volume's chunks (about a million voxels) are far larger than a patch. Memory stays bounded whatever the
+    volumes' size; ``max_bytes=0`` reads every region from the store.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._chunks: OrderedDict[tuple[Hashable, tuple[int, ...]], np.ndarray] = OrderedDict()
+
+    def _chunk(self, key: Hashable, array: zarr.Array, index: tuple[int, ...]) -> np.ndarray:
+        entry = (key, index)
+        chunk = self._chunks.get(entry)
+        if chunk is not None:
+            self._chunks.move_to_end(entry)
+            return chunk
+        chunk = np.asarray(array[tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, array.chunks))])
+        self._chunks[entry] = chunk
+        self.nbytes += chunk.nbytes
+        while self.nbytes > self.max_bytes and self._chunks:
+            self.nbytes -= self._chunks.popitem(last=False)[1].nbytes
+        return chunk
+
+    def read(self, key: Hashable, array: zarr.Array, region: tuple[slice, ...]) -> np.ndarray:
+        """``array[region]`` (slices with a start, one per axis; stops past the end are cut, as Zarr does)."""
+        if self.max_bytes <= 0:
+            return np.asarray(array[region])
+        bounds = [(r.start or 0, min(n if r.stop is None else r.stop, n)) for r, n in zip(region, array.shape)]
+        out = np.empty([b - a for a, b in bounds], array.dtype)
+        axes = [range(a // c, (b - 1) // c + 1) for (a, b), c in zip(bounds, array.chunks)]
+        for index in itertools.product(*axes):
+            chunk = self._chunk(key, array, index)
+            src, dst = [], []
+            for (a, b), i, c in zip(bounds, index, array.chunks):
+                lo, hi = max(a, i * c), min(b, (i + 1) * c)
+                src.append(slice(lo - i * c, hi - i * c))
+                dst.append(slice(lo - a, hi - a))
+            out[tuple(dst)] = chunk[tuple(src)]
+        return out
+
+
+def _slabs(shape: tuple[int, ...], slab_voxels: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges along axis 0 holding at most ``slab_voxels`` values each (one row at least)."""
+    rows = max(1, slab_voxels // max(1, math.prod(shape[1:])))
+    return [(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)]
+
+
 def class_locations(
-    coarse: np.ndarray, ignore_index: int | None = None, max_per_class: int = MAX_LOCATIONS, seed: int = 0
+    labels: LabelArray,
+    ignore_index: int | None = None,
+    max_per_class: int = MAX_LOCATIONS,
+    seed: int = 0,
+    slab_voxels: int = SLAB_VOXELS,
 ) -> dict[int, np.ndarray]:
-    """Coordinates ``(n, 2)`` int32 of each foreground class of a label image, at most ``max_per_class`` each.
+    """Coordinates ``(n, ndim)`` int32 of each foreground class of a label image or volume, at most
+    ``max_per_class`` each.
 
     Class 0 (background) and ``ignore_index`` are left out; the subset kept is a deterministic random choice.
+    ``labels`` (numpy or Zarr) is read in slabs along its first axis of at most ``slab_voxels`` values, twice
+    (count, then collect), never whole; the result is the same as on the whole array at once.
     """
+    slabs = _slabs(tuple(labels.shape), slab_voxels)
+    cache: dict[int, np.ndarray] = {}
+
+    def read(i: int) -> np.ndarray:
+        if i in cache:
+            return cache[i]
+        block = np.asarray(labels[slabs[i][0] : slabs[i][1]])
+        if len(slabs) == 1:  # one slab: read it once
+            cache[i] = block
+        return block
+
+    counts: list[dict[int, int]] = []
+    for i in range(len(slabs)):
+        counts.append(_value_counts(read(i)))
+    classes = sorted({v for c in counts for v in c if v != 0 and (ignore_index is None or v != ignore_index)})
     rng = np.random.default_rng(seed)
-    out = {}
-    for value in np.unique(coarse):
-        if value == 0 or (ignore_index is not None and value == ignore_index):
-            continue
-        coords = np.argwhere(coarse == value).astype(np.int32)
-        if len(coords) > max_per_class:
-            coords = coords[np.sort(rng.choice(len(coords), max_per_class, replace=False))]
-        out[int(value)] = coords
-    return out
+    chosen: dict[int, np.ndarray | None] = {}
+    for value in classes:
+        total = sum(c.get(value, 0) for c in counts)
+        chosen[value] = np.sort(rng.choice(total, max_per_class, replace=False)) if total > max_per_class else None
+    found: dict[int, list[np.ndarray]] = {value: [] for value in classes}
+    seen = dict.fromkeys(classes, 0)  # voxels of each class in the slabs before this one
+    for i, (start, _) in enumerate(slabs):
+        present = [v for v in classes if counts[i].get(v)]
+        block = read(i) if present else None
+        for value in present:
+            coords = np.argwhere(block == value).astype(np.int32)
+            coords[:, 0] += start
+            keep = chosen[value]
+            if keep is not None:
+                lo, hi = np.searchsorted(keep, [seen[value], seen[value] + len(coords)])
+                coords = coords[keep[lo:hi] - seen[value]]
+            seen[value] += counts[i][value]
+            found[value].append(coords)
+    return {value: np.concatenate(parts) for value, parts in found.items()}
 
 
-def _coarse_labels(root: zarr.Group) -> tuple[np.ndarray, int]:
-    """The mask's coarsest pyramid level and its down-sampling factor."""
+def _value_counts(block: np.ndarray) -> dict[int, int]:
+    """``{value: count}`` of the values present in an integer block (bincount for uint8, far faster than unique)."""
+    if block.dtype == np.uint8:
+        n = np.bincount(block.ravel(), minlength=256)
+        return {int(v): int(n[v]) for v in np.flatnonzero(n)}
+    values, n = np.unique(block, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, n)}
+
+
+def _coarse_labels(root: zarr.Group) -> tuple[zarr.Array, tuple[int, ...]]:
+    """The mask's coarsest pyramid level (not read) and its down-sampling factor per spatial axis."""
     group = root["labels/mask"]
     levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
-    return np.asarray(group[str(levels[-1])][:]), 2 ** levels[-1]
+    coarse, full = group[str(levels[-1])], group[str(levels[0])]
+    datasets = group.attrs.get("ome", {}).get("multiscales", [{}])[0].get("datasets", [])
+    scales = {d["path"]: d["coordinateTransformations"][0]["scale"] for d in datasets}
+    if str(levels[-1]) in scales and str(levels[0]) in scales:
+        factor = tuple(max(1, round(c / f)) for c, f in zip(scales[str(levels[-1])], scales[str(levels[0])]))
+    else:  # no metadata: every axis halved per level
+        factor = (2 ** levels[-1],) * full.ndim
+    return coarse, factor
 
 
 def load_images(dataset: Path, split: str, ignore_index: int | None = None) -> list[_Image]:
@@ -81,6 +196,7 @@ def load_images(dataset: Path, split: str, ignore_index: int | None = None) -> l
 
     Raises:
         InputError: no image of that split has a mask.
+        ConfigError: the split mixes images and volumes (2 and 3 spatial axes).
     """
     manifest = mf.require(dataset)
     out = []
@@ -93,16 +209,34 @@ def load_images(dataset: Path, split: str, ignore_index: int | None = None) -> l
         out.append(_Image(store, tuple(entry["shape"]), entry["stats"], coords, factor))
     if not out:
         raise InputError(dataset, f"no images with masks in the '{split}' split", "ingest masks with --masks")
+    dims = sorted({len(img.shape) for img in out})
+    if len(dims) > 1:
+        raise ConfigError("dataset", f"the '{split}' split mixes images and volumes ({' and '.join(map(str, dims))} "
+                                     "spatial axes); train on one kind at a time")
     return out
 
 
-def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
-    """Zero-pad the last two axes up to ``size`` (for images smaller than the patch)."""
-    ph, pw = max(0, size - arr.shape[-2]), max(0, size - arr.shape[-1])
-    if ph == 0 and pw == 0:
+def patch_shape(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    """The patch per spatial axis: ``patch_size`` on every axis, or the given shape (one side per axis).
+
+    Raises:
+        ConfigError: the shape has another number of axes than the images.
+    """
+    if isinstance(patch_size, (int, np.integer)):
+        return (int(patch_size),) * spatial_dims
+    shape = tuple(int(p) for p in patch_size)
+    if len(shape) != spatial_dims:
+        raise ConfigError("patch_shape", f"{list(shape)} has {len(shape)} axes, the images {spatial_dims}")
+    return shape
+
+
+def pad_to(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Zero-pad the last ``len(shape)`` axes of ``arr`` up to ``shape`` (for images smaller than the patch)."""
+    lead = arr.ndim - len(shape)
+    pads = [(0, max(0, int(p) - n)) for n, p in zip(arr.shape[lead:], shape)]
+    if not any(after for _, after in pads):
         return arr
-    pad = [(0, 0)] * (arr.ndim - 2) + [(0, ph), (0, pw)]
-    return np.pad(arr, pad)
+    return np.pad(arr, [(0, 0)] * lead + pads)
 
 
 class EpochSampler(Sampler[int]):
@@ -124,29 +258,33 @@ class EpochSampler(Sampler[int]):
 
 
 class PatchDataset(Dataset):
-    """``len = steps * batch`` random patches per epoch; item ``i`` is ``(image (C,p,p), target (p,p))``.
+    """``len = steps * batch`` random patches per epoch; item ``i`` is ``(image (C, *patch), target (*patch))``.
 
-    Within each batch the last ``round(batch * foreground_fraction)`` items are centred on a labelled pixel
-    (nnU-Net's oversampling): in ``foreground`` mode on any foreground pixel of a random image, in
-    ``class_balanced`` mode on a pixel of a class drawn uniformly from the foreground classes present (so
-    rare classes are seen as often as common ones). The other items are uniform over a random image.
-    Index ``e * len + i`` is item ``i`` of epoch ``e`` (see :class:`EpochSampler`), offset by :meth:`set_epoch`.
+    ``patch`` is ``(p, p)`` for images, ``(pz, py, px)`` for volumes (``patch_size`` an int: the same on every
+    axis); only the chunks under the patch are read. Within each batch the last
+    ``round(batch * foreground_fraction)`` items are centred on a labelled voxel (nnU-Net's oversampling): in
+    ``foreground`` mode on any foreground voxel of a random image, in ``class_balanced`` mode on a voxel of a
+    class drawn uniformly from the foreground classes present (so rare classes are seen as often as common
+    ones). The other items are uniform over a random image. Index ``e * len + i`` is item ``i`` of epoch ``e``
+    (see :class:`EpochSampler`), offset by :meth:`set_epoch`. Patches are read through a :class:`ChunkCache` of
+    ``cache_bytes`` per process.
     """
 
     def __init__(
         self,
         images: list[_Image],
-        patch_size: int,
+        patch_size: int | Sequence[int],
         batch_size: int,
         steps: int,
         normalization: NormalizationConfig,
         foreground_fraction: float,
         augment: AugmentConfig | None,
         seed: int = 0,
-        sampling: SamplingMode = "foreground",
+        sampling: SamplingKind = "foreground",
+        cache_bytes: int = CHUNK_CACHE_BYTES,
     ) -> None:
         self.images = images
-        self.patch = patch_size
+        self.patch = patch_shape(patch_size, len(images[0].shape))
         self.batch = batch_size
         self.steps = steps
         self.recipe = normalization
@@ -157,6 +295,7 @@ class PatchDataset(Dataset):
         self.epoch = 0
         self.classes = sorted({c for img in images for c in img.class_coords})
         self._arrays: dict[Path, tuple[zarr.Array, zarr.Array]] = {}
+        self.cache = ChunkCache(cache_bytes)
 
     def set_epoch(self, epoch: int) -> None:
         """Offset the epoch read from indices: index ``i < len`` then returns item ``i`` of ``epoch``."""
@@ -185,29 +324,27 @@ class PatchDataset(Dataset):
         img = self.images[int(rng.integers(len(self.images)))]
         return img, (img.fg_coords if foreground else None)
 
-    def _origin(self, rng: np.random.Generator, img: _Image, coords: np.ndarray | None) -> tuple[int, int]:
-        h, w = img.shape
+    def _origin(self, rng: np.random.Generator, img: _Image, coords: np.ndarray | None) -> tuple[int, ...]:
+        """The patch's first voxel: centred on a random one of ``coords`` (coarse), else uniform; inside the image."""
         if coords is not None and len(coords):
-            cy, cx = coords[rng.integers(len(coords))]
-            y = int(cy) * img.coarse_factor + int(rng.integers(img.coarse_factor))
-            x = int(cx) * img.coarse_factor + int(rng.integers(img.coarse_factor))
-            y0, x0 = y - self.patch // 2, x - self.patch // 2
+            centre = coords[rng.integers(len(coords))]
+            start = [int(c) * f + int(rng.integers(f)) - p // 2
+                     for c, f, p in zip(centre, img.coarse_factor, self.patch)]
         else:
-            y0 = int(rng.integers(0, max(1, h - self.patch + 1)))
-            x0 = int(rng.integers(0, max(1, w - self.patch + 1)))
-        return int(np.clip(y0, 0, max(0, h - self.patch))), int(np.clip(x0, 0, max(0, w - self.patch)))
+            start = [int(rng.integers(0, max(1, n - p + 1))) for n, p in zip(img.shape, self.patch)]
+        return tuple(int(np.clip(s, 0, max(0, n - p))) for s, n, p in zip(start, img.shape, self.patch))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, item = divmod(index, len(self))
         epoch += self.epoch
         rng = np.random.default_rng([self.seed, epoch, item])
         img, coords = self._pick(rng, self.is_foreground_slot(item))
-        y0, x0 = self._origin(rng, img, coords)
+        region = tuple(slice(o, o + p) for o, p in zip(self._origin(rng, img, coords), self.patch))
         image_arr, label_arr = self._arrays_for(img.store)
-        ys, xs = slice(y0, y0 + self.patch), slice(x0, x0 + self.patch)
-        image = normalize(np.asarray(image_arr[:, ys, xs]), img.stats, self.recipe)
-        target = np.asarray(label_arr[ys, xs]).astype(np.int64)
-        image, target = _pad_to(image, self.patch), _pad_to(target, self.patch)
+        raw = self.cache.read((img.store, "image"), image_arr, (slice(0, image_arr.shape[0]), *region))
+        image = normalize(raw, img.stats, self.recipe)
+        target = self.cache.read((img.store, "labels"), label_arr, region).astype(np.int64)
+        image, target = pad_to(image, self.patch), pad_to(target, self.patch)
         if self.augment is not None:
             image, target = augment_pair(image, target, rng, self.augment)
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(target))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ def evaluate(
     (except with ``with_hd95``, which holds one image's labels whole). Empty ground truth is explicit:
     ``val_truth_empty_class{c}`` is 1 when no validation pixel has class ``c``; its Dice is then 0 if the model
     predicts the class anywhere, NaN if it does not (MONAI's convention), and NaN classes are left out of
-    the means. ``val_hd95`` is the mean over images and classes of the finite per-image distances.
+    the means. ``val_hd95`` is the mean over images and classes of the finite per-image distances, in the
+    manifest's spacing units (mm for a CT volume; pixels for a 2-D image, whose spacing is 1).
     """
     k = max(2, predictor.num_classes)
     tp, fp, fn = (np.zeros(k, np.int64) for _ in range(3))
@@ -47,7 +49,7 @@ def evaluate(
             if whole is not None:
                 whole[block.slices] = labels
         if whole is not None:
-            image_hd95(whole, np.asarray(truth[:]), ignore_index, distances)
+            image_hd95(whole, np.asarray(truth[:]), ignore_index, distances, entry.get("spacing"))
     dice, iou = dice_from_counts(tp, fp, fn), iou_from_counts(tp, fp, fn)
     out = {"val_dice": _nanmean(dice[1:]), "val_iou": _nanmean(iou[1:])}
     for c in range(1, k):
@@ -61,13 +63,15 @@ def evaluate(
     return out
 
 
-def image_hd95(pred: np.ndarray, truth: np.ndarray, ignore_index: int | None, out: dict[int, list[float]]) -> None:
-    """Append each class's HD95 on one image (labels (H, W)) to ``out[class]``; ignored pixels count as background."""
+def image_hd95(pred: np.ndarray, truth: np.ndarray, ignore_index: int | None, out: dict[int, list[float]],
+               spacing: Sequence[float] | None = None) -> None:
+    """Append each class's HD95 on one image or volume (labels (H, W) or (D, H, W)) to ``out[class]``, in
+    ``spacing`` units (the manifest's voxel size per axis; pixels when None); ignored voxels count as background."""
     if ignore_index is not None:
         keep = truth != ignore_index
         pred, truth = np.where(keep, pred, 0), np.where(keep, truth, 0)
     for c in out:
-        out[c].append(hd95(pred == c, truth == c))
+        out[c].append(hd95(pred == c, truth == c, spacing))
 
 
 def _nanmean(values: np.ndarray) -> float:
