@@ -345,6 +345,8 @@ def ingest_image(
             attrs = {"id": entry_id, "source": str(image_path), "source_hash": image_hash, "stats": stats}
             if source.spatial_dims == 3:  # a 2-D store's metadata stays as before volumes
                 attrs["geometry"] = geometry
+            if foreground_stats is not None:  # what `ct` normalisation pools over the training set
+                attrs["foreground_stats"] = foreground_stats
             omezarr.set_unet_attrs(root, attrs)
     finally:
         source.close()
