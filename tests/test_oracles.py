@@ -1,6 +1,6 @@
 """Core numeric behaviours checked against independent oracles, written here from their definitions.
 
-Each oracle is computed without the code under test (Gaussian blending by hand, percentiles from a known
+Each oracle is computed without the code under test (Gaussian blending by hand, on images and volumes, percentiles from a known
 order statistic, labelling with scipy, thresholds with numpy), and each is chosen so that a plausible broken
 implementation fails it: ``scripts/mutation_check.py`` swaps such versions in and requires these tests to fail.
 """
@@ -102,6 +102,64 @@ def test_every_blended_pixel_is_the_gaussian_weighted_mean_of_its_tiles(
         blocks = ConstantPerTile()
         np.testing.assert_allclose(predict_blocks_numpy(image, blocks, tile, overlap, block, 4)[0], expected,
                                    rtol=1e-5, atol=1e-4)
+        assert blocks.origins == whole.origins
+
+
+# --- Gaussian blending of volumes -------------------------------------------------------------------------
+
+
+def _tile_value_3d(z0: int, y0: int, x0: int) -> float:
+    return float(10 * np.sin(4.1414 * z0 + 12.9898 * y0 + 78.233 * x0))
+
+
+class ConstantPerTile3D:
+    """Predictor on a coordinate volume (channels z, y, x): the tile at ``(z0, y0, x0)`` answers ``_tile_value_3d``."""
+
+    def __init__(self) -> None:
+        self.origins: set[tuple[int, int, int]] = set()
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        out = np.empty((batch.shape[0], 1, *batch.shape[2:]), np.float32)
+        for i, tile in enumerate(batch):
+            origin = int(tile[0, 0, 0, 0]), int(tile[1, 0, 0, 0]), int(tile[2, 0, 0, 0])
+            self.origins.add(origin)
+            out[i] = _tile_value_3d(*origin)
+        return out
+
+
+@pytest.mark.parametrize("tile", [(8, 16, 4), (5, 7, 9)])
+def test_gaussian_weights_3d_follow_the_formula(tile: tuple[int, int, int]) -> None:
+    expected = np.multiply.outer(np.outer(_gaussian_1d(tile[0]), _gaussian_1d(tile[1])), _gaussian_1d(tile[2]))
+    np.testing.assert_allclose(gaussian_weights(tile), expected / expected.max(), rtol=1e-6, atol=1e-7)
+
+
+def test_every_blended_voxel_is_the_gaussian_weighted_mean_of_its_tiles() -> None:
+    # Starts by hand: z 20 / 8 / 0.5: step 4, n 4, linspace(0, 12, 4) = 0 4 8 12; y 26 / 16: step 8, n 3,
+    # linspace(0, 10, 3) = 0 5 10; x 9 / 8: step 4, n 2, linspace(0, 1, 2) = 0 1.
+    shape, tile, starts = (20, 26, 9), (8, 16, 8), ([0, 4, 8, 12], [0, 5, 10], [0, 1])
+    weight = np.multiply.outer(np.outer(_gaussian_1d(8), _gaussian_1d(16)), _gaussian_1d(8))
+    num, den, uniform_num, uniform_den = (np.zeros((28, 32, 16)) for _ in range(4))
+    for z0 in starts[0]:
+        for y0 in starts[1]:
+            for x0 in starts[2]:
+                box = (slice(z0, z0 + 8), slice(y0, y0 + 16), slice(x0, x0 + 8))
+                num[box] += _tile_value_3d(z0, y0, x0) * weight
+                den[box] += weight
+                uniform_num[box] += _tile_value_3d(z0, y0, x0)
+                uniform_den[box] += 1
+    inside = tuple(slice(0, n) for n in shape)
+    expected = num[inside] / den[inside]
+    assert np.abs(expected - uniform_num[inside] / uniform_den[inside]).max() > 1.0  # Gaussian, not uniform
+
+    volume = np.stack(np.mgrid[0:20, 0:26, 0:9]).astype(np.float32)
+    whole = ConstantPerTile3D()
+    np.testing.assert_allclose(sliding_window(volume, whole, tile, 0.5, batch_size=5)[0], expected, rtol=1e-5,
+                               atol=1e-4)
+    assert whole.origins == {(z, y, x) for z in starts[0] for y in starts[1] for x in starts[2]}
+    for block in [(4, 8, 8), (7, 26, 5), (20, 13, 9)]:
+        blocks = ConstantPerTile3D()
+        np.testing.assert_allclose(predict_blocks_numpy(volume, blocks, tile, 0.5, block, 4)[0], expected, rtol=1e-5,
+                                   atol=1e-4)
         assert blocks.origins == whole.origins
 
 
@@ -216,6 +274,36 @@ def test_blockwise_postprocessing_equals_scipy_rules() -> None:
     expected[small_hole] = 1
     assert (expected != semantic).sum() > 20  # objects removed and holes filled, some across block faces
     np.testing.assert_array_equal(postprocess_blockwise(semantic, (16, 16), min_size), expected)
+
+
+def test_blockwise_3d_instances_equal_scipy_labelling() -> None:
+    grains = ndimage.gaussian_filter(np.random.default_rng(7).random((24, 30, 28)), 1.5)
+    semantic = (grains > np.median(grains)).astype(np.uint8)
+    semantic[:, :, 14:] *= 2  # two classes touching at x = 14: they must stay apart
+    reference = _scipy_instances(semantic)  # scipy's default 3-D structure: the 6 face neighbours
+    crossing_z = [i for i in np.unique(reference[reference > 0])
+                  if len({z // 8 for z in np.nonzero(reference == i)[0]}) > 1]
+    assert len(crossing_z) >= 3  # objects cross the z faces: a merge along y and x only would split them
+    assert _same_partition(instances_blockwise(semantic, (8, 10, 8)).astype(np.int64), reference)
+
+
+def test_blockwise_3d_postprocessing_equals_scipy_rules() -> None:
+    rng = np.random.default_rng(8)
+    semantic = (ndimage.gaussian_filter(rng.random((20, 24, 22)), 1.2) > 0.5).astype(np.uint8)
+    semantic[rng.random(semantic.shape) < 0.03] ^= 1  # specks and pinholes, some of them across block faces
+    min_size = 15
+    objects, _ = ndimage.label(semantic == 1)
+    holes, _ = ndimage.label(semantic == 0)
+    object_size, hole_size = np.bincount(objects.ravel()), np.bincount(holes.ravel())
+    faces = [holes[0], holes[-1], holes[:, 0], holes[:, -1], holes[:, :, 0], holes[:, :, -1]]
+    on_border = np.unique(np.concatenate([f.ravel() for f in faces]))
+    expected = semantic.copy()
+    expected[(objects > 0) & (object_size[objects] < min_size)] = 0
+    expected[(holes > 0) & (hole_size[holes] < min_size) & ~np.isin(holes, on_border)] = 1
+    assert (expected != semantic).sum() > 100
+    changed, _ = ndimage.label(expected != semantic)
+    assert any(len({tuple(v // 8) for v in np.argwhere(changed == i)}) > 1 for i in range(1, changed.max() + 1))
+    np.testing.assert_array_equal(postprocess_blockwise(semantic, (8, 8, 8), min_size), expected)
 
 
 # --- augmentation: image and mask stay aligned ---------------------------------------------------------

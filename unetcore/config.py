@@ -30,6 +30,7 @@ from unetcore.modes import (
     ProbabilityDtype,
     SamplingKind,
     ScheduleKind,
+    SpatialDims,
     SplitChoice,
     UpsampleKind,
 )
@@ -92,6 +93,31 @@ class ModelConfig(_Config):
     norm: NormKind = Field("batch", description="Normalisation layer.")
     upsample: UpsampleKind = Field("transpose", description="Decoder up-sampling.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the bottleneck.")
+    spatial_dims: SpatialDims = Field(
+        2, description="2: a 2-D UNet (images; volumes are predicted slice by slice); 3: a 3-D UNet for volumes."
+    )
+    pool: list[list[int]] | None = Field(
+        None, description="Pooling factor per stage and axis: depth lists of spatial_dims values, each 1 or 2 "
+        "(e.g. [[1, 2, 2], [2, 2, 2]] for thick slices; see unetcore.model.plan_pooling). None = 2 along every axis.",
+    )
+    kernels: list[list[int]] | None = Field(
+        None, description="Convolution kernel per stage and axis, stem first and bottleneck last: depth + 1 lists of "
+        "spatial_dims odd values (e.g. [1, 3, 3] keeps slices apart). None = 3 along every axis.",
+    )
+
+    @model_validator(mode="after")
+    def _per_axis_stages(self) -> ModelConfig:
+        for name, stages, valid, what in (("pool", self.pool, {1, 2}, "1 or 2"),
+                                          ("kernels", self.kernels, {1, 3, 5, 7}, "1, 3, 5 or 7")):
+            if stages is None:
+                continue
+            n = self.depth + (name == "kernels")
+            if len(stages) != n or any(len(s) != self.spatial_dims for s in stages):
+                raise ValueError(f"{name} needs {n} lists of {self.spatial_dims} values (depth {self.depth}, "
+                                 f"spatial_dims {self.spatial_dims}), got {stages}")
+            if any(v not in valid for s in stages for v in s):
+                raise ValueError(f"{name} values must be {what}, got {stages}")
+        return self
 
 
 class _IngestTarget(_Config):

@@ -22,6 +22,8 @@ SplitChoice = Literal["all", "train", "val", "test"]
 Split = Literal["train", "val", "test"]
 ProbabilityDtype = Literal["float16", "float32"]
 ExportKind = Literal["none", "png", "tiff"]
+SpatialDims = Literal[2, 3]
+"""Spatial axes a model convolves: 2 (images; volumes slice by slice) or 3 (volumes)."""
 
 
 def choices(mode: Any) -> tuple[str, ...]:
@@ -37,5 +39,5 @@ def check_mode(mode: Any, value: str, option: str) -> str:
     """
     valid = choices(mode)
     if value not in valid:
-        raise ConfigError(option, f"unknown value {value!r}; valid: {', '.join(valid)}")
+        raise ConfigError(option, f"unknown value {value!r}; valid: {', '.join(str(v) for v in valid)}")
     return value

@@ -5,8 +5,10 @@ images) and :func:`predict_entries` (given manifest entries with a pinned model,
 """
 
 from unetcore.inference.components import (
+    FACE_NAMES,
     BlockComponents,
     Merged,
+    face_names,
     instances_blockwise,
     label_block,
     label_blockwise,
@@ -31,16 +33,19 @@ from unetcore.inference.predict import (
     BlockPredictor,
     logits_to_outputs,
     resolve_device,
+    tile_shape,
     torch_predictor,
 )
 from unetcore.inference.stitch import (
     BACKGROUND_LOGIT,
     background_logits,
     constant_tiles,
+    flip_axes,
     predict_block,
     predict_blocks_numpy,
     read_padded,
     skip_empty_predictor,
+    slicewise_predictor,
     sliding_window,
     tta_predictor,
 )
@@ -51,7 +56,9 @@ from unetcore.inference.tasks import (
     worker_predictor,
 )
 from unetcore.inference.windows import (
+    AXIS_NAMES,
     Block,
+    Shape,
     TileGrid,
     choose_block_shape,
     gaussian_weights,
@@ -64,15 +71,18 @@ from unetcore.inference.windows import (
 )
 
 __all__ = [
+    "AXIS_NAMES",
     "BACKGROUND_LOGIT",
     "Block",
     "BlockComponents",
     "BlockPredictor",
+    "FACE_NAMES",
     "ImagePlan",
     "ImageResult",
     "Merged",
     "ModelSpec",
     "PredictionCheck",
+    "Shape",
     "TileGrid",
     "background_logits",
     "check_predictable",
@@ -81,6 +91,8 @@ __all__ = [
     "constant_tiles",
     "dice_from_records",
     "export_mask",
+    "face_names",
+    "flip_axes",
     "gaussian_weights",
     "instances_blockwise",
     "label_block",
@@ -107,8 +119,10 @@ __all__ = [
     "results_to_dicts",
     "set_worker_predictor_factory",
     "skip_empty_predictor",
+    "slicewise_predictor",
     "sliding_window",
     "tile_evaluations",
+    "tile_shape",
     "tile_starts",
     "tiles_for_block",
     "torch_predictor",

@@ -1,9 +1,10 @@
 """Connected components of a label image, computed block by block and merged across block faces.
 
-Each block is labelled on its own (4-connectivity, one component per connected region of equal value) with
-local ids ``1..n``. Only what lies on the block's four faces is kept for the merge: the driver joins the
-components that touch across a face (same value on both sides) with a union-find, so an object that crosses
-block borders gets one id, and memory is bounded by the blocks' perimeters, never by the image. The same
+Each block is labelled on its own (face connectivity: 4 neighbours in 2-D, 6 in 3-D; one component per connected
+region of equal value) with local ids ``1..n``. Only what lies on the block's faces (4 in 2-D, 6 in 3-D) is kept
+for the merge: the driver joins the components that touch across a face (same value on both sides) with a
+union-find, so an object that crosses block borders gets one id, and memory is bounded by the blocks' surfaces,
+never by the image. The same
 merge gives each component its whole-image size and whether it touches the image's border, which makes the
 small-object and small-hole removal independent of where the block borders fall.
 
@@ -21,7 +22,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from unetcore.inference.windows import Block, Shape2D
+from unetcore.inference.windows import Block, Shape, plan_blocks
 
 ALL_PIXELS = 255
 """Value never present in class labels (uint8, at most 255 classes: 0..254); used as skimage's background."""
@@ -32,8 +33,9 @@ class BlockComponents:
     """The components of one block: per-id attributes (index 0 unused) and the ids along the faces.
 
     ``sizes``/``classes``/``border`` have ``n + 1`` entries; ``border`` says the component touches the image's
-    outer border. Faces hold local ids (0 = not labelled) and the class value along the block's first/last
-    row (``top``/``bottom``) and first/last column (``left``/``right``).
+    outer border. Faces hold local ids (0 = not labelled) and the class value on the block's first/last
+    row (``top``/``bottom``), first/last column (``left``/``right``) and, in a volume, first/last slice
+    (``front``/``back``); see :func:`face_names`.
     """
 
     n: int
@@ -55,28 +57,39 @@ class BlockComponents:
     def load(cls, path: Path) -> BlockComponents:
         """Read what :meth:`save` wrote."""
         with np.load(path) as z:
-            faces = {k: z[f"face_{k}"] for k in FACES}
-            face_classes = {k: z[f"class_{k}"] for k in FACES}
+            names = [k.removeprefix("face_") for k in z.files if k.startswith("face_")]
+            faces = {k: z[f"face_{k}"] for k in names}
+            face_classes = {k: z[f"class_{k}"] for k in names}
             return cls(int(z["n"]), z["sizes"], z["classes"], z["border"], faces, face_classes)
 
 
-FACES = ("top", "bottom", "left", "right")
+FACE_NAMES = (("front", "back"), ("top", "bottom"), ("left", "right"))
+"""(low, high) face names of the z, y and x axes; an image uses the last two."""
 
 
-def _face_slices() -> dict[str, tuple[slice | int, slice | int]]:
-    return {"top": (0, slice(None)), "bottom": (-1, slice(None)), "left": (slice(None), 0),
-            "right": (slice(None), -1)}
+def face_names(ndim: int) -> list[tuple[str, str]]:
+    """The (low, high) face names of each spatial axis of a ``ndim``-D block, in axis order."""
+    return list(FACE_NAMES[len(FACE_NAMES) - ndim :])
+
+
+def _face_slices(ndim: int) -> dict[str, tuple[slice | int, ...]]:
+    """Index of each face of a ``ndim``-D array: the first or last position along one axis."""
+    out: dict[str, tuple[slice | int, ...]] = {}
+    for axis, names in enumerate(face_names(ndim)):
+        for name, end in zip(names, (0, -1)):
+            out[name] = tuple(end if a == axis else slice(None) for a in range(ndim))
+    return out
 
 
 def label_block(
-    semantic: np.ndarray, block: Block, image_shape: Shape2D, with_background: bool
+    semantic: np.ndarray, block: Block, image_shape: Shape, with_background: bool
 ) -> tuple[np.ndarray, BlockComponents]:
-    """Local components ``(bh, bw)`` uint32 of a block of class labels, and their summary.
+    """Local components (``block.shape``, uint32) of a block of class labels, and their summary.
 
     Args:
-        semantic: class labels (bh, bw), uint8.
+        semantic: class labels of the block, (bh, bw) or (bd, bh, bw), uint8.
         block: where the block lies in the image.
-        image_shape: (H, W) of the whole image (to flag components on its border).
+        image_shape: shape of the whole image (to flag components on its border).
         with_background: label background (class 0) regions too; otherwise they stay 0.
     """
     from skimage import measure
@@ -88,14 +101,16 @@ def label_block(
     classes = np.zeros(n + 1, np.uint8)
     classes[ids.ravel()] = semantic.ravel()
     border = np.zeros(n + 1, bool)
-    on_edge = {"top": block.y0 == 0, "bottom": block.y1 == image_shape[0], "left": block.x0 == 0,
-               "right": block.x1 == image_shape[1]}
-    faces = {k: np.ascontiguousarray(ids[s]) for k, s in _face_slices().items()}
+    on_edge = {}
+    for axis, (low, high) in enumerate(face_names(block.ndim)):
+        on_edge[low], on_edge[high] = block.start[axis] == 0, block.stop[axis] == image_shape[axis]
+    where = _face_slices(block.ndim)
+    faces = {k: np.ascontiguousarray(ids[s]) for k, s in where.items()}
     for k, edge in on_edge.items():
         if edge:
             border[faces[k]] = True
     border[0] = False
-    face_classes = {k: np.ascontiguousarray(semantic[s]) for k, s in _face_slices().items()}
+    face_classes = {k: np.ascontiguousarray(semantic[s]) for k, s in where.items()}
     return ids, BlockComponents(n, sizes, classes, border, faces, face_classes)
 
 
@@ -137,8 +152,9 @@ class Merged:
     def postprocess_lut(self, index: int, comps: BlockComponents, min_size: int) -> np.ndarray:
         """Local id → class after removing objects and filling holes smaller than ``min_size`` (whole-image sizes).
 
-        A foreground component (class > 0) smaller than ``min_size`` becomes background; a background component
-        smaller than ``min_size`` that does not touch the image's border (a hole) becomes class 1. Both are decided
+        Sizes count pixels, or voxels in a volume. A foreground component (class > 0) smaller than ``min_size``
+        becomes background; a background component smaller than ``min_size`` that does not touch the image's
+        border (a hole) becomes class 1. Both are decided
         on the components before either change.
         """
         gids = self.base[index] + np.arange(1, comps.n + 1, dtype=np.int64)
@@ -156,14 +172,14 @@ class Merged:
 
 
 def _neighbours(plan: Sequence[Block]) -> list[tuple[int, int, str, str]]:
-    """Adjacent block pairs ``(a, b, face of a, face of b)``: b right of a, or b below a."""
-    at = {(b.y0, b.x0): i for i, b in enumerate(plan)}
+    """Adjacent block pairs ``(a, b, face of a, face of b)``: b follows a along one axis (behind, below, right)."""
+    at = {b.start: i for i, b in enumerate(plan)}
     pairs = []
     for i, b in enumerate(plan):
-        if (j := at.get((b.y0, b.x1))) is not None:
-            pairs.append((i, j, "right", "left"))
-        if (j := at.get((b.y1, b.x0))) is not None:
-            pairs.append((i, j, "bottom", "top"))
+        for axis, (low, high) in enumerate(face_names(b.ndim)):
+            after = b.start[:axis] + (b.stop[axis],) + b.start[axis + 1 :]
+            if (j := at.get(after)) is not None:
+                pairs.append((i, j, high, low))
     return pairs
 
 
@@ -211,19 +227,17 @@ def merge_faces(plan: Sequence[Block], load: Callable[[int], BlockComponents]) -
 
 
 def label_blockwise(
-    semantic: np.ndarray, block: Shape2D, with_background: bool
+    semantic: np.ndarray, block: Shape, with_background: bool
 ) -> tuple[list[Block], list[np.ndarray], list[BlockComponents], Merged]:
-    """Label an in-memory image block by block and merge (the engine's algorithm without Dask or Zarr)."""
-    from unetcore.inference.windows import plan_blocks
-
+    """Label an in-memory image or volume block by block and merge (the engine's algorithm without Dask or Zarr)."""
     plan = plan_blocks(semantic.shape, block)
     results = [label_block(semantic[b.slices], b, semantic.shape, with_background) for b in plan]
     merged = merge_faces(plan, lambda i: results[i][1])
     return plan, [r[0] for r in results], [r[1] for r in results], merged
 
 
-def instances_blockwise(semantic: np.ndarray, block: Shape2D) -> np.ndarray:
-    """Instance ids (uint32) of an in-memory image, computed block-wise: equal to whole-image labelling."""
+def instances_blockwise(semantic: np.ndarray, block: Shape) -> np.ndarray:
+    """Instance ids (uint32) of an in-memory image or volume, computed block-wise: equal to whole-image labelling."""
     plan, ids, comps, merged = label_blockwise(semantic, block, with_background=False)
     out = np.zeros(semantic.shape, np.uint32)
     for i, b in enumerate(plan):
@@ -231,8 +245,8 @@ def instances_blockwise(semantic: np.ndarray, block: Shape2D) -> np.ndarray:
     return out
 
 
-def postprocess_blockwise(semantic: np.ndarray, block: Shape2D, min_size: int) -> np.ndarray:
-    """Small-object removal and hole filling of an in-memory image, computed block-wise."""
+def postprocess_blockwise(semantic: np.ndarray, block: Shape, min_size: int) -> np.ndarray:
+    """Small-object removal and hole filling of an in-memory image or volume, computed block-wise."""
     plan, ids, comps, merged = label_blockwise(semantic, block, with_background=True)
     out = np.zeros_like(semantic)
     for i, b in enumerate(plan):
@@ -242,6 +256,6 @@ def postprocess_blockwise(semantic: np.ndarray, block: Shape2D, min_size: int) -
 
 def postprocess_whole(semantic: np.ndarray, min_size: int) -> np.ndarray:
     """Reference for :func:`postprocess_blockwise` on the whole image at once (memory grows with the image)."""
-    ids, comps = label_block(semantic, Block(0, semantic.shape[0], 0, semantic.shape[1]), semantic.shape, True)
+    ids, comps = label_block(semantic, Block.covering(semantic.shape), semantic.shape, True)
     merged = Merged(np.array([0, comps.n]), *(np.zeros(0, np.int64),) * 3, np.zeros(0, bool))
     return merged.postprocess_lut(0, comps, min_size)[ids]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unetcore.inference.windows import Block
+from unetcore.inference.windows import AXIS_NAMES, Block
 
 LABELS_NAME = "prediction"
 INSTANCES_NAME = "instances"
@@ -29,8 +29,9 @@ def records_dir(out_dir: Path, image_id: str) -> Path:
 
 
 def block_stem(block: Block) -> str:
-    """The name shared by a block's files: ``y<y0>-<y1>_x<x0>-<x1>``."""
-    return f"y{block.y0}-{block.y1}_x{block.x0}-{block.x1}"
+    """The name shared by a block's files: ``y<y0>-<y1>_x<x0>-<x1>``, with ``z<z0>-<z1>_`` first in a volume."""
+    names = AXIS_NAMES[len(AXIS_NAMES) - block.ndim :]
+    return "_".join(f"{n}{a}-{b}" for n, a, b in zip(names, block.start, block.stop))
 
 
 def record_path(records: Path, block: Block, kind: str = "") -> Path:

@@ -1,4 +1,4 @@
-"""Blending of tile predictions: the per-block kernel and the whole-image reference.
+"""Blending of tile predictions: the per-block kernel and the whole-image reference, for images and volumes.
 
 ``predict_block`` is the kernel that a distributed driver runs once per output block: it reads the
 block plus the margin its tiles need, predicts those tiles in batches and blends them with the global
@@ -16,7 +16,7 @@ import numpy as np
 
 from unetcore.inference.windows import (
     Block,
-    Shape2D,
+    Shape,
     TileGrid,
     gaussian_weights,
     padded_shape,
@@ -26,10 +26,10 @@ from unetcore.inference.windows import (
 )
 
 Predictor = Callable[[np.ndarray], np.ndarray]
-"""Maps a batch ``(B, C, th, tw)`` float32 to ``(B, K, th, tw)`` float32 (logits; blending is linear)."""
+"""Maps a batch ``(B, C, *tile)`` float32 to ``(B, K, *tile)`` float32 (logits; blending is linear)."""
 
-Reader = Callable[[slice, slice], np.ndarray]
-"""Returns the image's ``(C, h, w)`` pixels at ``(ys, xs)``; both slices lie inside the image."""
+Reader = Callable[..., np.ndarray]
+"""Called with one slice per spatial axis (all inside the image), returns the image's ``(C, *box)`` pixels there."""
 
 _T = TypeVar("_T")
 
@@ -44,35 +44,41 @@ def _batches(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
 def _predict(predictor: Predictor, batch: np.ndarray) -> np.ndarray:
     """Run ``predictor`` and check it kept the batch and spatial sizes."""
     out = np.asarray(predictor(batch), dtype=np.float32)
-    b, _, th, tw = batch.shape
-    if out.ndim != 4 or out.shape[0] != b or out.shape[2:] != (th, tw):
-        raise ValueError(f"predictor mapped {batch.shape} to {out.shape}; expected ({b}, K, {th}, {tw})")
+    b, spatial = batch.shape[0], batch.shape[2:]
+    if out.ndim != batch.ndim or out.shape[0] != b or out.shape[2:] != spatial:
+        expected = ", ".join(str(v) for v in (b, "K", *spatial))
+        raise ValueError(f"predictor mapped {batch.shape} to {out.shape}; expected ({expected})")
     return out
 
 
-def read_padded(read: Reader, image_shape: Shape2D, region: Block, channels: int) -> np.ndarray:
-    """Pixels of ``region`` as ``(C, rh, rw)`` float32, zero where the region leaves the image."""
+def read_padded(read: Reader, image_shape: Shape, region: Block, channels: int) -> np.ndarray:
+    """Pixels of ``region`` as ``(C, *region.shape)`` float32, zero where the region leaves the image."""
     out = np.zeros((channels, *region.shape), dtype=np.float32)
-    y0, y1 = max(region.y0, 0), min(region.y1, image_shape[0])
-    x0, x1 = max(region.x0, 0), min(region.x1, image_shape[1])
-    if y0 < y1 and x0 < x1:
-        dy, dx = y0 - region.y0, x0 - region.x0
-        out[:, dy : dy + y1 - y0, dx : dx + x1 - x0] = read(slice(y0, y1), slice(x0, x1))
+    lo = [max(a, 0) for a in region.start]
+    hi = [min(b, n) for b, n in zip(region.stop, image_shape)]
+    if all(a < b for a, b in zip(lo, hi)):
+        inside = tuple(slice(a - r, b - r) for a, b, r in zip(lo, hi, region.start))
+        out[(slice(None), *inside)] = read(*(slice(a, b) for a, b in zip(lo, hi)))
     return out
 
 
-def _overlap(y: int, x: int, tile: Shape2D, block: Block) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """Where tile ``(y, x)`` meets ``block``: (slices in tile coordinates, slices in block coordinates)."""
-    y0, y1 = max(y, block.y0), min(y + tile[0], block.y1)
-    x0, x1 = max(x, block.x0), min(x + tile[1], block.x1)
-    in_tile = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
-    in_block = (slice(y0 - block.y0, y1 - block.y0), slice(x0 - block.x0, x1 - block.x0))
+def _window(origin: Shape, offset: Shape, tile: Shape) -> tuple[slice, ...]:
+    """The slices of the tile at ``origin`` in an array whose first element lies at ``offset``."""
+    return tuple(slice(o - a, o - a + t) for o, a, t in zip(origin, offset, tile))
+
+
+def _overlap(origin: Shape, tile: Shape, block: Block) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Where the tile at ``origin`` meets ``block``: (slices in tile coordinates, slices in block coordinates)."""
+    lo = [max(o, a) for o, a in zip(origin, block.start)]
+    hi = [min(o + t, b) for o, t, b in zip(origin, tile, block.stop)]
+    in_tile = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))
+    in_block = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, block.start))
     return in_tile, in_block
 
 
 def predict_block(
     read: Reader,
-    image_shape: Shape2D,
+    image_shape: Shape,
     channels: int,
     predictor: Predictor,
     grid: TileGrid,
@@ -80,11 +86,11 @@ def predict_block(
     batch_size: int,
     weights: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Blended prediction ``(K, bh, bw)`` float32 of one block, equal to whole-image inference there.
+    """Blended prediction ``(K, *block.shape)`` float32 of one block, equal to whole-image inference there.
 
     Reads the bounding region of every tile touching ``block`` once, predicts the tiles in batches of
     ``batch_size`` and accumulates ``prediction * weight`` and ``weight`` over the block's extent only.
-    ``weights`` defaults to ``gaussian_weights(grid.tile)``.
+    ``weights`` defaults to ``gaussian_weights(grid.tile)``. Works for images and volumes alike.
     """
     w = gaussian_weights(grid.tile) if weights is None else np.asarray(weights, dtype=np.float32)
     if w.shape != grid.tile:
@@ -92,19 +98,16 @@ def predict_block(
     tiles = tiles_for_block(grid, block)
     region = region_for_tiles(tiles, grid.tile)
     data = read_padded(read, image_shape, region, channels)
-    th, tw = grid.tile
 
-    acc: np.ndarray | None = None  # (K, bh, bw); K is known after the first forward pass
+    acc: np.ndarray | None = None  # (K, *block.shape); K is known after the first forward pass
     norm = np.zeros(block.shape, dtype=np.float32)
     for batch in _batches(tiles, batch_size):
-        inputs = np.stack(
-            [data[:, y - region.y0 : y - region.y0 + th, x - region.x0 : x - region.x0 + tw] for y, x in batch]
-        )
+        inputs = np.stack([data[(slice(None), *_window(o, region.start, grid.tile))] for o in batch])
         out = _predict(predictor, inputs)
         if acc is None:
             acc = np.zeros((out.shape[1], *block.shape), dtype=np.float32)
-        for (y, x), pred in zip(batch, out):
-            in_tile, in_block = _overlap(y, x, grid.tile, block)
+        for origin, pred in zip(batch, out):
+            in_tile, in_block = _overlap(origin, grid.tile, block)
             acc[(slice(None), *in_block)] += pred[(slice(None), *in_tile)] * w[in_tile]
             norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
@@ -113,70 +116,78 @@ def predict_block(
 
 
 def sliding_window(
-    image: np.ndarray, predictor: Predictor, tile: Shape2D, overlap: float, batch_size: int
+    image: np.ndarray, predictor: Predictor, tile: Shape, overlap: float, batch_size: int
 ) -> np.ndarray:
-    """Whole-image reference ``(K, H, W)``: classic nnU-Net sliding window with full-size accumulators.
+    """Whole-image reference ``(K, *spatial)``: classic nnU-Net sliding window with full-size accumulators.
 
-    Pads ``image`` (C, H, W) at the bottom/right to at least one tile, predicts every tile of the global
-    grid, sums ``prediction * weight`` and ``weight`` over the padded image, divides and crops. Memory
-    grows with the image; this is the oracle ``predict_block`` is tested against.
+    Pads ``image`` (C, H, W) or (C, D, H, W) at the far end of each axis to at least one tile, predicts every
+    tile of the global grid, sums ``prediction * weight`` and ``weight`` over the padded image, divides and
+    crops. Memory grows with the image; this is the oracle ``predict_block`` is tested against.
     """
-    c, h, w = image.shape
-    grid = TileGrid.build((h, w), tile, overlap)
-    ph, pw = padded_shape((h, w), grid.tile)
-    padded = np.zeros((c, ph, pw), dtype=np.float32)
-    padded[:, :h, :w] = image
+    c, *spatial = image.shape
+    grid = TileGrid.build(tuple(spatial), tile, overlap)
+    padded_to = padded_shape(grid.shape, grid.tile)
+    padded = np.zeros((c, *padded_to), dtype=np.float32)
+    padded[(slice(None), *(slice(0, n) for n in spatial))] = image
     weights = gaussian_weights(grid.tile)
-    th, tw = grid.tile
+    origin = (0,) * grid.ndim
 
     acc: np.ndarray | None = None
-    norm = np.zeros((ph, pw), dtype=np.float32)
+    norm = np.zeros(padded_to, dtype=np.float32)
     for batch in _batches(list(grid.tiles()), batch_size):
-        out = _predict(predictor, np.stack([padded[:, y : y + th, x : x + tw] for y, x in batch]))
+        out = _predict(predictor, np.stack([padded[(slice(None), *_window(o, origin, grid.tile))] for o in batch]))
         if acc is None:
-            acc = np.zeros((out.shape[1], ph, pw), dtype=np.float32)
-        for (y, x), pred in zip(batch, out):
-            acc[:, y : y + th, x : x + tw] += pred * weights
-            norm[y : y + th, x : x + tw] += weights
+            acc = np.zeros((out.shape[1], *padded_to), dtype=np.float32)
+        for o, pred in zip(batch, out):
+            window = _window(o, origin, grid.tile)
+            acc[(slice(None), *window)] += pred * weights
+            norm[window] += weights
     assert acc is not None
-    return acc[:, :h, :w] / norm[:h, :w]
+    crop = tuple(slice(0, n) for n in spatial)
+    return acc[(slice(None), *crop)] / norm[crop]
 
 
 def predict_blocks_numpy(
     image: np.ndarray,
     predictor: Predictor,
-    tile: Shape2D,
+    tile: Shape,
     overlap: float,
-    block: Shape2D,
+    block: Shape,
     batch_size: int,
 ) -> np.ndarray:
-    """Block-wise inference ``(K, H, W)`` of an in-memory image (C, H, W): ``predict_block`` per block."""
-    c, h, w = image.shape
-    grid = TileGrid.build((h, w), tile, overlap)
+    """Block-wise inference ``(K, *spatial)`` of an in-memory image (C, H, W) or volume (C, D, H, W)."""
+    c, *spatial = image.shape
+    shape = tuple(spatial)
+    grid = TileGrid.build(shape, tile, overlap)
     weights = gaussian_weights(grid.tile)
 
-    def read(ys: slice, xs: slice) -> np.ndarray:
-        return image[:, ys, xs]
+    def read(*box: slice) -> np.ndarray:
+        return image[(slice(None), *box)]
 
     out: np.ndarray | None = None
-    for b in plan_blocks((h, w), block):
-        pred = predict_block(read, (h, w), c, predictor, grid, b, batch_size, weights)
+    for b in plan_blocks(shape, block):
+        pred = predict_block(read, shape, c, predictor, grid, b, batch_size, weights)
         if out is None:
-            out = np.empty((pred.shape[0], h, w), dtype=np.float32)
+            out = np.empty((pred.shape[0], *shape), dtype=np.float32)
         out[(slice(None), *b.slices)] = pred
     assert out is not None
     return out
 
 
-def tta_predictor(predictor: Predictor) -> Predictor:
-    """Wrap ``predictor`` with flip test-time augmentation: mean over the 4 flips of the (H, W) axes.
+def flip_axes(ndim: int) -> list[tuple[int, ...]]:
+    """The ``2**ndim`` flips of the last ``ndim`` axes as axis tuples: 2-D ``[(), (-1,), (-2,), (-2, -1)]``."""
+    return [tuple(-(k + 1) for k in reversed(range(ndim)) if i >> k & 1) for i in range(2**ndim)]
 
-    Each flipped input is predicted and flipped back before averaging, so the output stays aligned
-    with the input and tiled blending is unchanged.
+
+def tta_predictor(predictor: Predictor) -> Predictor:
+    """Wrap ``predictor`` with flip test-time augmentation: mean over every flip of the spatial axes.
+
+    4 passes for 2-D tiles ``(B, C, h, w)``, 8 for 3-D tiles ``(B, C, d, h, w)``. Each flipped input is predicted
+    and flipped back before averaging, so the output stays aligned with the input and tiled blending is unchanged.
     """
-    flips: tuple[tuple[int, ...], ...] = ((), (-1,), (-2,), (-2, -1))
 
     def predict(batch: np.ndarray) -> np.ndarray:
+        flips = flip_axes(batch.ndim - 2)
         total: np.ndarray | None = None
         for axes in flips:
             x = np.ascontiguousarray(np.flip(batch, axes)) if axes else batch
@@ -189,12 +200,33 @@ def tta_predictor(predictor: Predictor) -> Predictor:
     return predict
 
 
+def slicewise_predictor(predictor: Predictor) -> Predictor:
+    """Let a 2-D ``predictor`` predict 3-D tiles slice by slice (nnU-Net's "2d" configuration on a volume).
+
+    A batch ``(B, C, d, h, w)`` is predicted as the ``B * d`` images ``(C, h, w)`` of its slices and folded back to
+    ``(B, K, d, h, w)``; 2-D batches pass through unchanged. With tiles one slice deep, blending a volume gives
+    exactly the 2-D prediction of each slice.
+    """
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        if batch.ndim == 4:
+            return predictor(batch)
+        if batch.ndim != 5:
+            raise ValueError(f"slice-wise prediction takes (B, C, d, h, w) batches, got {batch.shape}")
+        b, c, d, h, w = batch.shape
+        slices = np.ascontiguousarray(np.moveaxis(batch, 2, 1).reshape(b * d, c, h, w))
+        out = _predict(predictor, slices)
+        return np.moveaxis(out.reshape(b, d, out.shape[1], h, w), 1, 2)
+
+    return predict
+
+
 BACKGROUND_LOGIT = 12.0
 """Magnitude of the logits given to skipped tiles: sigmoid(-12) ≈ 6e-6, softmax margin 24 for class 0."""
 
 
-def background_logits(num_classes: int, shape: Shape2D) -> np.ndarray:
-    """Logits ``(K, h, w)`` that say "background" with high confidence: binary -L; multi-class +L for class 0."""
+def background_logits(num_classes: int, shape: Shape) -> np.ndarray:
+    """Logits ``(K, *shape)`` that say "background" with high confidence: binary -L; multi-class +L for class 0."""
     k = max(1, num_classes)
     out = np.full((k, *shape), -BACKGROUND_LOGIT, dtype=np.float32)
     if num_classes > 1:

@@ -131,7 +131,7 @@ def _counts(src: zarr.Group, labels: np.ndarray, block: Block, num_classes: int)
 
 
 def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str, with_background: bool,
-                    image_shape: tuple[int, int]) -> None:
+                    image_shape: tuple[int, ...]) -> None:
     """Label a block's components, write the local ids to the scratch store and their summary beside them."""
     ids, comps = label_block(labels, block, image_shape, with_background)
     zarr.open_group(store=str(Path(job.records) / SCRATCH), mode="r+")[stage][block.slices] = ids
@@ -157,7 +157,7 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     if job.components != "none":
         stage = "raw" if job.components == "all" else "final"
         _label_and_save(job, labels, block, stage, job.components == "all", shape)
-    record = {"block": [block.y0, block.y1, block.x0, block.x1], "counts": _counts(src, labels, block, bp.num_classes),
+    record = {"block": list(block.bounds), "counts": _counts(src, labels, block, bp.num_classes),
               "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
               "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
     atomic_write_json(record_path(Path(job.records), block), record)
@@ -188,6 +188,6 @@ def relabel_block(job: ImageJob, block: Block) -> None:
     zarr.open_group(store=job.output, mode="r+")[f"labels/{INSTANCES_NAME}/0"][block.slices] = lut[ids]
 
 
-def _image_shape(job: ImageJob) -> tuple[int, int]:
+def _image_shape(job: ImageJob) -> tuple[int, ...]:
     shape = zarr.open_group(store=job.output, mode="r")[f"labels/{LABELS_NAME}/0"].shape
-    return int(shape[0]), int(shape[1])
+    return tuple(int(v) for v in shape)

@@ -1,10 +1,11 @@
 """Pure geometry of tiled inference: tile grid, Gaussian importance map, block plan.
 
-Everything here is 2-D ``(H, W)`` and free of I/O. The tile grid is computed once for the whole image
-(nnU-Net's rule: evenly spread starts, the last tile flush with the border), and the output is cut into
-blocks aligned to a fixed stride. A block takes every tile that touches it, so blending inside a block
-sees exactly the tiles and weights that whole-image inference would, and block results equal the
-whole-image result on the block's pixels (see ``stitch.predict_block``).
+Everything here works on the spatial axes only, two ``(H, W)`` or three ``(D, H, W)``, with one code path, and is
+free of I/O. The tile grid is computed once for the whole image (nnU-Net's rule per axis: evenly spread starts,
+the last tile flush with the border), and the output is cut into blocks aligned to a fixed stride. A block takes
+every tile that touches it, so blending inside a block sees exactly the tiles and weights that whole-image
+inference would, and block results equal the whole-image result on the block's pixels (see
+``stitch.predict_block``).
 """
 
 from __future__ import annotations
@@ -13,18 +14,29 @@ import functools
 import itertools
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import DTypeLike
 
-Shape2D = tuple[int, int]
+Shape = tuple[int, ...]
+"""A spatial shape or offset: ``(H, W)`` or ``(D, H, W)``."""
+
+AXIS_NAMES = "zyx"
+"""Names of the spatial axes, the last ``ndim`` of them: ``yx`` for an image, ``zyx`` for a volume."""
 
 
-def _check_positive(name: str, pair: Shape2D) -> None:
-    if len(pair) != 2 or any(int(v) < 1 for v in pair):
-        raise ValueError(f"{name} must be two positive ints, got {pair!r}")
+def _check_positive(name: str, shape: Sequence[int]) -> Shape:
+    if len(shape) not in (2, 3) or any(int(v) < 1 for v in shape):
+        raise ValueError(f"{name} must be two or three positive ints, got {shape!r}")
+    return tuple(int(v) for v in shape)
+
+
+def _check_same_ndim(**shapes: Sequence[int]) -> None:
+    if len({len(s) for s in shapes.values()}) > 1:
+        listed = ", ".join(f"{k}={tuple(v)!r}" for k, v in shapes.items())
+        raise ValueError(f"{listed}: every shape needs the same number of spatial axes")
 
 
 def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
@@ -46,51 +58,66 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
     return [int(v) for v in np.round(np.linspace(0, size - tile, n))]
 
 
-def padded_shape(shape: Shape2D, tile: Shape2D) -> Shape2D:
-    """Shape the image is zero-padded to (at its bottom/right) so that one tile fits: ``max(size, tile)``."""
-    return (max(shape[0], tile[0]), max(shape[1], tile[1]))
+def padded_shape(shape: Shape, tile: Shape) -> Shape:
+    """Shape the image is zero-padded to (at the far end of each axis) so that one tile fits: ``max(size, tile)``."""
+    _check_same_ndim(shape=shape, tile=tile)
+    return tuple(max(s, t) for s, t in zip(shape, tile))
 
 
 @dataclass(frozen=True)
 class TileGrid:
-    """The global tile grid of one image: tile ``(y0, x0)`` covers ``[y0, y0+th) x [x0, x0+tw)``.
+    """The global tile grid of one image: the tile at origin ``o`` covers ``[o[i], o[i] + tile[i])`` on axis ``i``.
 
-    Tiles may extend past the image's bottom/right edge only when the image is smaller than the tile
-    along that axis; that part is zero-padded on input and cropped on output.
+    ``starts[i]`` holds the sorted tile starts along spatial axis ``i``. Tiles may extend past the image's far
+    edge only when the image is smaller than the tile along that axis; that part is zero-padded on input and
+    cropped on output.
     """
 
-    shape: Shape2D
-    tile: Shape2D
-    ys: tuple[int, ...]
-    xs: tuple[int, ...]
+    shape: Shape
+    tile: Shape
+    starts: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def build(cls, shape: Shape2D, tile: Shape2D, overlap: float) -> TileGrid:
-        """Grid for an image of ``shape`` (H, W) with tiles ``tile`` (th, tw) and fractional ``overlap``."""
-        _check_positive("shape", shape)
-        _check_positive("tile", tile)
-        ys = tuple(tile_starts(shape[0], tile[0], overlap))
-        xs = tuple(tile_starts(shape[1], tile[1], overlap))
-        return cls((int(shape[0]), int(shape[1])), (int(tile[0]), int(tile[1])), ys, xs)
+    def build(cls, shape: Shape, tile: Shape, overlap: float) -> TileGrid:
+        """Grid for an image of ``shape`` ((H, W) or (D, H, W)) with tiles ``tile`` (same axes) and ``overlap``."""
+        shape, tile = _check_positive("shape", shape), _check_positive("tile", tile)
+        _check_same_ndim(shape=shape, tile=tile)
+        return cls(shape, tile, tuple(tuple(tile_starts(s, t, overlap)) for s, t in zip(shape, tile)))
 
-    def tiles(self) -> Iterator[tuple[int, int]]:
-        """All tile origins ``(y0, x0)``, row-major."""
-        return itertools.product(self.ys, self.xs)
+    @property
+    def ndim(self) -> int:
+        """Number of spatial axes (2 or 3)."""
+        return len(self.shape)
+
+    @property
+    def ys(self) -> tuple[int, ...]:
+        """Tile starts along the rows (the second-to-last axis)."""
+        return self.starts[-2]
+
+    @property
+    def xs(self) -> tuple[int, ...]:
+        """Tile starts along the columns (the last axis)."""
+        return self.starts[-1]
+
+    def tiles(self) -> Iterator[Shape]:
+        """All tile origins, in C order (the last axis fastest)."""
+        return itertools.product(*self.starts)
 
     @property
     def n_tiles(self) -> int:
         """Number of tiles in the grid."""
-        return len(self.ys) * len(self.xs)
+        return math.prod(len(s) for s in self.starts)
+
+
+def _profile(n: int, sigma_scale: float) -> np.ndarray:
+    # Centre at (n - 1) / 2 (nnU-Net uses n // 2) so the map is exactly symmetric for even tiles.
+    d = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
+    return np.exp(-(d**2) / (2.0 * (n * sigma_scale) ** 2))
 
 
 @functools.lru_cache(maxsize=32)
-def _gaussian(tile: Shape2D, sigma_scale: float, dtype: np.dtype) -> np.ndarray:
-    axes = []
-    for n in tile:
-        # Centre at (n - 1) / 2 (nnU-Net uses n // 2) so the map is exactly symmetric for even tiles.
-        d = np.arange(n, dtype=np.float64) - (n - 1) / 2.0
-        axes.append(np.exp(-(d**2) / (2.0 * (n * sigma_scale) ** 2)))
-    w = np.outer(axes[0], axes[1])
+def _gaussian(tile: Shape, sigma_scale: float, dtype: np.dtype) -> np.ndarray:
+    w = functools.reduce(np.multiply.outer, [_profile(n, sigma_scale) for n in tile])
     w = (w / w.max()).astype(dtype)
     # Far from the centre the map can underflow to 0; a zero weight would leave pixels covered by a
     # single tile undefined (0/0), so clamp to the smallest non-zero value as nnU-Net does.
@@ -99,53 +126,118 @@ def _gaussian(tile: Shape2D, sigma_scale: float, dtype: np.dtype) -> np.ndarray:
     return w
 
 
-def gaussian_weights(
-    tile: Shape2D, sigma_scale: float = 1 / 8, dtype: DTypeLike = np.float32
-) -> np.ndarray:
-    """nnU-Net importance map ``(th, tw)``: a Gaussian centred in the tile, max 1, strictly positive.
+def gaussian_weights(tile: Shape, sigma_scale: float = 1 / 8, dtype: DTypeLike = np.float32) -> np.ndarray:
+    """nnU-Net importance map of shape ``tile``: a Gaussian centred in the tile, max 1, strictly positive.
 
-    ``sigma = tile * sigma_scale`` per axis. Down-weighting tile borders hides the network's weaker
-    predictions near its inputs' edges. Cached; the returned array is read-only.
+    ``sigma = tile * sigma_scale`` per axis (a separable product of one profile per axis). Down-weighting tile
+    borders hides the network's weaker predictions near its inputs' edges. Cached; the array is read-only.
     """
-    _check_positive("tile", tile)
+    tile = _check_positive("tile", tile)
     if sigma_scale <= 0:
         raise ValueError(f"sigma_scale must be > 0, got {sigma_scale}")
-    return _gaussian((int(tile[0]), int(tile[1])), float(sigma_scale), np.dtype(dtype))
+    return _gaussian(tile, float(sigma_scale), np.dtype(dtype))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False, repr=False)
 class Block:
-    """A half-open rectangle ``[y0, y1) x [x0, x1)`` of the image (or of its padded extent)."""
+    """A half-open box of the image (or of its padded extent): ``[start[i], stop[i])`` along spatial axis ``i``.
 
-    y0: int
-    y1: int
-    x0: int
-    x1: int
+    Built from its bounds axis by axis: ``Block(y0, y1, x0, x1)`` for an image, ``Block(z0, z1, y0, y1, x0, x1)``
+    for a volume (the order of :attr:`slices`); ``y0 .. x1`` name the last two axes whatever the dimension.
+    """
+
+    start: Shape
+    stop: Shape
+
+    def __init__(self, *bounds: int) -> None:
+        if len(bounds) not in (4, 6):
+            raise ValueError(f"a block needs a (start, stop) pair per axis, 2 or 3 axes; got {bounds!r}")
+        object.__setattr__(self, "start", tuple(int(v) for v in bounds[0::2]))
+        object.__setattr__(self, "stop", tuple(int(v) for v in bounds[1::2]))
+
+    @classmethod
+    def from_corners(cls, start: Sequence[int], stop: Sequence[int]) -> Block:
+        """The block ``[start, stop)`` (one value per axis each)."""
+        _check_same_ndim(start=start, stop=stop)
+        return cls(*itertools.chain.from_iterable(zip(start, stop)))
+
+    @classmethod
+    def covering(cls, shape: Shape) -> Block:
+        """The block of a whole image of ``shape``."""
+        return cls.from_corners((0,) * len(shape), shape)
+
+    def __repr__(self) -> str:
+        return f"Block({', '.join(str(v) for v in self.bounds)})"
 
     @property
-    def slices(self) -> tuple[slice, slice]:
-        """``(slice(y0, y1), slice(x0, x1))`` for indexing the last two axes."""
-        return slice(self.y0, self.y1), slice(self.x0, self.x1)
+    def ndim(self) -> int:
+        """Number of spatial axes (2 or 3)."""
+        return len(self.start)
 
     @property
-    def shape(self) -> Shape2D:
-        """``(y1 - y0, x1 - x0)``."""
-        return self.y1 - self.y0, self.x1 - self.x0
+    def bounds(self) -> tuple[int, ...]:
+        """``(start0, stop0, start1, stop1, ...)``: the constructor's arguments."""
+        return tuple(itertools.chain.from_iterable(zip(self.start, self.stop)))
+
+    @property
+    def slices(self) -> tuple[slice, ...]:
+        """One ``slice(start, stop)`` per spatial axis, for indexing the last ``ndim`` axes."""
+        return tuple(slice(a, b) for a, b in zip(self.start, self.stop))
+
+    @property
+    def shape(self) -> Shape:
+        """``stop - start`` per axis."""
+        return tuple(b - a for a, b in zip(self.start, self.stop))
+
+    @property
+    def z0(self) -> int:
+        """First slice (volumes only)."""
+        return self._axis("z", 0)
+
+    @property
+    def z1(self) -> int:
+        """End of the slices (volumes only)."""
+        return self._axis("z", 1)
+
+    @property
+    def y0(self) -> int:
+        """First row."""
+        return self.start[-2]
+
+    @property
+    def y1(self) -> int:
+        """End of the rows."""
+        return self.stop[-2]
+
+    @property
+    def x0(self) -> int:
+        """First column."""
+        return self.start[-1]
+
+    @property
+    def x1(self) -> int:
+        """End of the columns."""
+        return self.stop[-1]
+
+    def _axis(self, name: str, end: int) -> int:
+        axis = self.ndim - len(AXIS_NAMES) + AXIS_NAMES.index(name)
+        if axis < 0:
+            raise AttributeError(f"a {self.ndim}-D block has no {name} axis")
+        return (self.start, self.stop)[end][axis]
 
 
-def plan_blocks(shape: Shape2D, block: Shape2D) -> list[Block]:
-    """Partition the image into row-major blocks whose origins are multiples of ``block``.
+def plan_blocks(shape: Shape, block: Shape) -> list[Block]:
+    """Partition the image into blocks whose origins are multiples of ``block``, in C order (last axis fastest).
 
     The caller makes ``block`` a multiple of the output chunk, so each block is a union of whole
     chunks (edge blocks are clipped to the image) and no two blocks ever write the same chunk.
     """
-    _check_positive("shape", shape)
-    _check_positive("block", block)
-    (h, w), (bh, bw) = shape, block
+    shape, block = _check_positive("shape", shape), _check_positive("block", block)
+    _check_same_ndim(shape=shape, block=block)
+    starts = [range(0, s, b) for s, b in zip(shape, block)]
     return [
-        Block(y, min(y + bh, h), x, min(x + bw, w))
-        for y in range(0, h, bh)
-        for x in range(0, w, bw)
+        Block.from_corners(lo, tuple(min(a + b, s) for a, b, s in zip(lo, block, shape)))
+        for lo in itertools.product(*starts)
     ]
 
 
@@ -154,21 +246,21 @@ def _starts_touching(starts: tuple[int, ...], tile: int, lo: int, hi: int) -> tu
     return starts[bisect_right(starts, lo - tile) : bisect_left(starts, hi)]
 
 
-def tiles_for_block(grid: TileGrid, block: Block) -> list[tuple[int, int]]:
-    """Origins of all tiles of ``grid`` that overlap ``block``, row-major; O(log n) search per axis."""
-    ys = _starts_touching(grid.ys, grid.tile[0], block.y0, block.y1)
-    xs = _starts_touching(grid.xs, grid.tile[1], block.x0, block.x1)
-    return list(itertools.product(ys, xs))
+def tiles_for_block(grid: TileGrid, block: Block) -> list[Shape]:
+    """Origins of all tiles of ``grid`` that overlap ``block``, in C order; O(log n) search per axis."""
+    _check_same_ndim(grid=grid.shape, block=block.start)
+    per_axis = [
+        _starts_touching(s, t, lo, hi) for s, t, lo, hi in zip(grid.starts, grid.tile, block.start, block.stop)
+    ]
+    return list(itertools.product(*per_axis))
 
 
-def region_for_tiles(tiles: Iterable[tuple[int, int]], tile: Shape2D) -> Block:
+def region_for_tiles(tiles: Iterable[Shape], tile: Shape) -> Block:
     """Bounding box of the tiles' extents; may pass the image's edge when the image is smaller than a tile."""
-    tiles = list(tiles)
-    if not tiles:
+    origins = np.asarray(list(tiles), dtype=np.int64)
+    if origins.size == 0:
         raise ValueError("region_for_tiles needs at least one tile")
-    ys = [y for y, _ in tiles]
-    xs = [x for _, x in tiles]
-    return Block(min(ys), max(ys) + tile[0], min(xs), max(xs) + tile[1])
+    return Block.from_corners(origins.min(axis=0).tolist(), (origins.max(axis=0) + np.asarray(tile)).tolist())
 
 
 def _axis_evaluations(starts: tuple[int, ...], tile: int, size: int, band: int) -> int:
@@ -176,15 +268,16 @@ def _axis_evaluations(starts: tuple[int, ...], tile: int, size: int, band: int) 
     return sum(len(_starts_touching(starts, tile, lo, min(lo + band, size))) for lo in range(0, size, band))
 
 
-def tile_evaluations(grid: TileGrid, block: Shape2D) -> int:
+def tile_evaluations(grid: TileGrid, block: Shape) -> int:
     """Tile evaluations of block-wise inference with blocks of ``block``; ``grid.n_tiles`` is the minimum.
 
     A tile that straddles a block border is predicted once per block it touches. The count factorises
-    per axis because blocks form a regular grid: ``evals_y(bh) * evals_x(bw)``.
+    per axis because blocks form a regular grid: ``evals_y(bh) * evals_x(bw)`` (times ``evals_z(bd)``).
     """
-    _check_positive("block", block)
-    return _axis_evaluations(grid.ys, grid.tile[0], grid.shape[0], block[0]) * _axis_evaluations(
-        grid.xs, grid.tile[1], grid.shape[1], block[1]
+    block = _check_positive("block", block)
+    _check_same_ndim(grid=grid.shape, block=block)
+    return math.prod(
+        _axis_evaluations(s, t, n, b) for s, t, n, b in zip(grid.starts, grid.tile, grid.shape, block)
     )
 
 
@@ -193,27 +286,29 @@ def _candidates(size: int, chunk: int) -> list[int]:
     return [chunk * k for k in range(1, -(-size // chunk) + 1)]
 
 
-def choose_block_shape(grid: TileGrid, chunk: Shape2D, max_pixels: int, min_blocks: int = 1) -> Shape2D:
-    """Block shape ``(bh, bw)``, multiples of ``chunk``, that computes the fewest tiles twice.
+def choose_block_shape(grid: TileGrid, chunk: Shape, max_voxels: int, min_blocks: int = 1) -> Shape:
+    """Block shape, multiples of ``chunk`` per axis, that computes the fewest tiles twice.
 
-    Among shapes of at most ``max_pixels`` pixels (bounding a task's memory) that give at least
+    Among shapes of at most ``max_voxels`` pixels or voxels (bounding a task's memory) that give at least
     ``min_blocks`` blocks (so every worker gets work; relaxed when the image has fewer chunks), pick the
-    one with the fewest :func:`tile_evaluations`; ties go to fewer, then wider blocks. A single chunk is
-    always allowed, whatever ``max_pixels``.
+    one with the fewest :func:`tile_evaluations`; ties go to fewer blocks, then to the longest last axis
+    (wider rows), then to the shortest leading axes. A single chunk is always allowed, whatever ``max_voxels``.
     """
-    _check_positive("chunk", chunk)
-    (h, w), (cy, cx) = grid.shape, chunk
-    n_chunks = -(-h // cy) * -(-w // cx)
+    chunk = _check_positive("chunk", chunk)
+    _check_same_ndim(grid=grid.shape, chunk=chunk)
+    n_chunks = math.prod(-(-s // c) for s, c in zip(grid.shape, chunk))
     need = max(1, min(min_blocks, n_chunks))
-    ey = {b: _axis_evaluations(grid.ys, grid.tile[0], h, b) for b in _candidates(h, cy)}
-    ex = {b: _axis_evaluations(grid.xs, grid.tile[1], w, b) for b in _candidates(w, cx)}
-    best: tuple[int, int, int, int, int] | None = None
-    for bh, ny in ey.items():
-        for bw, nx in ex.items():
-            n_blocks = -(-h // bh) * -(-w // bw)
-            if n_blocks < need or (bh * bw > max_pixels and (bh, bw) != (cy, cx)):
-                continue
-            key = (ny * nx, n_blocks, -bw, bh, bw)
-            best = key if best is None or key < best else best
-    assert best is not None  # (cy, cx) always qualifies: it gives n_chunks >= need blocks
-    return best[3], best[4]
+    per_axis = [
+        {b: _axis_evaluations(st, t, n, b) for b in _candidates(n, c)}
+        for st, t, n, c in zip(grid.starts, grid.tile, grid.shape, chunk)
+    ]
+    best: tuple[int, ...] | None = None
+    for shape in itertools.product(*per_axis):
+        n_blocks = math.prod(-(-s // b) for s, b in zip(grid.shape, shape))
+        if n_blocks < need or (math.prod(shape) > max_voxels and shape != chunk):
+            continue
+        evals = math.prod(e[b] for e, b in zip(per_axis, shape))
+        key = (evals, n_blocks, -shape[-1], *shape[:-1])
+        best = key if best is None or key < best else best
+    assert best is not None  # the chunk itself always qualifies: it gives n_chunks >= need blocks
+    return (*best[3:], -best[2])

@@ -1,73 +1,105 @@
-"""The UNet assembled from :mod:`unetcore.model.parts`, for inputs of any height and width."""
+"""The UNet assembled from :mod:`unetcore.model.parts`, 2-D or 3-D, for inputs of any size."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from unetcore.config import ModelConfig
-from unetcore.model.parts import DoubleConv, Down, OutHead, Up
+from unetcore.model.parts import DoubleConv, Down, OutHead, PerAxis, Up, make_dropout
 
-# (top, left, height, width) of the original image inside the padded one.
-Box = tuple[int, int, int, int]
+Box = tuple[int, ...]
+"""Where the original input lies inside the padded one: its offsets, then its sizes, one per spatial axis
+(``(top, left, height, width)`` in 2-D, ``(front, top, left, depth, height, width)`` in 3-D)."""
 
 
 def padded_size(size: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is ``>= size`` and at least ``2 * multiple``.
 
-    The floor of two keeps the bottleneck at least 2x2, so batch/instance/group norm always see more than
-    one value per channel (a 1x1 bottleneck makes instance norm fail and the others degenerate).
+    The floor of two keeps the bottleneck at least 2 along every axis, so batch/instance/group norm always see more
+    than one value per channel (a 1x1 bottleneck makes instance norm fail and the others degenerate).
     """
     return max(-(-size // multiple) * multiple, 2 * multiple)
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, Box]:
-    """Pad ``(N, C, H, W)`` evenly on both sides so H and W fit :func:`padded_size`.
+def pad_to_multiple(x: torch.Tensor, multiple: PerAxis) -> tuple[torch.Tensor, Box]:
+    """Pad ``(N, C, *spatial)`` evenly on both sides so each spatial size fits :func:`padded_size`.
 
-    Reflect padding when the image is large enough for it (no artificial edge), else replicate, which
-    works down to 1x1. Returns the padded tensor and the box to crop back with :func:`crop`.
+    ``multiple`` is one int for every spatial axis, or one per axis (a 3-D UNet that pools some axes less).
+    Reflect padding when the input is large enough for it (no artificial edge), else replicate, which works down
+    to a single pixel. Returns the padded tensor and the box to crop back with :func:`crop`.
     """
-    h, w = x.shape[-2:]
-    pad_h, pad_w = padded_size(h, multiple) - h, padded_size(w, multiple) - w
-    top, left = pad_h // 2, pad_w // 2
-    bottom, right = pad_h - top, pad_w - left
-    if pad_h == pad_w == 0:
-        return x, (0, 0, h, w)
-    mode = "reflect" if max(top, bottom) < h and max(left, right) < w else "replicate"
-    return F.pad(x, (left, right, top, bottom), mode=mode), (top, left, h, w)
+    sizes = tuple(x.shape[2:])
+    multiples = (multiple,) * len(sizes) if isinstance(multiple, int) else tuple(multiple)
+    if len(multiples) != len(sizes):
+        raise ValueError(f"{len(multiples)} multiples for {len(sizes)} spatial axes of {tuple(x.shape)}")
+    pads = [padded_size(n, m) - n for n, m in zip(sizes, multiples)]
+    low = tuple(p // 2 for p in pads)
+    if not any(pads):
+        return x, (*low, *sizes)
+    high = [p - lo for p, lo in zip(pads, low)]
+    mode = "reflect" if all(max(lo, hi) < n for lo, hi, n in zip(low, high, sizes)) else "replicate"
+    torch_pad = [v for lo, hi in zip(reversed(low), reversed(high)) for v in (lo, hi)]  # last axis first
+    return F.pad(x, torch_pad, mode=mode), (*low, *sizes)
 
 
 def crop(x: torch.Tensor, box: Box) -> torch.Tensor:
-    """Cut ``box`` out of the last two dims of ``x``."""
-    top, left, h, w = box
-    return x[..., top : top + h, left : left + w]
+    """Cut ``box`` out of the last ``len(box) // 2`` dims of ``x``."""
+    n = len(box) // 2
+    return x[(..., *(slice(o, o + s) for o, s in zip(box[:n], box[n:])))]
+
+
+def stage_pools(config: ModelConfig) -> list[PerAxis]:
+    """The pooling factor of each down stage: ``config.pool``, or 2 along every axis."""
+    return [list(p) for p in config.pool] if config.pool is not None else [2] * config.depth
+
+
+def stage_kernels(config: ModelConfig) -> list[PerAxis]:
+    """The convolution kernel of each stage, stem first and bottleneck last: ``config.kernels``, or 3."""
+    return [list(k) for k in config.kernels] if config.kernels is not None else [3] * (config.depth + 1)
+
+
+def size_multiple(config: ModelConfig) -> tuple[int, ...]:
+    """Per spatial axis, the factor the input is padded to: the product of that axis' pooling factors."""
+    pools = [[p] * config.spatial_dims if isinstance(p, int) else p for p in stage_pools(config)]
+    return tuple(math.prod(p[axis] for p in pools) for axis in range(config.spatial_dims))
 
 
 class UNet(nn.Module):
     """UNet (Ronneberger et al. 2015) with ``config.depth`` stages of widths ``base_channels * 2**i``.
 
-    ``forward`` maps ``(N, in_channels, H, W)`` to logits ``(N, num_classes, H, W)`` for any H, W by
-    padding to a multiple of ``2**depth`` and cropping back.
+    ``config.spatial_dims`` makes it 2-D or 3-D; ``config.pool`` and ``config.kernels`` give each stage's pooling
+    and kernels per axis (see :func:`unetcore.model.plan_pooling`). ``forward`` maps ``(N, in_channels, *spatial)``
+    to logits ``(N, num_classes, *spatial)`` for any size by padding to :func:`size_multiple` and cropping back.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
+        dims, pools, kernels = config.spatial_dims, stage_pools(config), stage_kernels(config)
         widths = [config.base_channels * 2**i for i in range(config.depth + 1)]
-        self.stem = DoubleConv(config.in_channels, widths[0], config.norm)
-        self.downs = nn.ModuleList(Down(widths[i], widths[i + 1], config.norm) for i in range(config.depth))
-        self.dropout = nn.Dropout2d(config.dropout)
-        self.ups = nn.ModuleList(
-            Up(widths[i + 1], widths[i], config.norm, config.upsample) for i in reversed(range(config.depth))
+        self.multiple = size_multiple(config)
+        self.stem = DoubleConv(config.in_channels, widths[0], config.norm, kernels[0], dims)
+        self.downs = nn.ModuleList(
+            Down(widths[i], widths[i + 1], config.norm, pools[i], kernels[i + 1], dims) for i in range(config.depth)
         )
-        self.head = OutHead(widths[0], config.num_classes)
+        self.dropout = make_dropout(config.dropout, dims)
+        self.ups = nn.ModuleList(
+            Up(widths[i + 1], widths[i], config.norm, config.upsample, pools[i], kernels[i], dims)
+            for i in reversed(range(config.depth))
+        )
+        self.head = OutHead(widths[0], config.num_classes, dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x ``(N, in_channels, H, W)``. Returns logits ``(N, num_classes, H, W)``."""
-        if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"expected input (N, {self.config.in_channels}, H, W), got {tuple(x.shape)}")
-        x, box = pad_to_multiple(x, 2**self.config.depth)
+        """Args: x ``(N, in_channels, [D,] H, W)``. Returns logits ``(N, num_classes, [D,] H, W)``."""
+        dims = self.config.spatial_dims
+        if x.ndim != dims + 2 or x.shape[1] != self.config.in_channels:
+            axes = "H, W" if dims == 2 else "D, H, W"
+            raise ValueError(f"expected input (N, {self.config.in_channels}, {axes}), got {tuple(x.shape)}")
+        x, box = pad_to_multiple(x, self.multiple)
         skips = []
         h = self.stem(x)
         for down in self.downs:
