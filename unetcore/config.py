@@ -274,7 +274,7 @@ class InferOptions(_Config):
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
     save_probabilities: bool = Field(True, description="Write class probabilities as well as labels.")
     probability_dtype: ProbabilityDtype = Field("float16", description="Stored probability precision.")
-    tta: bool = Field(False, description="Flip test-time augmentation (4 passes).")
+    tta: bool = Field(False, description="Flip test-time augmentation (4 passes; 8 for a 3-D model).")
     min_object_size: int = Field(
         0, ge=0, description="Remove objects and fill holes smaller than this many pixels, sizes measured on the "
         "whole image (not per block); 0 = keep all.",
@@ -288,7 +288,9 @@ class InferOptions(_Config):
     threads_per_worker: int = Field(0, ge=0, le=512, description="Torch threads per local worker (0 = its share "
                                     "of the cores).")
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
-    export: ExportKind = Field("png", description="Also export label masks for small images.")
+    export: ExportKind = Field("png", description="Also export label masks: png (small images; a volume gets a TIFF "
+                               "stack), tiff (tiled BigTIFF; a volume: an ImageJ stack with its spacing), nifti (a "
+                               "volume from NIfTI or DICOM, with its affine), none.")
 
 
 class InferConfig(InferOptions, _InferTarget):

@@ -147,13 +147,14 @@ def scale_and_offset(stats: dict[str, Any], recipe: NormalizationConfig) -> tupl
 
 
 def normalize(block_cyx: np.ndarray, stats: dict[str, Any], recipe: NormalizationConfig) -> np.ndarray:
-    """Normalise a block (C, h, w) of raw intensities into network inputs (float32).
+    """Normalise a block (C, h, w) or (C, d, h, w) of raw intensities into network inputs (float32).
 
     percentile mode clips to [low, high] percentiles and maps them to [0, 1]; zscore subtracts the mean and
     divides by the std. The same call serves training patches and inference tiles.
     """
     scale, offset = scale_and_offset(stats, recipe)
-    out = (block_cyx.astype(np.float32) - offset[:, None, None]) * scale[:, None, None]
+    per_channel = (-1,) + (1,) * (block_cyx.ndim - 1)  # broadcast over any number of spatial axes
+    out = (block_cyx.astype(np.float32) - offset.reshape(per_channel)) * scale.reshape(per_channel)
     if recipe.mode == "percentile":
         np.clip(out, 0.0, 1.0, out=out)
     return out
