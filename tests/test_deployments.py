@@ -116,7 +116,7 @@ def test_nightly_form_is_fully_described_and_runnable_without_input(served) -> N
     form = schema["definitions"]["NightlyConfig"]
     assert all(p.get("description") for p in form["properties"].values())
     predict = schema["definitions"]["InferOptions"]["properties"]  # the nightly's `predict` options
-    assert predict["export"]["enum"] == ["none", "png", "tiff"]
+    assert predict["export"]["enum"] == ["none", "png", "tiff", "nifti"]
     assert (predict["tile"]["minimum"], predict["tile"]["maximum"]) == (16, 4096)
     assert "inbox" in schema["properties"]["config"]["description"]  # from the flow's docstring
     assert not schema.get("required")  # the schedule can start it with the defaults

@@ -40,9 +40,10 @@ def registry(tmp_path_factory: pytest.TempPathFactory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     experiment = tracking.configure(uri, "nightly-tests")
 
-    def register(name: str, val_dice: float, seed: int) -> int:
+    def register(name: str, val_dice: float, seed: int, spatial_dims: int = 2) -> int:
         torch.manual_seed(seed)
-        folder = save_model(root / f"{name}-{seed}", build_model(ModelConfig(base_channels=4, depth=2)))
+        model = build_model(ModelConfig(base_channels=4, depth=2, spatial_dims=spatial_dims))
+        folder = save_model(root / f"{name}-{seed}", model)
         with mlflow.start_run(experiment_id=experiment) as run:
             mlflow.log_artifacts(str(folder), tracking.MODEL_ARTIFACT)
             artifact_uri = mlflow.get_artifact_uri(tracking.MODEL_ARTIFACT)
@@ -236,3 +237,28 @@ def test_nightly_takes_the_output_lock_of_unet_predict(tmp_path, sample, registr
 
     again = nightly.run_nightly(cfg)  # the lock is gone: the image is tried again and predicted
     assert predicted(again) == ["sample_000"]
+
+
+def test_an_inbox_of_nifti_volumes_is_ingested_predicted_and_exported_with_its_affine(tmp_path, registry,
+                                                                                       scheduler) -> None:
+    import nibabel as nib
+    from volume_data import ramp, save_nifti
+
+    uri, register = registry
+    version = register("volumes", 0.5, seed=0, spatial_dims=3)
+    (tmp_path / "inbox").mkdir()
+    for i, shape in enumerate([(6, 20, 22), (9, 17, 25)]):
+        save_nifti(tmp_path / "inbox" / f"case{i}.nii.gz", ramp(shape, seed=i))
+    predict = InferOptions(tile=16, block_size=64, export="nifti", scheduler_address=scheduler)
+    cfg = make_config(tmp_path, uri, scheduler, "volumes", predict=predict)
+
+    first = nightly.run_nightly(cfg)
+    assert first["status"] == "ok" and predicted(first) == ["case0", "case1"], first["images"]
+    for row in first["images"]:
+        source = nib.load(tmp_path / "inbox" / f"{row['id']}.nii.gz")
+        mask = nib.load(row["export"])
+        assert row["export"].endswith(f"{row['id']}_mask.nii.gz") and row["model_version"] == version
+        assert mask.shape == source.shape and np.array_equal(mask.affine, source.affine)
+        assert row["pixels"] == int(np.prod(source.shape))
+    second = nightly.run_nightly(cfg)
+    assert second["status"] == "nothing-new" and sorted(second["skipped"]) == ["case0", "case1"]

@@ -299,21 +299,23 @@ class _InferTarget(_Config):
 class InferOptions(_Config):
     """How images are predicted, whatever the dataset and model: tiles, blocks, outputs, cluster."""
 
-    tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network.")
+    tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network, on every axis it convolves "
+                      "(a 3-D model gets tile³ voxels: 64-128 suit volumes).")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
     batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
     block_size: int = Field(
         2048, ge=64, le=16384,
-        description="Bounds one task's memory: a block holds at most block_size² pixels; its shape (multiples of "
-        "the output chunk) is chosen to compute the fewest tiles twice at block borders.",
+        description="Bounds one task's memory: a block holds at most block_size² pixels (voxels in a volume, the "
+        "same budget); its shape (multiples of the output chunk) is chosen to compute the fewest tiles twice at "
+        "block borders.",
     )
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Probability threshold (binary models).")
     save_probabilities: bool = Field(True, description="Write class probabilities as well as labels.")
     probability_dtype: ProbabilityDtype = Field("float16", description="Stored probability precision.")
-    tta: bool = Field(False, description="Flip test-time augmentation (4 passes).")
+    tta: bool = Field(False, description="Flip test-time augmentation (4 passes; 8 for a 3-D model).")
     min_object_size: int = Field(
-        0, ge=0, description="Remove objects and fill holes smaller than this many pixels, sizes measured on the "
-        "whole image (not per block); 0 = keep all.",
+        0, ge=0, description="Remove objects and fill holes smaller than this many pixels (voxels), sizes measured "
+        "on the whole image (not per block); 0 = keep all.",
     )
     skip_empty: bool = Field(True, description="Constant input tiles (padding, saturated background) get "
                              "background logits without running the model.")
@@ -324,7 +326,9 @@ class InferOptions(_Config):
     threads_per_worker: int = Field(0, ge=0, le=512, description="Torch threads per local worker (0 = its share "
                                     "of the cores).")
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
-    export: ExportKind = Field("png", description="Also export label masks for small images.")
+    export: ExportKind = Field("png", description="Also export label masks: png (small images; a volume gets a TIFF "
+                               "stack), tiff (tiled BigTIFF; a volume: an ImageJ stack with its spacing), nifti (a "
+                               "volume from NIfTI or DICOM, with its affine), none.")
 
 
 class InferConfig(InferOptions, _InferTarget):

@@ -27,7 +27,13 @@ from unetcore.inference.engine import (
     results_to_dicts,
 )
 from unetcore.inference.layout import output_store, records_dir
-from unetcore.inference.outputs import dice_from_records, export_mask, write_preview
+from unetcore.inference.outputs import (
+    dice_from_records,
+    export_mask,
+    export_volume_mask,
+    orthogonal_mid_slices,
+    write_preview,
+)
 from unetcore.inference.plan import ImagePlan, chosen_entries, plan_image
 from unetcore.inference.predict import (
     BlockPredictor,
@@ -90,6 +96,7 @@ __all__ = [
     "constant_tiles",
     "dice_from_records",
     "export_mask",
+    "export_volume_mask",
     "face_names",
     "flip_axes",
     "gaussian_weights",
@@ -100,6 +107,7 @@ __all__ = [
     "logits_to_outputs",
     "logs_to",
     "merge_faces",
+    "orthogonal_mid_slices",
     "output_store",
     "padded_shape",
     "plan_blocks",

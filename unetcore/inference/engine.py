@@ -9,10 +9,13 @@ Optional passes after prediction, each one task per block and idempotent (re-run
 post-processing (objects and holes smaller than ``min_object_size``, sized on the whole image) and instance
 labels (connected components merged across block faces); see :mod:`unetcore.inference.components`.
 
+Images and volumes take the same path: a volume is cut into 3-D blocks, predicted with 3-D tiles by a 3-D model
+or slice by slice by a 2-D one, and its instances are 3-D components merged across the blocks' six faces.
+
 Output ``<output>/<id>.ome.zarr``: labels under ``labels/prediction`` (pyramid), instance ids under
-``labels/instances`` when asked for, probabilities as the image (K, H, W, pyramid) when asked for;
-``attributes.unet`` holds the run's signature, the block shape and ``complete`` (false until every pass and
-pyramid is written). Completion records and scratch data live in ``<output>/<id>.blocks/``
+``labels/instances`` when asked for, probabilities as the image (K, [D,] H, W, pyramid) when asked for, with the
+input's axes, spacing and (for a volume) geometry; ``attributes.unet`` holds the run's signature, the block shape
+and ``complete`` (false until every pass and pyramid is written). Completion records and scratch data live in ``<output>/<id>.blocks/``
 (:mod:`~unetcore.inference.layout`). One run writes into an output folder at a time (``.predict.lock``).
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -46,6 +50,7 @@ from unetcore.inference.plan import (
     finish_output,
     plan_image,
 )
+from unetcore.inference.predict import tile_shape
 from unetcore.inference.tasks import (
     Components,
     ImageJob,
@@ -90,7 +95,7 @@ def logs_to(handler: logging.Handler) -> Iterator[None]:
 
 @dataclass
 class ImageResult:
-    """Summary of one predicted image."""
+    """Summary of one predicted image or volume (``pixels`` and ``megapixels_per_s`` count a volume's voxels)."""
 
     id: str
     output: str
@@ -238,18 +243,19 @@ def _component_passes(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, job: 
 
 
 def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: PinnedModel) -> ImageResult:
-    """Predict one planned image on ``cluster``; resume from completion records when possible.
+    """Predict one planned image or volume on ``cluster``; resume from completion records when possible.
 
-    Torch threads per task: ``cfg.threads_per_worker``, else the cluster's own count.
+    Blocks hold at most ``block_size**2`` pixels or voxels (whole output chunks), so a task's memory is the same
+    for an image and a volume. Torch threads per task: ``cfg.threads_per_worker``, else the cluster's own count.
     """
     t0 = time.perf_counter()
     entry = plan.entry
-    grid = TileGrid.build(plan.shape, (cfg.tile, cfg.tile), cfg.overlap)
+    grid = TileGrid.build(plan.shape, tile_shape(cfg.tile, plan.model_dims, len(plan.shape)), cfg.overlap)
     if plan.resume:
         attrs = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r"))
         block_shape, complete = tuple(attrs["block_shape"]), bool(attrs.get("complete"))
     else:
-        block_shape = choose_block_shape(grid, (plan.chunk, plan.chunk), cfg.block_size**2, cluster.slots)
+        block_shape = choose_block_shape(grid, plan.chunk, cfg.block_size**2, cluster.slots)
         info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri}
         create_output(plan, cfg, block_shape, info)
         complete = False
@@ -277,10 +283,10 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     export = export_mask(plan.out_path, out_dir, entry["id"], cfg.export, reuse=complete)
     preview = write_preview(plan.src_path, plan.out_path, out_dir / f"{entry['id']}_preview.png")
     seconds = time.perf_counter() - t0
-    height, width = plan.shape
-    return ImageResult(id=entry["id"], output=str(plan.out_path), pixels=height * width, blocks=len(blocks),
+    pixels = math.prod(plan.shape)
+    return ImageResult(id=entry["id"], output=str(plan.out_path), pixels=pixels, blocks=len(blocks),
                        blocks_skipped=len(blocks) - len(todo), seconds=round(seconds, 3),
-                       megapixels_per_s=round(height * width / 1e6 / max(seconds, 1e-9), 3), dice=dice,
+                       megapixels_per_s=round(pixels / 1e6 / max(seconds, 1e-9), 3), dice=dice,
                        export=export, preview=preview, block_shape=list(block_shape),
                        tile_evaluations=tile_evaluations(grid, block_shape), grid_tiles=grid.n_tiles,
                        instances=n_instances)

@@ -1,4 +1,9 @@
-"""What a finished prediction gives besides its store: the mask export, the preview, the Dice from the records."""
+"""What a finished prediction gives besides its store: the mask export, the preview, the Dice from the records.
+
+An image's mask is exported as a palette PNG or a tiled BigTIFF; a volume's as NIfTI with the source's affine and
+qform/sform (from the geometry its store keeps) or as an ImageJ TIFF stack with its voxel spacing (``png``, which a
+volume cannot be, falls back to the TIFF stack). A volume's preview shows its three orthogonal mid-slices.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import numpy as np
 import zarr
 
 from unetcore.atomic import replacing
+from unetcore.errors import ConfigError
 from unetcore.inference.layout import LABELS_NAME, record_path
 from unetcore.inference.windows import Block
 from unetcore.metrics import dice_from_counts
@@ -49,14 +55,23 @@ def label_png(labels: np.ndarray) -> Any:
 
 
 def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, reuse: bool = False) -> str | None:
-    """Export the label mask as PNG (small images) or tiled BigTIFF (any size, streamed by tiles).
+    """Export the label mask: an image as PNG (small images) or tiled BigTIFF (any size, streamed by tiles); a
+    volume as NIfTI or a TIFF stack (:func:`export_volume_mask`).
 
     ``reuse`` keeps an export that already exists (the prediction was complete before this run).
     Returns the export's path, or None for ``kind="none"``.
+
+    Raises:
+        ConfigError: ``nifti`` for an image that is not a volume with a source affine.
     """
     if kind == "none":
         return None
-    labels = zarr.open_group(store=str(out_path), mode="r")[f"labels/{LABELS_NAME}/0"]
+    root = zarr.open_group(store=str(out_path), mode="r")
+    labels = root[f"labels/{LABELS_NAME}/0"]
+    if labels.ndim == 3:
+        return export_volume_mask(root, out_dir, image_id, kind, reuse)
+    if kind == "nifti":
+        raise ConfigError("export", f"nifti needs a volume read from NIfTI or DICOM; image '{image_id}' is 2-D")
     h, w = labels.shape
     png = kind == "png" and h * w <= EXPORT_MAX_PIXELS
     dst = out_dir / f"{image_id}_mask.{'png' if png else 'tif'}"
@@ -85,19 +100,97 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
     return str(dst)
 
 
+def export_volume_mask(root: zarr.Group, out_dir: Path, image_id: str, kind: ExportKind, reuse: bool = False) -> str:
+    """Export a volume's label mask, streamed by z-slab, from its prediction store ``root``.
+
+    ``nifti``: ``<id>_mask.nii.gz`` with exactly the source's affine and qform/sform (the geometry the store kept,
+    :func:`unetcore.io.writers.write_nifti`). ``tiff`` and ``png`` (no PNG holds a volume): ``<id>_mask.tif``, an
+    ImageJ stack with the voxel spacing and unit when known (:func:`unetcore.io.writers.write_tiff_stack`).
+
+    Raises:
+        ConfigError: ``nifti`` for a volume without a source affine (a TIFF or Zarr z-stack).
+    """
+    from unetcore.io.writers import write_nifti, write_tiff_stack
+
+    labels = root[f"labels/{LABELS_NAME}/0"]
+    geometry = omezarr.geometry(root)
+    if kind == "nifti":
+        if geometry.get("affine") is None:
+            raise ConfigError("export", f"nifti needs a volume read from NIfTI or DICOM; image '{image_id}' has no "
+                                        f"source affine (use --export tiff)")
+        dst = Path(out_dir) / f"{image_id}_mask.nii.gz"
+        if not (reuse and dst.exists()):
+            write_nifti(labels, geometry["affine"], dst, header_source=geometry.get("nifti"))
+        return str(dst)
+    dst = Path(out_dir) / f"{image_id}_mask.tif"
+    if not (reuse and dst.exists()):
+        unit = geometry.get("unit")
+        write_tiff_stack(labels, dst, geometry["spacing"] if unit else None, unit or "micrometer", compression="zlib")
+    return str(dst)
+
+
+def _coarsest(group: zarr.Group) -> zarr.Array:
+    levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
+    return group[str(levels[-1])]
+
+
+def orthogonal_mid_slices(volume: Any) -> list[np.ndarray]:
+    """The mid-slices of ``(..., D, H, W)`` across z, y and x: ``(..., H, W)``, ``(..., D, W)``, ``(..., D, H)``.
+
+    Only those planes are read (a Zarr array is sliced, never loaded whole).
+    """
+    *lead, d, h, w = volume.shape
+    keep = (slice(None),) * len(lead)
+    return [np.asarray(volume[(*keep, d // 2)]), np.asarray(volume[(*keep, slice(None), h // 2)]),
+            np.asarray(volume[(*keep, slice(None), slice(None), w // 2)])]
+
+
+def _volume_preview(src: zarr.Group, pred_group: zarr.Group, spacing: Any, shape: tuple[int, ...],
+                    max_edge: int) -> np.ndarray:
+    """Three overlay panels (mid-slices across z, y, x) side by side, each at the volume's physical aspect."""
+    from skimage.transform import resize
+
+    from unetcore.tracking.mlflow import preview_strip
+
+    extent = [n * float(s) for n, s in zip(shape, spacing)]  # physical size per axis (z, y, x)
+    # at most level 0's finest resolution, and the largest side within max_edge
+    scale = min(1.0 / min(float(s) for s in spacing), max_edge / max(extent))
+    planes = [(1, 2), (0, 2), (0, 1)]  # the axes each mid-slice keeps
+    images = orthogonal_mid_slices(_coarsest(src))
+    preds = orthogonal_mid_slices(_coarsest(pred_group))
+    panels = []
+    for axes, image, pred in zip(planes, images, preds):
+        size = tuple(max(1, round(extent[a] * scale)) for a in axes)
+        image = np.stack([resize(ch.astype(np.float32), size, preserve_range=True) for ch in image])
+        pred = resize(pred, size, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+        panels.append(preview_strip(image, None, pred)[:, size[1]:])  # the overlay panel only
+    height = max(p.shape[0] for p in panels)
+    padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0))) for p in panels]
+    return np.concatenate(padded, axis=1)
+
+
 def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 1024) -> str:
-    """A down-sampled overlay PNG (prediction in magenta over the image) from the coarsest pyramid levels."""
+    """A down-sampled overlay PNG (prediction in magenta over the image) from the coarsest pyramid levels.
+
+    A volume's preview is its three orthogonal mid-slices (across z, y and x, in that order, left to right), each
+    at the volume's physical aspect ratio, the largest side at most ``max_edge // 2``.
+    """
     from PIL import Image
     from skimage.transform import resize
 
     from unetcore.tracking.mlflow import preview_strip
 
     src = omezarr.open_root(src_path)
-    levels = sorted(int(k) for k in src.array_keys() if k.isdigit())
-    image = np.asarray(src[str(levels[-1])][:])
     pred_group = zarr.open_group(store=str(out_path), mode="r")[f"labels/{LABELS_NAME}"]
-    plevels = sorted(int(k) for k in pred_group.array_keys() if k.isdigit())
-    pred = np.asarray(pred_group[str(plevels[-1])][:])
+    if omezarr.image_array(src).ndim == 4:
+        geometry = omezarr.geometry(src)
+        strip = _volume_preview(src, pred_group, geometry["spacing"], omezarr.image_array(src).shape[1:],
+                                max_edge // 2)
+        with replacing(dst) as tmp:
+            Image.fromarray(strip).save(tmp, format="PNG", compress_level=1)
+        return str(dst)
+    image = np.asarray(_coarsest(src)[:])
+    pred = np.asarray(_coarsest(pred_group)[:])
     scale = min(1.0, max_edge / max(image.shape[1:]))
     shape = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[2] * scale)))
     if shape != image.shape[1:]:

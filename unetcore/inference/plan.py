@@ -4,6 +4,13 @@
 driver then creates the output (:func:`create_output`), the scratch store of the component passes
 (:func:`ensure_scratch`), and marks the output complete when every pass and pyramid is written
 (:func:`finish_output`).
+
+Images ``(C, H, W)`` and volumes ``(C, D, H, W)`` take the same path. A volume's output has the input's axes
+(``c, z, y, x``), voxel spacing, unit and geometry (the source's affine and NIfTI fields, so an export gives them
+back), and a pyramid halving the axes the store helper halves for that spacing. Its chunks are
+:func:`~unetcore.store.omezarr.chunk_shape` of ``min(chunk, block_size)``: at most ``block_size**2`` voxels,
+shaped into a physical cube (:func:`volume_chunk`), so a block (whole chunks, at most ``block_size**2`` voxels) bounds a task's memory
+as it does for an image.
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,12 +58,19 @@ class ImagePlan:
     src_path: Path
     out_path: Path
     records: Path
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (H, W) or (D, H, W)
     classes: int
-    chunk: int
+    chunk: tuple[int, ...]  # the output's chunk shape, one value per spatial axis
     signature: str
     weights: str
     resume: bool
+    model_dims: int = 2  # the model's spatial axes (a 2-D model predicts a volume slice by slice)
+    geometry: dict[str, Any] | None = None  # a volume's omezarr.geometry, copied into the output; None for images
+
+    @property
+    def is_volume(self) -> bool:
+        """True for a volume (three spatial axes)."""
+        return len(self.shape) == 3
 
 
 def chosen_entries(cfg: InferConfig) -> tuple[Path, list[dict[str, Any]]]:
@@ -139,42 +155,86 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
 
     Raises:
         InputError: the image's store is missing or not an OME-Zarr image.
-        ConfigError: the model expects another number of channels.
+        ConfigError: the model expects another number of channels, or is a 3-D model and the image is 2-D; a
+            NIfTI export of an image that is not a volume read from NIfTI or DICOM.
         OutputExistsError: the output holds a different prediction and ``overwrite`` is off.
     """
     src_path = mf.store_path(dataset, entry["id"])
-    channels, height, width = omezarr.image_array(omezarr.open_root(src_path)).shape
+    root = omezarr.open_root(src_path)
+    channels, *spatial = omezarr.image_array(root).shape
+    shape = tuple(int(n) for n in spatial)
     _, model_config = read_config(model.directory)  # validated: a tampered config.json is one line, here
     if model_config["model"]["in_channels"] != channels:
         raise ConfigError("model", f"{model.uri} expects {model_config['model']['in_channels']} channels, "
                                    f"image '{entry['id']}' has {channels}")
+    model_dims = int(model_config["model"].get("spatial_dims", 2))
+    if model_dims > len(shape):
+        raise ConfigError("model", f"{model.uri} is a {model_dims}-D model and image '{entry['id']}' is "
+                                   f"{len(shape)}-D; predict images with a 2-D model")
+    geometry = omezarr.geometry(root) if len(shape) == 3 else None
+    _check_export(cfg, entry["id"], geometry)
     wh = weights_hash(model.directory)
     sig = signature(entry, model_config, wh, cfg)
     out_path = output_store(Path(cfg.output), entry["id"])
     resume = out_path.exists() and _existing_signature(out_path) == sig
     if out_path.exists() and not resume and not cfg.overwrite:
         raise OutputExistsError(out_path, "already holds a prediction made with other inputs, model or options")
+    edge = min(int(entry.get("chunk", 1024)), cfg.block_size)
+    chunk = volume_chunk(shape, edge, geometry["spacing"]) if geometry else (edge, edge)
     return ImagePlan(entry=entry, src_path=src_path, out_path=out_path, records=records_dir(Path(cfg.output), entry["id"]),
-                     shape=(height, width), classes=int(model_config["model"]["num_classes"]),
-                     chunk=min(int(entry.get("chunk", 1024)), cfg.block_size), signature=sig, weights=wh,
-                     resume=resume)
+                     shape=shape, classes=int(model_config["model"]["num_classes"]), chunk=tuple(chunk), signature=sig,
+                     weights=wh, resume=resume, model_dims=model_dims, geometry=geometry)
 
 
-def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, int], info: dict[str, Any]) -> None:
-    """Create the output store and records folder (replacing a different prediction: checked by plan_image)."""
+def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) -> tuple[int, ...]:
+    """A volume output's chunk: :func:`~unetcore.store.omezarr.chunk_shape` of ``edge``, at most ``edge**2`` voxels.
+
+    ``chunk_shape`` doubles sides and may overshoot its ``edge**2`` target when an axis is clipped to the volume (or
+    ``edge`` is not a power of two); the physically longest side is then cut so that one chunk, hence the smallest
+    block, stays within the budget of an image's ``(edge, edge)`` chunk.
+    """
+    chunk = list(omezarr.chunk_shape(shape, edge, spacing))
+    if math.prod(chunk) > edge * edge:
+        longest = max(range(len(chunk)), key=lambda a: (chunk[a] * float(spacing[a]), -a))
+        others = math.prod(chunk) // chunk[longest]
+        chunk[longest] = max(1, edge * edge // others)
+    return tuple(chunk)
+
+
+def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | None) -> None:
+    """A NIfTI export needs a volume that came with an affine (NIfTI or DICOM); refuse it before any work."""
+    if cfg.export != "nifti" or (geometry is not None and geometry.get("affine") is not None):
+        return
+    what = "a 2-D image" if geometry is None else "a volume without a source affine"
+    raise ConfigError("export", f"nifti needs a volume read from NIfTI or DICOM; image '{image_id}' is {what}; "
+                                f"use --export tiff")
+
+
+def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...], info: dict[str, Any]) -> None:
+    """Create the output store and records folder (replacing a different prediction: checked by plan_image).
+
+    A volume's output gets the input's spacing and unit (level 0's scale, and the pyramid they imply) and its
+    geometry in ``attributes.unet`` (:func:`unetcore.store.omezarr.geometry` reads it back); an image's stays in
+    pixels, as before volumes.
+    """
     if plan.out_path.exists():
         shutil.rmtree(plan.out_path)
     shutil.rmtree(plan.records, ignore_errors=True)
     plan.records.mkdir(parents=True, exist_ok=True)
-    # Probabilities are the store's image (K, H, W); left unwritten (empty chunks, one level) when not asked for.
+    place: dict[str, Any] = {}
+    if plan.geometry is not None:
+        place = {"spacing": tuple(plan.geometry["spacing"]), "unit": plan.geometry.get("unit")}
+    # Probabilities are the store's image (K, [D,] H, W); left unwritten (empty chunks, one level) when not asked for.
     levels = None if cfg.save_probabilities else 1
     root = omezarr.create_image(plan.out_path, (plan.classes, *plan.shape), cfg.probability_dtype, plan.chunk,
-                                name=f"{info['id']}-probabilities", n_levels=levels)
-    omezarr.create_labels(root, LABELS_NAME, plan.shape, np.uint8, plan.chunk)
+                                name=f"{info['id']}-probabilities", n_levels=levels, **place)
+    omezarr.create_labels(root, LABELS_NAME, plan.shape, np.uint8, plan.chunk, **place)
     if cfg.instances:
-        omezarr.create_labels(root, INSTANCES_NAME, plan.shape, np.uint32, plan.chunk)
-    omezarr.set_unet_attrs(root, {**info, "signature": plan.signature, "block_shape": list(block_shape),
-                                  "complete": False})
+        omezarr.create_labels(root, INSTANCES_NAME, plan.shape, np.uint32, plan.chunk, **place)
+    attrs = {**info, "signature": plan.signature, "block_shape": list(block_shape), "complete": False}
+    if plan.geometry is not None:
+        attrs["geometry"] = plan.geometry
+    omezarr.set_unet_attrs(root, attrs)
 
 
 def ensure_scratch(plan: ImagePlan, cfg: InferConfig) -> None:
@@ -187,7 +247,7 @@ def ensure_scratch(plan: ImagePlan, cfg: InferConfig) -> None:
         stale.unlink()
     scratch = zarr.open_group(store=str(path), mode="w", zarr_format=3)
     for stage in ("raw", "final"):
-        scratch.create_array(stage, shape=plan.shape, dtype=np.uint32, chunks=(plan.chunk, plan.chunk),
+        scratch.create_array(stage, shape=plan.shape, dtype=np.uint32, chunks=plan.chunk,
                              compressors=omezarr.compressor(), fill_value=0)
 
 

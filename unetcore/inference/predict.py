@@ -129,10 +129,7 @@ class BlockPredictor:
         channels, *spatial = image.shape
 
         def read(*box: slice) -> np.ndarray:
-            raw = np.asarray(image[(slice(None), *box)])
-            # normalize() broadcasts over (C, h, w): a volume's slab goes through as (C, d * h, w) and back.
-            flat = raw.reshape(raw.shape[0], -1, raw.shape[-1])
-            return normalize(flat, stats, self.recipe).reshape(raw.shape)
+            return normalize(np.asarray(image[(slice(None), *box)]), stats, self.recipe)
 
         return predict_block(read, tuple(spatial), channels, self.predictor, grid, block, self.batch_size)
 
