@@ -12,7 +12,10 @@ from typer.testing import CliRunner
 from volume_data import save_nifti
 
 from app.cli import app
+from unetcore.config import InferConfig, validated
+from unetcore.inference import with_model_tile
 from unetcore.planning import plan_dataset
+from unetcore.tracking import PinnedModel
 
 runner = CliRunner()
 SHAPE = (24, 32, 32)
@@ -64,6 +67,9 @@ def test_ingest_train_predict_a_nifti_dataset_with_the_plans_3d_model(scans: Pat
     fitted = config["normalization"]
     assert fitted["mode"] == "ct" and 100 < fitted["foreground"][0]["mean"] < 200  # the organ's HU, fitted
 
+    pinned, target = PinnedModel(str(model_dir), model_dir), dict(dataset=str(dataset), output=str(tmp_path / "p"))
+    assert with_model_tile(validated(InferConfig, **target), pinned).tile == plan["patch_size"]  # no --tile: its own
+    assert with_model_tile(validated(InferConfig, tile=16, **target), pinned).tile == 16
     result = runner.invoke(app, ["predict", str(dataset), "-o", str(tmp_path / "pred"), "--model", str(model_dir),
                                  "--export", "nifti", "--no-prefect"])
     assert result.exit_code == 0, result.output

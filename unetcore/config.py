@@ -300,10 +300,8 @@ class _InferTarget(_Config):
 class InferOptions(_Config):
     """How images are predicted, whatever the dataset and model: tiles, blocks, outputs, cluster."""
 
-    tile: Annotated[int, Field(ge=16, le=4096)] | list[Annotated[int, Field(ge=1, le=4096)]] | None = Field(
-        None, description="Tile edge fed to the network, on every axis it convolves (a 3-D model gets tile³ voxels), "
-        "or one edge per axis. None = 256 for a 2-D model; a 3-D model's own tile (its training patch, in its "
-        "config.json).")
+    tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network, on every axis it convolves. "
+                      "When not given, a 3-D model uses its own tile (its training patch, in its config.json).")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
     batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
     block_size: int = Field(

@@ -74,7 +74,6 @@ if TYPE_CHECKING:
     from unetcore.tracking.mlflow import PinnedModel
 
 log = logging.getLogger("unetcore.inference")
-DEFAULT_TILE = 256  # a 2-D model's tile when none is given
 OnError = Callable[[dict[str, Any], Exception], None]
 OnResult = Callable[[dict[str, Any], "ImageResult"], None]
 
@@ -349,13 +348,14 @@ def predict_entries(cfg: InferConfig, entries: list[dict[str, Any]], model: Pinn
 
 
 def with_model_tile(cfg: InferConfig, model: PinnedModel) -> InferConfig:
-    """``cfg`` with its tile decided when not given: a 3-D model's own (``tile`` in its ``config.json``, the patch
-    it was validated with), else :data:`DEFAULT_TILE`."""
-    if cfg.tile is not None:
+    """``cfg`` with a 3-D model's own tile (``tile`` in its ``config.json``: the patch it was validated with, an
+    edge or one per axis) when ``cfg`` was made without a tile; else ``cfg`` as it is (a 2-D model keeps the
+    default, 256)."""
+    if "tile" in cfg.model_fields_set:
         return cfg
     config = json.loads((Path(model.directory) / "config.json").read_text())
     tile = config.get("tile") if int(config.get("model", {}).get("spatial_dims", 2)) == 3 else None
-    return cfg.model_copy(update={"tile": tile if tile is not None else DEFAULT_TILE})
+    return cfg if tile is None else cfg.model_copy(update={"tile": tile})
 
 
 def predict_dataset(cfg: InferConfig, cluster: Cluster | None = None) -> list[ImageResult]:
