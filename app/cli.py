@@ -319,6 +319,9 @@ def train(
     in_channels: Optional[int] = option(TrainConfig, "model.in_channels"),
     base_channels: Optional[int] = option(TrainConfig, "model.base_channels"),
     depth: Optional[int] = option(TrainConfig, "model.depth"),
+    dims: Optional[int] = option(TrainConfig, "model.spatial_dims", "--dims",
+                                 help="Spatial dimensions of the model; default: the data's (the plan). Forcing 2 on "
+                                 "volumes (a 2-D model on slices) is refused in this build."),
     time_budget_s: Optional[float] = option(TrainConfig, "time_budget_s"),
     patience: Optional[int] = option(TrainConfig, "patience"),
     device: Optional[str] = option(TrainConfig, "device"),
@@ -350,7 +353,7 @@ def train(
         given = {"output": str(output) if output else None, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
                  "patch_size": patch_size, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                  "schedule": schedule, "loss": loss, "model.num_classes": num_classes, "model.in_channels": in_channels,
-                 "model.base_channels": base_channels, "model.depth": depth, "time_budget_s": time_budget_s,
+                 "model.base_channels": base_channels, "model.depth": depth, "model.spatial_dims": dims, "time_budget_s": time_budget_s,
                  "patience": patience, "device": device, "tracking_uri": tracking_uri,
                  "registered_model": registered_model, "resume": resume, "seed": seed, "sampling": sampling,
                  "ignore_index": ignore_index, "num_workers": num_workers,

@@ -226,7 +226,8 @@ class TrainOptions(_Config):
     num_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes (0 = in the training process).")
     grad_clip: float = Field(12.0, ge=0, description="Clip the gradient norm to this (0 = no clipping).")
     compile: bool = Field(False, description="torch.compile the training forward pass (slow start; pays off on GPU).")
-    val_tile: int = Field(256, ge=16, le=4096, description="Sliding-window tile for validation.")
+    val_tile: int = Field(256, ge=16, le=4096, description="Sliding-window tile for validation of a 2-D model (a "
+                          "3-D model validates with its training patch as tile).")
     hd95: bool = Field(False, description="Also compute the 95th-percentile Hausdorff distance (reads masks whole).")
     preview_every: int = Field(5, ge=1, description="Log a preview image every this many epochs (and the last).")
     patience: int = Field(0, ge=0, description="Stop after this many epochs without improvement (0 = never).")
@@ -299,8 +300,8 @@ class _InferTarget(_Config):
 class InferOptions(_Config):
     """How images are predicted, whatever the dataset and model: tiles, blocks, outputs, cluster."""
 
-    tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network, on every axis it convolves "
-                      "(a 3-D model gets tile³ voxels: 64-128 suit volumes).")
+    tile: int = Field(256, ge=16, le=4096, description="Tile edge fed to the network, on every axis it convolves. "
+                      "When not given, a 3-D model uses its own tile (its training patch, in its config.json).")
     overlap: float = Field(0.5, ge=0.0, lt=1.0, description="Fraction of a tile shared with its neighbour.")
     batch_size: int = Field(4, ge=1, le=256, description="Tiles per forward pass.")
     block_size: int = Field(

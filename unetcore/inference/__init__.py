@@ -25,6 +25,7 @@ from unetcore.inference.engine import (
     predict_entries,
     predict_image,
     results_to_dicts,
+    with_model_tile,
 )
 from unetcore.inference.layout import output_store, records_dir
 from unetcore.inference.outputs import (
@@ -133,6 +134,7 @@ __all__ = [
     "tiles_for_block",
     "torch_predictor",
     "tta_predictor",
+    "with_model_tile",
     "worker_predictor",
     "write_preview",
 ]

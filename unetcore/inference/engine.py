@@ -22,6 +22,7 @@ and ``complete`` (false until every pass and pyramid is written). Completion rec
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -265,7 +266,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     blocks = plan_blocks(plan.shape, block_shape)
     todo = [] if complete else [b for b in blocks if not record_path(plan.records, b).exists()]
     components: Components = "all" if cfg.min_object_size else "foreground" if cfg.instances else "none"
-    spec = ModelSpec(str(model.directory), plan.weights, cfg.device, cfg.tile, cfg.overlap, cfg.batch_size,
+    tile = tuple(cfg.tile) if isinstance(cfg.tile, list) else cfg.tile  # a spec is hashed (cached models)
+    spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads)
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
                    cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances)
@@ -336,12 +338,24 @@ def predict_entries(cfg: InferConfig, entries: list[dict[str, Any]], model: Pinn
     """
     if not entries:
         return []
+    cfg = with_model_tile(cfg, model)
     check_model_fits(model, Path(cfg.dataset), entries)
     if cluster is None and cfg.scheduler_address:
         probe_scheduler(cfg.scheduler_address)  # before the lock, which creates the output folder
     with _output_lock(Path(cfg.output)):
         plans = _plan_all(entries, cfg, model, on_error)
         return _run_plans(plans, cfg, model, cluster, on_error, on_result)
+
+
+def with_model_tile(cfg: InferConfig, model: PinnedModel) -> InferConfig:
+    """``cfg`` with a 3-D model's own tile (``tile`` in its ``config.json``: the patch it was validated with, an
+    edge or one per axis) when ``cfg`` was made without a tile; else ``cfg`` as it is (a 2-D model keeps the
+    default, 256)."""
+    if "tile" in cfg.model_fields_set:
+        return cfg
+    config = json.loads((Path(model.directory) / "config.json").read_text())
+    tile = config.get("tile") if int(config.get("model", {}).get("spatial_dims", 2)) == 3 else None
+    return cfg if tile is None else cfg.model_copy(update={"tile": tile})
 
 
 def predict_dataset(cfg: InferConfig, cluster: Cluster | None = None) -> list[ImageResult]:

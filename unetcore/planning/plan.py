@@ -405,9 +405,9 @@ def _normalization(fp: DatasetFingerprint) -> tuple[Choice, Choice]:
     scheme = Choice("normalization_scheme", "ct",
                     f"{fp.modality_why}: clip to the {source} {ch.low:g}..{ch.high:g} (percentiles 0.5-99.5), then "
                     f"z-score by its mean {ch.mean:.1f} and std {ch.std:.1f} (nnU-Net's CT scheme)", details=details)
-    mode = Choice("normalization.mode", recipe.mode,
-                  "trained per image (percentile) until normalisation has a 'ct' mode: the CT statistics are in "
-                  "plan.json")
+    mode = Choice("normalization.mode", "ct",
+                  "ct: training fits the clip and z-score from the training split's foreground statistics "
+                  "(unetcore.store.fit_normalization) and stores them with the model")
     return scheme, mode
 
 
@@ -508,5 +508,10 @@ def planned_config(dataset: Path, overrides: Mapping[str, Any] | None = None, **
         InputError: the dataset cannot be planned; ConfigError: an override is out of range.
     """
     overrides = dict(overrides or {})
-    plan = plan_dataset(dataset).with_overrides(overrides)
+    plan = plan_dataset(dataset)
+    dims = overrides.get("model.spatial_dims")
+    if dims is not None and dims != plan["model.spatial_dims"]:
+        raise ConfigError("model.spatial_dims", f"--dims {dims} on {plan['model.spatial_dims']}-D data is not built "
+                          "(a 2-D model trained on volume slices); leave the dimension to the plan")
+    plan = plan.with_overrides(overrides)
     return plan.train_config(overrides, dataset=str(dataset), **targets), plan

@@ -16,8 +16,11 @@ from unetcore.training.loop import (
     TrainResult,
     check_trainable,
     make_loader,
+    memory_format,
     train,
     train_step,
+    training_patch,
+    validation_tile,
 )
 from unetcore.training.losses import SegmentationLoss
 from unetcore.training.optim import lr_lambda, make_optimizer, make_scheduler
@@ -53,6 +56,7 @@ __all__ = [
     "load_images",
     "lr_lambda",
     "make_loader",
+    "memory_format",
     "make_optimizer",
     "make_scheduler",
     "pad_to",
@@ -62,4 +66,6 @@ __all__ = [
     "set_rng_state",
     "train",
     "train_step",
+    "training_patch",
+    "validation_tile",
 ]

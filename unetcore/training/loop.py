@@ -24,11 +24,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from unetcore import progress
-from unetcore.config import TrainConfig
+from unetcore.config import NormalizationConfig, TrainConfig
 from unetcore.devices import check_device, device_facts, resolve_device
 from unetcore.errors import ConfigError, InputError
 from unetcore.model import build_model, save_model
 from unetcore.planning import Plan, TaskSignature, dataset_model_name, fingerprint, training_task
+from unetcore.store import fit_normalization
 from unetcore.store import manifest as mf
 from unetcore.tracking import mlflow as tracking
 from unetcore.tracking import runs
@@ -131,20 +132,32 @@ def _check_labels(cfg: TrainConfig, items: list[dict[str, Any]]) -> None:
             )
 
 
+def training_patch(cfg: TrainConfig) -> int | list[int]:
+    """The patch the sampler draws: ``patch_shape`` when given, else ``patch_size`` (an edge or one per axis)."""
+    return list(cfg.patch_shape) if cfg.patch_shape else cfg.patch_size
+
+
 def _check_training_split(cfg: TrainConfig, train_items: list[dict[str, Any]]) -> None:
-    """The training split has labelled images, and one at least as large as a patch."""
+    """The training split has labelled images of the model's dimension, and one at least as large as a patch
+    along every axis."""
     if not train_items:
         raise InputError(cfg.dataset, "the training split has no image with a mask", "ingest more labelled images")
-    if isinstance(cfg.patch_size, int):
-        if all(min(e["shape"]) < cfg.patch_size for e in train_items):
+    ndim = len(train_items[0]["shape"])
+    if cfg.model.spatial_dims != ndim:
+        raise ConfigError("model.spatial_dims", f"a {cfg.model.spatial_dims}-D model on {ndim}-D training images is "
+                          "not trainable in this build (2-D models on volume slices are not built); leave --dims "
+                          "to the plan")
+    patch = training_patch(cfg)
+    field = "patch_shape" if cfg.patch_shape else "patch_size"
+    if isinstance(patch, int):
+        if all(min(e["shape"]) < patch for e in train_items):
             largest = max(min(e["shape"]) for e in train_items)
-            raise ConfigError("patch_size", f"{cfg.patch_size} is larger than every training image (≤ {largest} px)")
+            raise ConfigError(field, f"{patch} is larger than every training image (≤ {largest} px)")
         return
-    if any(len(e["shape"]) != len(cfg.patch_size) for e in train_items):
-        raise ConfigError("patch_size", f"{cfg.patch_size} has {len(cfg.patch_size)} axes, the images "
-                                        f"{len(train_items[0]['shape'])}")
-    if all(any(n < p for n, p in zip(e["shape"], cfg.patch_size)) for e in train_items):
-        raise ConfigError("patch_size", f"{cfg.patch_size} is larger than every training image along some axis")
+    if any(len(e["shape"]) != len(patch) for e in train_items):
+        raise ConfigError(field, f"{patch} has {len(patch)} axes, the images {ndim}")
+    if all(any(n < p for n, p in zip(e["shape"], patch)) for e in train_items):
+        raise ConfigError(field, f"{patch} is larger than every training image along some axis")
 
 
 def train(
@@ -268,9 +281,9 @@ def _resumed_checkpoint(cfg: TrainConfig, path: Path) -> dict[str, Any] | None:
 
 
 def _build(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Forward, torch.optim.Optimizer, Any]:
-    """Seeded model (channels_last), its forward (compiled if asked), optimiser and LR scheduler."""
+    """Seeded model (channels_last for a 2-D one), its forward (compiled if asked), optimiser and LR scheduler."""
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device).to(memory_format=torch.channels_last)
+    model = build_model(cfg.model).to(device).to(memory_format=memory_format(cfg.model.spatial_dims + 2))
     forward = torch.compile(model) if cfg.compile else model
     optimizer = make_optimizer(cfg, model)
     return model, forward, optimizer, make_scheduler(cfg, optimizer)
@@ -282,14 +295,16 @@ def _prepare(cfg: TrainConfig, inputs: TrainInputs, state: dict[str, Any] | None
     device = resolve_device(cfg.device)
     model, forward, optimizer, scheduler = _build(cfg, device)
     loss_fn = SegmentationLoss(cfg.loss, cfg.model.num_classes, cfg.ignore_index, cfg.class_weights).to(device)
-    loader, sampler = make_loader(cfg, Path(cfg.dataset))
+    train_entries = mf.entries(inputs.manifest, "train")
+    recipe = fit_normalization(cfg.normalization, train_entries)  # cfg keeps the recipe as given (resume checks)
+    loader, sampler = make_loader(cfg, Path(cfg.dataset), recipe)
     loop = restore(state, model, optimizer, scheduler, device) if state is not None else LoopState()
-    saved = {"normalization": cfg.normalization.model_dump(), "tile": cfg.val_tile,
+    saved = {"normalization": recipe.model_dump(), "tile": validation_tile(cfg),
              "dataset_manifest": mf.manifest_hash(Path(cfg.dataset)), "task": inputs.task.to_dict()}
     if plan is not None:
         saved["plan"] = plan.to_dict()
     return _Session(cfg, device, model, forward, optimizer, scheduler, loss_fn, loader, sampler,
-                    Validation.of(cfg, inputs.val_entries, device), loop, saved, out / CHECKPOINT, out / BEST)
+                    Validation.of(cfg, inputs.val_entries, device, saved["tile"]), loop, saved, out / CHECKPOINT, out / BEST)
 
 
 def _run_epochs(
@@ -371,15 +386,35 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def make_loader(cfg: TrainConfig, dataset: Path) -> tuple[DataLoader, EpochSampler]:
+def memory_format(ndim: int) -> torch.memory_format:
+    """The memory format of ``ndim``-D activations: channels_last for (N, C, H, W), channels_last_3d for
+    (N, C, D, H, W)."""
+    return torch.channels_last if ndim == 4 else torch.channels_last_3d
+
+
+def validation_tile(cfg: TrainConfig) -> int | list[int]:
+    """The sliding-window tile of validation, saved as the model's ``tile`` (what ``unet predict`` uses by
+    default for a 3-D model): ``val_tile`` for a 2-D model, the training patch per axis for a 3-D one."""
+    if cfg.model.spatial_dims == 2:
+        return cfg.val_tile
+    patch = training_patch(cfg)
+    return [patch] * 3 if isinstance(patch, int) else list(patch)
+
+
+def make_loader(cfg: TrainConfig, dataset: Path, normalization: NormalizationConfig | None = None
+                ) -> tuple[DataLoader, EpochSampler]:
     """The training DataLoader over ``cfg.dataset``'s train split and its epoch sampler.
+
+    ``normalization`` is the fitted recipe (:func:`~unetcore.store.fit_normalization`); None = ``cfg``'s, fitted.
 
     Workers persist across epochs; the epoch travels inside each index (see :class:`EpochSampler`), so the
     batches are the same for any ``num_workers``.
     """
+    if normalization is None:
+        normalization = fit_normalization(cfg.normalization, mf.entries(mf.require(dataset), "train"))
     data = PatchDataset(
-        load_images(dataset, "train", cfg.ignore_index), cfg.patch_size, cfg.batch_size, cfg.steps_per_epoch,
-        cfg.normalization, cfg.foreground_fraction, AugmentConfig() if cfg.augment else None, seed=cfg.seed,
+        load_images(dataset, "train", cfg.ignore_index), training_patch(cfg), cfg.batch_size, cfg.steps_per_epoch,
+        normalization, cfg.foreground_fraction, AugmentConfig() if cfg.augment else None, seed=cfg.seed,
         sampling=cfg.sampling,
     )
     sampler = EpochSampler(len(data))
@@ -401,13 +436,13 @@ def train_step(
     device: torch.device,
     grad_clip: float,
 ) -> float:
-    """One optimiser step on ``batch`` = (images (N, C, p, p), targets (N, p, p)); returns the loss.
+    """One optimiser step on ``batch`` = (images (N, C, *patch), targets (N, *patch)); returns the loss.
 
-    Inputs go channels_last (faster convolutions on CPU and with CUDA's tensor cores); the forward pass runs
-    under bf16 autocast on CUDA, the loss in float32.
+    Inputs go channels_last (channels_last_3d for volumes: faster convolutions on CPU and with CUDA's tensor
+    cores); the forward pass runs under bf16 autocast on CUDA, the loss in float32.
     """
     images, targets = batch
-    images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(images.ndim))
     targets = targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = forward(images)

@@ -15,7 +15,10 @@ from unetcore.inference.predict import BlockPredictor
 from unetcore.metrics import confusion_counts, dice_from_counts, hd95, iou_from_counts
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
+from unetcore.tracking import log_volume_preview
 from unetcore.tracking import mlflow as tracking
+
+PREVIEW_VOLUME = (64, 256, 256)  # the largest (z, y, x) crop of a volume predicted for a preview
 
 
 def evaluate(
@@ -81,9 +84,18 @@ def _nanmean(values: np.ndarray) -> float:
 
 
 def preview(predictor: BlockPredictor, dataset: Path, entry: dict[str, Any], step: int) -> None:
-    """Log an input / truth / prediction strip of a validation image's top-left corner (≤ 512²) at ``step``."""
+    """Log an input / truth / prediction strip of a validation image's top-left corner (≤ 512²) at ``step``; of a
+    volume, three orthogonal mid-slices of its central :data:`PREVIEW_VOLUME` crop."""
     root = omezarr.open_root(mf.store_path(dataset, entry["id"]))
     image, truth = omezarr.image_array(root), omezarr.label_array(root)
+    if image.ndim == 4:
+        region = tuple(slice((n - min(n, p)) // 2, (n - min(n, p)) // 2 + min(n, p))
+                       for n, p in zip(image.shape[1:], PREVIEW_VOLUME))
+        crop = np.asarray(image[(slice(None), *region)])
+        _, _, labels = next(predictor.blocks(crop, entry["stats"], crop.shape[1:]))
+        log_volume_preview(crop, np.asarray(truth[region]), labels, tracking.PREVIEW_KEY, step,
+                                    entry.get("spacing"))
+        return
     size = min(512, *image.shape[1:])
     _, _, labels = next(predictor.blocks(image[:, :size, :size], entry["stats"], size))
     tracking.log_preview(np.asarray(image[:, :size, :size]), np.asarray(truth[:size, :size]), labels, step)
@@ -96,15 +108,18 @@ class Validation:
     dataset: Path
     entries: list[dict[str, Any]]
     device: torch.device
-    tile: int
+    tile: int | tuple[int, ...]  # an edge, or one per axis (a 3-D model's patch)
     batch_size: int
     ignore_index: int | None = None
     with_hd95: bool = False
 
     @classmethod
-    def of(cls, cfg: TrainConfig, entries: list[dict[str, Any]], device: torch.device) -> Validation:
-        """The validation ``cfg`` asks for on ``entries`` (the split's labelled images)."""
-        return cls(Path(cfg.dataset), entries, device, cfg.val_tile, cfg.batch_size, cfg.ignore_index, cfg.hd95)
+    def of(cls, cfg: TrainConfig, entries: list[dict[str, Any]], device: torch.device,
+           tile: int | Sequence[int] | None = None) -> Validation:
+        """The validation ``cfg`` asks for on ``entries`` (the split's labelled images), at ``tile`` (None =
+        ``cfg.val_tile``)."""
+        tile = cfg.val_tile if tile is None else tile if isinstance(tile, int) else tuple(int(t) for t in tile)
+        return cls(Path(cfg.dataset), entries, device, tile, cfg.batch_size, cfg.ignore_index, cfg.hd95)
 
     def predictor(self, model: torch.nn.Module, config: dict[str, Any]) -> BlockPredictor:
         """Sliding-window predictor of ``model`` (config as saved with it) at the validation tile, 50 % overlap."""
