@@ -546,8 +546,8 @@ def _run_pipeline(cfg: Any) -> int:
 @app.command()
 def demo(
     workdir: Path = typer.Option(Path("demo"), help="Folder for the sample, datasets, model and predictions."),
-    epochs: int = typer.Option(8, help="Training epochs."),
-    steps_per_epoch: int = typer.Option(25, help="Optimiser steps per epoch (the run's length is epochs x steps: "
+    epochs: int = typer.Option(12, help="Training epochs."),
+    steps_per_epoch: int = typer.Option(40, help="Optimiser steps per epoch (the run's length is epochs x steps: "
                                         "a few minutes on 2 cores, the same model on an idle or a busy machine)."),
     large_size: int = typer.Option(2048, help="Edge of the held-out large image."),
     time_budget_s: float = typer.Option(0.0, help="Upper bound on training seconds (0 = none)."),

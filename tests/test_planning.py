@@ -519,7 +519,7 @@ def test_the_demo_runs_a_fixed_number_of_steps_not_a_wall_clock_budget(monkeypat
     monkeypatch.setattr("app.cli._run_pipeline", lambda cfg: seen.setdefault("cfg", cfg) and 0)
     assert runner.invoke(app, ["demo", "--workdir", str(tmp_path)]).exit_code == 0
     train = seen["cfg"].train
-    assert train.time_budget_s == 0.0 and train.epochs * train.steps_per_epoch == 200
+    assert train.time_budget_s == 0.0 and train.epochs * train.steps_per_epoch == 12 * 40
 
 
 def test_the_train_flow_reports_the_plan_as_a_table(grey_ds: Path) -> None:
