@@ -47,7 +47,8 @@ def build_deployments(
     nightly_config: NightlyConfig | None = None, cron: str = NIGHTLY_CRON, timezone: str = NIGHTLY_TIMEZONE
 ) -> list[Any]:
     """The ingest, train, infer and pipeline deployments (run on demand) and nightly (on its cron schedule)."""
-    nightly_params = {"config": (nightly_config or NightlyConfig()).model_dump(mode="json")}
+    # only what was given: an unset option keeps its meaning "default" (a 3-D model's own tile, for one)
+    nightly_params = {"config": (nightly_config or NightlyConfig()).model_dump(mode="json", exclude_unset=True)}
     return [
         ingest.to_deployment(name="ingest", tags=["unet"]),
         train.to_deployment(name="train", tags=["unet"]),

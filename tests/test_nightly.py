@@ -262,3 +262,10 @@ def test_an_inbox_of_nifti_volumes_is_ingested_predicted_and_exported_with_its_a
         assert row["pixels"] == int(np.prod(source.shape))
     second = nightly.run_nightly(cfg)
     assert second["status"] == "nothing-new" and sorted(second["skipped"]) == ["case0", "case1"]
+
+
+def test_unset_predict_options_stay_unset_so_a_3d_model_keeps_its_tile() -> None:
+    """The night's InferConfig leaves `tile` unset unless given, so `with_model_tile` can apply a 3-D model's own."""
+    assert "tile" not in NightlyConfig().infer_config("models:/m/1", []).model_fields_set
+    given = NightlyConfig(predict=InferOptions(tile=64)).infer_config("models:/m/1", [])
+    assert "tile" in given.model_fields_set and given.tile == 64

@@ -382,7 +382,7 @@ class PipelineConfig(_Config):
 
     def infer_config(self, model_uri: str) -> InferConfig:
         held_out = self.predict_images is not None
-        return InferConfig(**self.predict.model_dump(),
+        return InferConfig(**self.predict.model_dump(exclude_unset=True),
                            dataset=f"{self.workdir}/holdout" if held_out else f"{self.workdir}/dataset",
                            split="all" if held_out else "val", output=f"{self.workdir}/predictions",
                            model=model_uri, tracking_uri=self.tracking_uri, overwrite=True)
@@ -424,6 +424,9 @@ class NightlyConfig(_Config):
         return IngestConfig(**self.ingest.model_dump(), images=self.images, masks=self.masks, output=self.dataset)
 
     def infer_config(self, model_uri: str, images: list[str]) -> InferConfig:
-        """Inference of ``images`` with one pinned model version; stale predictions are replaced."""
-        return InferConfig(**self.predict.model_dump(), dataset=self.dataset, output=self.output, model=model_uri,
-                           tracking_uri=self.tracking_uri, images=images, overwrite=True)
+        """Inference of ``images`` with one pinned model version; stale predictions are replaced.
+
+        Options left unset stay unset, so a 3-D model's own tile applies unless ``predict.tile`` was given.
+        """
+        return InferConfig(**self.predict.model_dump(exclude_unset=True), dataset=self.dataset, output=self.output,
+                           model=model_uri, tracking_uri=self.tracking_uri, images=images, overwrite=True)
