@@ -216,7 +216,7 @@ def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: C
 def _user_errors_told_once() -> Iterator[None]:
     """Hold back Prefect's console ERROR lines while a flow runs; drop them if it fails with a user error.
 
-    A user error is then the one line :func:`_run` prints, as with ``--no-prefect``, instead of the task's failure
+    A user error (or a file-system error) is then the one line :func:`run_command` prints, as with ``--no-prefect``, instead of the task's failure
     lines and a traceback. The flow run still ends Failed, with the reason and traceback in its log on the server
     (only the console handlers are held). Any other failure (or success) gets every held line back.
     """
@@ -246,7 +246,7 @@ def _user_errors_told_once() -> Iterator[None]:
     user_error = False
     try:
         yield
-    except UnetError:
+    except (UnetError, OSError):  # both are the one line run_command prints
         user_error = True
         raise
     finally:

@@ -59,10 +59,10 @@ class IngestOutcome:
 
 def _one_line(exc: BaseException) -> str:
     """An exception as one short line (our errors already are; others get their type name)."""
-    from unetcore.errors import UnetError
+    from unetcore.errors import UnetError, first_line
 
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return text[:300] if isinstance(exc, UnetError) else f"{type(exc).__name__}: {text[:300]}"
+    text = first_line(exc, 300) if str(exc).strip() else ""
+    return text if isinstance(exc, UnetError) else f"{type(exc).__name__}: {text}"
 
 
 def ingest_new(cfg: NightlyConfig) -> IngestOutcome:
