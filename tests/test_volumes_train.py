@@ -23,6 +23,7 @@ from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.store.stats import normalize
 from unetcore.tracking import PinnedModel
+from unetcore.training import Validation
 
 runner = CliRunner()
 SHAPE = (24, 32, 32)
@@ -144,3 +145,15 @@ def test_dims_2_trains_a_2d_model_on_slices_validates_in_3d_and_predicts_slice_b
         decided = np.abs(probs - 0.5) > 1e-4
         mask_zyx = np.swapaxes(np.asarray(written.dataobj), 0, 2) > 0
         np.testing.assert_array_equal(mask_zyx[decided], (probs > 0.5)[decided])
+
+
+def test_a_champion_of_the_other_configuration_is_scored_with_its_own_tile() -> None:
+    """The champion gate scores a 2-D champion on a 3-D challenger's validation (and the reverse): each model
+    keeps tiles of its own axes."""
+    flat = {"model": {"spatial_dims": 2, "num_classes": 1, "in_channels": 1}, "tile": 32}
+    deep = {"model": {"spatial_dims": 3, "num_classes": 1, "in_channels": 1}, "tile": [8, 16, 16]}
+    net2, net3 = torch.nn.Conv2d(1, 1, 1), torch.nn.Conv3d(1, 1, 1)
+    three_d = Validation(Path("ds"), [], torch.device("cpu"), (8, 16, 16), 2)
+    assert three_d.predictor(net2, flat).tile == 32
+    assert three_d.predictor(net3, deep).tile == (8, 16, 16)
+    assert Validation(Path("ds"), [], torch.device("cpu"), 32, 2).predictor(net3, deep).tile == (8, 16, 16)
