@@ -357,6 +357,12 @@ def test_dims_2_on_volumes_plans_the_2d_configuration_on_slices(ct_ds: Path, gre
         planned_config(grey_ds, {"model.spatial_dims": 3})
     with pytest.raises(ConfigError, match="must be one of 2, 3"):
         plan_dataset(ct_ds, spatial_dims=1)
+    result = runner.invoke(app, ["plan", str(ct_ds), "--dims", "2"])
+    assert result.exit_code == 0 and "z-slices" in result.output, result.output
+    assert json.loads((ct_ds / "plan.json").read_text())["choices"] == flat.to_dict()["choices"]
+    refused = runner.invoke(app, ["plan", str(grey_ds), "--dims", "3"])
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert refused.exit_code == 2 and len(lines) == 1 and "--dims 3 on 2-D data" in lines[0], refused.output
 
 
 def test_overrides_set_exactly_their_field_and_are_marked(grey_ds: Path) -> None:
