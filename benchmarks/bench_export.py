@@ -87,7 +87,7 @@ def main() -> None:
     out.write_text(json.dumps({"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "rows": rows},
                               indent=2))
     for row in rows:
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))
+        print(json.dumps({k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()}))
 
 
 if __name__ == "__main__":
