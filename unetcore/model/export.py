@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ from unetcore.fs import check_writable
 from unetcore.model.packaging import load_model, read_config
 from unetcore.model.unet import UNet, padded_size, size_multiple
 from unetcore.modes import ModelFormat, check_mode
+
+if TYPE_CHECKING:  # imported lazily at run time: tracking imports the planner, which imports this package
+    from unetcore.tracking import PinnedModel
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
@@ -237,9 +240,9 @@ def output_meaning(num_classes: int) -> str:
             "gives the label, 0 being background")
 
 
-def describe(cfg: ExportConfig, config: dict[str, Any], model: Any, path: Path, diffs: dict[str, float]
-             ) -> dict[str, Any]:
-    """The JSON written beside an export: what a user needs to run it, and where it came from."""
+def describe(cfg: ExportConfig, config: dict[str, Any], model: PinnedModel, path: Path, diffs: dict[str, float],
+             name: str) -> dict[str, Any]:
+    """The JSON written beside the export ``name`` (its bytes at ``path``): how to run it, and where it came from."""
     from unetcore.tracking import code_version_tags
 
     arch = ModelConfig(**config["model"])
@@ -247,7 +250,7 @@ def describe(cfg: ExportConfig, config: dict[str, Any], model: Any, path: Path, 
     task = config.get("task") or {}
     recipe = NormalizationConfig(**config.get("normalization", {}))
     return {
-        "file": path.name,
+        "file": name,
         "format": cfg.format,
         **({"opset": cfg.opset} if cfg.format == "onnx" else {}),
         "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -289,7 +292,7 @@ def _runtime(fmt: str) -> str:
 class ExportCheck:
     """What :func:`check_exportable` found: the pinned model and the files to write."""
 
-    model: Any  # unetcore.tracking.PinnedModel (imported lazily: tracking imports the planner, which imports model)
+    model: PinnedModel
     output: Path
     description: Path
 
@@ -405,8 +408,7 @@ def export_model(cfg: ExportConfig) -> ExportResult:
             if not worst <= TOLERANCE:
                 raise UnetError(f"{cfg.model}: the {cfg.format} export differs from torch by {worst:.3g} (> "
                                 f"{TOLERANCE:g}) on {diffs}; nothing written (report it with the model's config.json)")
-            description = describe(cfg, config, check.model, tmp, diffs)
-            description["file"] = check.output.name
+            description = describe(cfg, config, check.model, tmp, diffs, check.output.name)
         atomic_write_json(check.description, description)
         logged, why = _log_export(cfg, check)
     return ExportResult(path=check.output, description=check.description, format=cfg.format, max_abs_diff=diffs,
