@@ -84,8 +84,9 @@ class Choice:
                 "why": self.why, **({"details": self.details} if self.details else {})}
 
 
-PLAN_ONLY = frozenset({"target_spacing", "normalization_scheme", "steps"})
-"""Choices that fill no TrainConfig field: they explain (the work) or wait for a consumer (resampling, CT)."""
+PLAN_ONLY = frozenset({"target_spacing", "normalization_scheme", "steps", "class_names"})
+"""Choices that fill no TrainConfig field: they explain (the work) or go with the model's task (the spacing
+inference resamples to, the class names)."""
 _MODEL_ONLY_IF_DECLARED = ("model.spatial_dims", "model.pool", "model.kernels")  # fields of the N-D model
 
 
@@ -419,6 +420,17 @@ def _classes(fp: DatasetFingerprint) -> Choice:
     return Choice("model.num_classes", num, f"mask values {shown}{declared}: {what}")
 
 
+def _class_names(fp: DatasetFingerprint) -> Choice:
+    names, expected = fp.class_names, max(2, fp.num_classes)
+    if names is None:
+        return Choice("class_names", None, "not given: classes are numbered (ingest --class-names to name them)")
+    if len(names) != expected:
+        return Choice("class_names", None, f"ingestion named {len(names)} classes ({', '.join(names)}), the masks "
+                                           f"hold {expected}: not recorded (re-ingest with {expected} names)")
+    return Choice("class_names", list(names), "given at ingestion (--class-names); recorded with the model and "
+                                              "its predictions")
+
+
 def plan_from_fingerprint(fp: DatasetFingerprint, *, budget: int = MEMORY_BUDGET_BYTES) -> Plan:
     """The plan of a fingerprinted dataset (see the module docstring for the rules).
 
@@ -437,7 +449,7 @@ def plan_from_fingerprint(fp: DatasetFingerprint, *, budget: int = MEMORY_BUDGET
         median = tuple(float(v) for v in np.median([resampled_shape(i, spacing) for i in fp.training], 0))
     choices.append(Choice("target_spacing", list(spacing), spacing_why))
     channels_why = f"every labelled image has {fp.channels} channel{'s' if fp.channels != 1 else ''}"
-    choices += [Choice("model.in_channels", fp.channels, channels_why), _classes(fp)]
+    choices += [Choice("model.in_channels", fp.channels, channels_why), _classes(fp), _class_names(fp)]
     try:
         patch = plan_patch(median, grid, square=dims == 2, base_channels=base, budget=budget)
     except ValueError as exc:
