@@ -392,11 +392,23 @@ class PipelineConfig(_Config):
         return self._ingest(self.predict_images, self.predict_masks, f"{self.workdir}/holdout", val_fraction=0.0,
                             test_fraction=0.0)
 
-    def train_config(self) -> TrainConfig:
-        model = self.train.model.model_copy(update={"num_classes": self.num_classes})
-        return TrainConfig(**{**self.train.model_dump(), "model": model}, dataset=f"{self.workdir}/dataset",
-                           output=f"{self.workdir}/train", tracking_uri=self.tracking_uri,
-                           registered_model=self.registered_model)
+    def train_overrides(self) -> dict[str, Any]:
+        """The training options given explicitly, as dotted TrainConfig fields: each overrides exactly its field of
+        the dataset's plan (:func:`unetcore.planning.planned_config`); ``num_classes`` when it was given here."""
+        out: dict[str, Any] = {}
+        for key, value in self.train.model_dump(exclude_unset=True).items():
+            if key in ("model", "normalization") and isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        if "num_classes" in self.model_fields_set:
+            out["model.num_classes"] = self.num_classes
+        return out
+
+    def train_targets(self) -> dict[str, Any]:
+        """Where the pipeline's training reads and writes (the TrainConfig fields that are not the recipe)."""
+        return {"dataset": f"{self.workdir}/dataset", "output": f"{self.workdir}/train",
+                "tracking_uri": self.tracking_uri, "registered_model": self.registered_model}
 
     def infer_config(self, model_uri: str) -> InferConfig:
         held_out = self.predict_images is not None

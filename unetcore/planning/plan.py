@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from unetcore.atomic import atomic_write_json
-from unetcore.config import ModelConfig, NormalizationConfig, TrainConfig, validated
+from unetcore.config import ModelConfig, NormalizationConfig, PipelineConfig, TrainConfig, validated
 from unetcore.errors import ConfigError, InputError
 from unetcore.model import PoolingPlan, deepest, plan_pooling
 from unetcore.planning.fingerprint import DatasetFingerprint, ImageFingerprint, fingerprint
@@ -527,3 +527,14 @@ def planned_config(dataset: Path, overrides: Mapping[str, Any] | None = None, **
                           "(a 2-D model trained on volume slices); leave the dimension to the plan")
     plan = plan.with_overrides(overrides)
     return plan.train_config(overrides, dataset=str(dataset), **targets), plan
+
+
+def pipeline_training(config: PipelineConfig) -> tuple[TrainConfig, Plan]:
+    """The pipeline's training (once its dataset is ingested): the dataset's plan with the options given in
+    ``config.train`` (and ``num_classes``, when given) on top, exactly as ``unet train`` with those options.
+
+    Raises:
+        InputError: the dataset cannot be planned; ConfigError: an option is out of range.
+    """
+    targets = config.train_targets()
+    return planned_config(Path(targets.pop("dataset")), config.train_overrides(), **targets)
