@@ -37,7 +37,7 @@ from unetcore.planning.plan import (
     training_bytes,
     write_plan,
 )
-from unetcore.planning.task import TaskSignature, dataset_model_name, training_task
+from unetcore.planning.task import TaskSignature, dataset_model_name, trained_spacing, training_task
 
 __all__ = [
     "MEMORY_BUDGET_BYTES",
@@ -71,6 +71,7 @@ __all__ = [
     "pool_channels",
     "pooled_percentile",
     "target_spacing",
+    "trained_spacing",
     "training_bytes",
     "training_task",
     "write_plan",

@@ -269,7 +269,8 @@ def working_spacing(fp: DatasetFingerprint) -> tuple[tuple[float, ...], str]:
     if fp.spatial_dims == 2:
         shown = " x ".join(f"{s:g}" for s in fp.spacing.median)
         return fp.spacing.median, f"2-D images are trained on their own pixel grid (median pixel size {shown})"
-    return target_spacing([i.spacing for i in fp.images], [i.shape for i in fp.images])
+    spacing, why = target_spacing([i.spacing for i in fp.images], [i.shape for i in fp.images])
+    return spacing, why + "; recorded, not imposed: training samples each volume on its own grid"
 
 
 def training_bytes(patch: Sequence[int], batch: int, base_channels: int, pool: Sequence[Sequence[int]]) -> int:

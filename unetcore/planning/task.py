@@ -13,9 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from unetcore.config import ModelConfig
 from unetcore.planning.fingerprint import DatasetFingerprint
-from unetcore.planning.plan import working_spacing
 from unetcore.store.manifest import image_id
 
 
@@ -99,12 +100,23 @@ class TaskSignature:
         return f"{classes}, {channels}, {self.spatial_dims}-D"
 
 
+def trained_spacing(fp: DatasetFingerprint) -> tuple[float, ...]:
+    """The spacing a model trained on ``fp`` has seen: the median spacing of the training images.
+
+    Training does not resample (each image is sampled on its own grid), so this, not the plan's target spacing
+    (which differs for mixed, anisotropic spacings: nnU-Net's 10th percentile), is what inference resamples to;
+    for a dataset of one spacing the two agree.
+    """
+    return tuple(float(v) for v in np.median([i.spacing for i in fp.training], 0))
+
+
 def training_task(model: ModelConfig, fp: DatasetFingerprint) -> TaskSignature:
-    """The task of a model with architecture ``model`` trained on the dataset ``fp`` (at the plan's spacing, in
-    the dataset's unit; with the class names ingestion recorded when they name the model's classes)."""
+    """The task of a model with architecture ``model`` trained on the dataset ``fp`` (at the spacing it has seen,
+    :func:`trained_spacing`, in the dataset's unit; with the class names ingestion recorded when they name the
+    model's classes)."""
     names = fp.class_names if fp.class_names is not None and len(fp.class_names) == max(2, model.num_classes) else None
     return TaskSignature(in_channels=model.in_channels, num_classes=model.num_classes, spatial_dims=fp.spatial_dims,
-                         spacing=working_spacing(fp)[0], class_names=names, unit=fp.unit)
+                         spacing=trained_spacing(fp), class_names=names, unit=fp.unit)
 
 
 def dataset_model_name(name: str, dataset: Path) -> str:
