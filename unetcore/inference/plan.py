@@ -182,6 +182,9 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
     resampling, resampling_why = resampling_for(shape, place["spacing"], place.get("unit"), task.spacing, task.unit)
     wh = weights_hash(model.directory)
     sig = signature(entry, model_config, wh, cfg)
+    if resampling is not None:  # the model's grid shapes the result too (unchanged signatures without it)
+        payload = json.dumps([sig, resampling.to_dict()]).encode()
+        sig = hashlib.blake2b(payload, digest_size=16).hexdigest()
     out_path = output_store(Path(cfg.output), entry["id"])
     resume = out_path.exists() and _existing_signature(out_path) == sig
     if out_path.exists() and not resume and not cfg.overwrite:
