@@ -52,6 +52,7 @@ from unetcore.inference.plan import (
     plan_image,
 )
 from unetcore.inference.predict import tile_shape
+from unetcore.inference.resample import zoom_factor
 from unetcore.inference.tasks import (
     Components,
     ImageJob,
@@ -256,7 +257,9 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         attrs = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r"))
         block_shape, complete = tuple(attrs["block_shape"]), bool(attrs.get("complete"))
     else:
-        block_shape = choose_block_shape(grid, plan.chunk, cfg.block_size**2, cluster.slots)
+        # a block computes its box of the model's grid: fewer output voxels when that grid is finer
+        budget = max(1, int(cfg.block_size**2 / max(1.0, zoom_factor(plan.resampling))))
+        block_shape = choose_block_shape(grid, plan.chunk, budget, cluster.slots)
         info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri}
         create_output(plan, cfg, block_shape, info)
         complete = False
@@ -270,7 +273,7 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads)
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
-                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances)
+                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling)
     _run_tasks(cluster, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))
     if not complete:
         n_instances = _component_passes(plan, cfg, cluster, job, blocks)
