@@ -150,8 +150,25 @@ def test_georeferenced_store_gives_map_coordinates_and_names_its_crs(tmp_path: P
     rows = list(csv.DictReader(table.open()))
     assert {r["area_unit"] for r in rows} == {"metre^2"}
     r = rows[0]
-    assert float(r["centroid_map_x"]) == pytest.approx(500_000 + 10 * float(r["centroid_x"]))
-    assert float(r["centroid_map_y"]) == pytest.approx(4_000_000 - 10 * float(r["centroid_y"]))
+    assert float(r["centroid_out_x"]) == pytest.approx(500_000 + 10 * float(r["centroid_x"]))
+    assert float(r["centroid_out_y"]) == pytest.approx(4_000_000 - 10 * float(r["centroid_y"]))
+
+
+def test_a_slide_read_at_a_coarser_level_is_scaled_back_to_level_0_pixels(tmp_path: Path) -> None:
+    sem, inst = labelled((97, 131), 6)
+    root = prediction_store(tmp_path / "p.ome.zarr", sem, inst)
+    source = omezarr.create_image(tmp_path / "src.ome.zarr", (1, 97, 131), "uint8", 32, n_levels=1)
+    omezarr.set_unet_attrs(source, {"mpp": [1.0, 1.0], "level0": {"downsample": [4.0, 4.0], "mpp": [0.25, 0.25],
+                                                                  "level": 1, "resampled": False}})
+    geojson, table = write_shapes(root, tmp_path / "img_mask.geojson", "img", source=source, edge=32)
+    fc = json.loads(geojson.read_text())
+    assert fc["properties"]["coordinates"] == "level-0 pixels" and "crs" not in fc
+    np.testing.assert_array_equal(rasterised(fc["features"], "id", (97, 131), Affine.scale(4.0)), inst)
+    rows = list(csv.DictReader(table.open()))
+    assert {r["area_unit"] for r in rows} == {"micrometer^2"}  # the store's own pixels are 1 µm
+    r = rows[0]
+    assert float(r["area"]) == int(r["area_pixels"])
+    assert float(r["centroid_out_x"]) == pytest.approx(4 * float(r["centroid_x"]))
 
 
 def test_only_objects_on_inner_block_faces_wait_for_the_end(tmp_path: Path) -> None:

@@ -8,15 +8,16 @@ block face are kept until the end and joined into one polygon (``shapely.union_a
 whole pixel edges, so the union is exact). Memory is one block plus the objects that cross block faces.
 
 Coordinates are level-0 pixel coordinates, ``(x, y)`` = (column, row) of pixel corners, origin at the image's
-top-left corner (QuPath's convention); for a store with georeferencing (``attributes.unet.georef``: a rasterio
+top-left corner (QuPath's convention; a slide read at a coarser level, ``attributes.unet.level0.downsample``, is
+scaled back to level 0); for a store with georeferencing (``attributes.unet.georef``: a rasterio
 ``Affine`` pixel → map transform, the CRS as EPSG and/or WKT), map coordinates, with the CRS named in the
 collection. Each feature is a QuPath detection (``properties.objectType``) with its class as QuPath's
 ``classification`` and its id, class, area and centroid as plain properties and QuPath measurements.
 
 The object table ``<id>_objects.csv`` (and ``<id>_objects.parquet`` when pyarrow is installed) has one row per
 object, in the GeoJSON's order: id, class, area in pixels and in physical units (the store's level-0 scale and
-axis unit, or the georeferenced pixel size), bounding box and centroid in pixels (and centroid in map
-coordinates when georeferenced). A volume has no GeoJSON export (2-D only).
+axis unit, or the georeferenced pixel size), bounding box and centroid in the store's pixels, and the centroid
+in the GeoJSON's coordinates. A volume has no GeoJSON export (2-D only).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ SHAPES_BLOCK = 2048
 """Edge (pixels) of the blocks read while polygonising, rounded up to whole chunks of the store."""
 
 OBJECT_COLUMNS = ("id", "class", "class_name", "area_pixels", "area", "area_unit", "bbox_x0", "bbox_y0", "bbox_x1",
-                  "bbox_y1", "centroid_x", "centroid_y", "centroid_map_x", "centroid_map_y")
-"""Columns of the object table (bbox: pixel edges, x1/y1 exclusive; centroid: pixel coordinates)."""
+                  "bbox_y1", "centroid_x", "centroid_y", "centroid_out_x", "centroid_out_y")
+"""Columns of the object table: bbox (pixel edges, x1/y1 exclusive) and centroid in the store's pixels; the
+centroid again in the GeoJSON's coordinates (``_out``: level-0 pixels, or map coordinates)."""
 
 _FEATURE_NAMESPACE = uuid.UUID("8a1c6f7e-5b8e-4f39-9d0c-2f1f3c6b9e41")
 _INT32_MAX = 2**31 - 1
@@ -55,7 +57,9 @@ class Placement:
     """Where pixel coordinates land: the pixel → output transform, the CRS, and one pixel's physical area.
 
     ``transform`` is ``(a, b, c, d, e, f)`` in rasterio's ``Affine`` order (``x = a*col + b*row + c``,
-    ``y = d*col + e*row + f``); None keeps pixel coordinates.
+    ``y = d*col + e*row + f``); None keeps the store's pixel coordinates. ``frame`` names the output
+    coordinates: ``level-0 pixels`` (the store's, or a slide read at a coarser level scaled back to level 0) or
+    ``map`` (a GeoTIFF's CRS).
     """
 
     transform: tuple[float, ...] | None
@@ -63,10 +67,18 @@ class Placement:
     crs_wkt: str | None
     pixel_area: float
     area_unit: str
+    frame: str = "level-0 pixels"
 
     @property
     def georeferenced(self) -> bool:
-        return self.transform is not None
+        return self.frame == "map"
+
+    def apply(self, x: float, y: float) -> tuple[float, float]:
+        """A point in pixel coordinates, in output coordinates."""
+        if self.transform is None:
+            return x, y
+        a, b, c, d, e, f = self.transform
+        return a * x + b * y + c, d * x + e * y + f
 
 
 def _crs_unit(epsg: int | None, wkt: str | None) -> str | None:
@@ -81,22 +93,32 @@ def _crs_unit(epsg: int | None, wkt: str | None) -> str | None:
 
 
 def placement(source: zarr.Group | None) -> Placement:
-    """The placement of a store's pixels: its georeferencing if it has one, else its level-0 pixel size.
+    """The placement of a store's pixels: its georeferencing if it has one (map coordinates), else level-0 pixels.
 
-    ``source`` is the ingested image's store (None: pixels, unit ``pixel``).
+    ``source`` is the ingested image's store (None: its own pixels, area unit ``pixel^2``). A slide ingested at a
+    coarser level (``attributes.unet.level0``, ``{"downsample": [fy, fx], ...}``) is scaled back to level-0
+    pixels. The pixel area comes from the store's level-0 scale and axis unit (or its ``mpp``, micrometres).
     """
     if source is None:
         return Placement(None, None, None, 1.0, "pixel^2")
-    georef = omezarr.unet_attrs(source).get("georef")
+    attrs = omezarr.unet_attrs(source)
+    georef = attrs.get("georef")
     if georef and georef.get("transform"):
         a, b, c, d, e, f = (float(v) for v in georef["transform"][:6])
         epsg, wkt = georef.get("epsg"), georef.get("crs_wkt")
         unit = _crs_unit(epsg, wkt) or "map unit"
-        return Placement((a, b, c, d, e, f), epsg, wkt, abs(a * e - b * d), f"{unit}^2")
+        return Placement((a, b, c, d, e, f), epsg, wkt, abs(a * e - b * d), f"{unit}^2", "map")
     geometry = omezarr.geometry(source)
     sy, sx = (float(s) for s in geometry["spacing"][-2:])
     unit = geometry.get("unit")
-    return Placement(None, None, None, sy * sx if unit else 1.0, f"{unit}^2" if unit else "pixel^2")
+    if unit is None and attrs.get("mpp"):
+        (sy, sx), unit = (float(v) for v in attrs["mpp"][-2:]), "micrometer"
+    level0 = (attrs.get("level0") or {}).get("downsample")
+    transform = None
+    if level0 and any(float(v) != 1.0 for v in level0):
+        fy, fx = (float(v) for v in level0[-2:])
+        transform = (fx, 0.0, 0.0, 0.0, fy, 0.0)
+    return Placement(transform, None, None, sy * sx if unit else 1.0, f"{unit}^2" if unit else "pixel^2")
 
 
 def _blocks(labels: zarr.Array, edge: int) -> list[Block]:
@@ -288,10 +310,8 @@ def _object_row(i: int, cls: int, st: ObjectStats, place: Placement, class_names
     row: dict[str, Any] = {"id": i, "class": cls, "class_name": class_name(cls, class_names), "area_pixels": st.pixels,
                            "area": st.pixels * place.pixel_area, "area_unit": place.area_unit, "bbox_x0": st.x0,
                            "bbox_y0": st.y0, "bbox_x1": st.x1, "bbox_y1": st.y1, "centroid_x": cx, "centroid_y": cy,
-                           "centroid_map_x": None, "centroid_map_y": None}
-    if place.transform is not None:
-        a, b, c, d, e, f = place.transform
-        row["centroid_map_x"], row["centroid_map_y"] = a * cx + b * cy + c, d * cx + e * cy + f
+                           "centroid_out_x": None, "centroid_out_y": None}
+    row["centroid_out_x"], row["centroid_out_y"] = place.apply(cx, cy)
     return row
 
 
@@ -308,8 +328,7 @@ def feature_id(image_id: str, instance: int) -> str:
 
 def _feature(image_id: str, row: dict[str, Any], geometry: dict[str, Any], place: Placement) -> dict[str, Any]:
     """One GeoJSON feature as QuPath reads it (a detection with a classification and measurements)."""
-    centroid = ([row["centroid_map_x"], row["centroid_map_y"]] if place.georeferenced
-                else [row["centroid_x"], row["centroid_y"]])
+    centroid = [row["centroid_out_x"], row["centroid_out_y"]]
     return {
         "type": "Feature",
         "id": feature_id(image_id, row["id"]),
@@ -332,7 +351,7 @@ def _collection_head(image_id: str, place: Placement, provenance: dict[str, Any]
     if place.epsg is not None:  # the 2008 GeoJSON CRS member, which GDAL (QGIS) reads
         head["crs"] = {"type": "name", "properties": {"name": f"urn:ogc:def:crs:EPSG::{int(place.epsg)}"}}
     head["properties"] = {"image": image_id,
-                          "coordinates": "map (georef transform)" if place.georeferenced else "level-0 pixels",
+                          "coordinates": place.frame,
                           "transform": list(place.transform) if place.transform else None,
                           "epsg": place.epsg, "crs_wkt": place.crs_wkt, "provenance": provenance}
     return head
