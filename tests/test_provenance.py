@@ -110,7 +110,8 @@ def test_png_tiff_and_geojson_exports_carry_the_stores_provenance(tmp_path: Path
         with Image.open(path) as im:
             assert json.loads(im.text["Description"]) == record and im.text["Software"].startswith("unet-pipeline")
     with tifffile.TiffFile(tif.export) as f:
-        assert json.loads(f.pages[0].description) == stored(tmp_path / "tif", "img")
+        assert f.shaped_metadata[0]["unet"]["provenance"] == stored(tmp_path / "tif", "img")
+        assert json.loads(f.pages[0].description)["unet"]["provenance"] == stored(tmp_path / "tif", "img")
         assert f.pages[0].tags["Software"].value.startswith("unet-pipeline 0.")
     assert png.provenance == record
 

@@ -6,7 +6,8 @@ geometry its store keeps) or as an ImageJ TIFF stack with its voxel spacing (``p
 falls back to the TIFF stack). A volume's preview shows its three orthogonal mid-slices.
 
 Every export carries the store's provenance (:mod:`unetcore.inference.provenance`): the PNG in its text chunks
-(``Description``, ``Software``), the BigTIFF in its ImageDescription and Software tags, the ImageJ stack in its
+(``Description``, ``Software``), the BigTIFF in its Software tag and ImageDescription (tifffile's JSON metadata,
+``{"shape": ..., "unet": {"provenance": ...}}``), the ImageJ stack in its
 ``Info``, the NIfTI in a comment extension (and a short ``descrip``), the GeoJSON in its top-level properties.
 """
 
@@ -143,7 +144,7 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
 
     with replacing(dst) as tmp:
         tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
-                         compression="zlib", description=provenance_json(provenance), metadata=None,
+                         compression="zlib", metadata={"unet": {"provenance": provenance}},
                          software=software_name(provenance))
     return str(dst)
 
