@@ -184,17 +184,15 @@ def block_stats(ids: np.ndarray, classes: np.ndarray, block: Block) -> dict[int,
     sum_y = np.bincount(labels.ravel(), weights=rows.ravel(), minlength=n)
     sum_x = np.bincount(labels.ravel(), weights=cols.ravel(), minlength=n)
     boxes = ndimage.find_objects(labels)
-    cls = classes.ravel()[first]
     y0, x0 = block.start
+    labs = np.nonzero(found > 0)[0] + offset  # the compact label of each id > 0
+    n_pix = counts[labs]
+    columns = zip(found[found > 0].tolist(), classes.ravel()[first][found > 0].tolist(), n_pix.tolist(),
+                  (sum_x[labs] + x0 * n_pix).tolist(), (sum_y[labs] + y0 * n_pix).tolist(), labs.tolist())
     out: dict[int, tuple[int, ObjectStats]] = {}
-    for k, (i, c) in enumerate(zip(found, cls)):
-        if i == 0:
-            continue
-        lab = k + offset
+    for i, c, pixels, sx, sy, lab in columns:
         ys, xs = boxes[lab - 1]
-        out[int(i)] = (int(c), ObjectStats(int(counts[lab]), float(sum_x[lab] + x0 * counts[lab]),
-                                           float(sum_y[lab] + y0 * counts[lab]), xs.start + x0, ys.start + y0,
-                                           xs.stop + x0, ys.stop + y0))
+        out[i] = (c, ObjectStats(pixels, sx, sy, xs.start + x0, ys.start + y0, xs.stop + x0, ys.stop + y0))
     return out
 
 
