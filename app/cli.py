@@ -274,6 +274,9 @@ def ingest(
     masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems."),
     chunk_size: Optional[int] = option(IngestConfig, "chunk_size"),
     num_classes: Optional[int] = option(IngestConfig, "num_classes"),
+    class_names: Optional[str] = option(IngestConfig, "class_names", help="Comma-separated name per class, "
+                                        "background first (e.g. background,nucleus,membrane); implies "
+                                        "--num-classes; recorded with models and predictions."),
     val_fraction: Optional[float] = option(IngestConfig, "val_fraction"),
     test_fraction: Optional[float] = option(IngestConfig, "test_fraction"),
     channel_axis: Optional[str] = option(IngestConfig, "channel_axis"),
@@ -292,7 +295,8 @@ def ingest(
         from unetcore.ingest import check_ingestable, ingest_folder
 
         cfg = _config(IngestConfig, images=str(images), masks=str(masks) if masks else None, output=str(output),
-                      chunk_size=chunk_size, num_classes=num_classes, val_fraction=val_fraction,
+                      chunk_size=chunk_size, num_classes=num_classes,
+                      class_names=class_names.split(",") if class_names else None, val_fraction=val_fraction,
                       test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
                       pyramid=pyramid, threads=threads, n_workers=n_workers, scheduler_address=scheduler_address)
         from flows.ingest import ingest as ingest_flow

@@ -53,6 +53,7 @@ from unetcore.inference.plan import (
 )
 from unetcore.inference.predict import tile_shape
 from unetcore.inference.provenance import prediction_provenance, stored_provenance
+from unetcore.inference.resample import zoom_factor
 from unetcore.inference.shapes import objects_table_path
 from unetcore.inference.tasks import (
     Components,
@@ -260,10 +261,12 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         attrs = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r"))
         block_shape, complete = tuple(attrs["block_shape"]), bool(attrs.get("complete"))
     else:
-        block_shape = choose_block_shape(grid, plan.chunk, cfg.block_size**2, cluster.slots)
+        # a block computes its box of the model's grid: fewer output voxels when that grid is finer
+        budget = max(1, int(cfg.block_size**2 / max(1.0, zoom_factor(plan.resampling))))
+        block_shape = choose_block_shape(grid, plan.chunk, budget, cluster.slots)
+        resampling = plan.resampling.to_dict() if plan.resampling else None
         info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri,
-                "provenance": prediction_provenance(cfg, model, entry, plan.weights, plan.signature),
-                "class_names": _class_names(model)}
+                "provenance": prediction_provenance(cfg, model, entry, plan.weights, plan.signature, resampling)}
         create_output(plan, cfg, block_shape, info)
         complete = False
     if not complete:
@@ -276,7 +279,7 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads)
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
-                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances)
+                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling)
     _run_tasks(cluster, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))
     if not complete:
         n_instances = _component_passes(plan, cfg, cluster, job, blocks)
@@ -300,13 +303,6 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
                        tile_evaluations=tile_evaluations(grid, block_shape), grid_tiles=grid.n_tiles,
                        instances=n_instances, provenance=provenance,
                        objects=str(objects_table_path(Path(export))) if cfg.export == "geojson" else None)
-
-
-def _class_names(model: PinnedModel) -> list[str] | None:
-    """The model's class names (background first) when its task records them."""
-    config = json.loads((Path(model.directory) / "config.json").read_text())
-    names = (config.get("task") or {}).get("class_names")
-    return [str(n) for n in names] if names else None
 
 
 def _run_plans(plans: list[ImagePlan], cfg: InferConfig, model: PinnedModel, cluster: Cluster | None,

@@ -37,6 +37,7 @@ from unetcore.inference.layout import (
     output_store,
     records_dir,
 )
+from unetcore.inference.resample import Resampling, resampling_for
 from unetcore.model.packaging import read_config
 from unetcore.planning import TaskSignature, model_classes
 from unetcore.store import manifest as mf
@@ -66,6 +67,9 @@ class ImagePlan:
     resume: bool
     model_dims: int = 2  # the model's spatial axes (a 2-D model predicts a volume slice by slice)
     geometry: dict[str, Any] | None = None  # a volume's omezarr.geometry, copied into the output; None for images
+    resampling: Resampling | None = None  # predicted at the model's spacing, brought back onto the image's grid
+    resampling_why: str = ""
+    class_names: list[str] | None = None  # the model's task's, when known
 
     @property
     def is_volume(self) -> bool:
@@ -173,8 +177,14 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
                                    f"{len(shape)}-D; predict images with a 2-D model")
     geometry = omezarr.geometry(root) if len(shape) == 3 else None
     _check_export(cfg, entry["id"], geometry)
+    task = TaskSignature.of_model(model_config)
+    place = geometry or omezarr.geometry(root)
+    resampling, resampling_why = resampling_for(shape, place["spacing"], place.get("unit"), task.spacing, task.unit)
     wh = weights_hash(model.directory)
     sig = signature(entry, model_config, wh, cfg)
+    if resampling is not None:  # the model's grid shapes the result too (unchanged signatures without it)
+        payload = json.dumps([sig, resampling.to_dict()]).encode()
+        sig = hashlib.blake2b(payload, digest_size=16).hexdigest()
     out_path = output_store(Path(cfg.output), entry["id"])
     resume = out_path.exists() and _existing_signature(out_path) == sig
     if out_path.exists() and not resume and not cfg.overwrite:
@@ -183,7 +193,9 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
     chunk = volume_chunk(shape, edge, geometry["spacing"]) if geometry else (edge, edge)
     return ImagePlan(entry=entry, src_path=src_path, out_path=out_path, records=records_dir(Path(cfg.output), entry["id"]),
                      shape=shape, classes=int(model_config["model"]["num_classes"]), chunk=tuple(chunk), signature=sig,
-                     weights=wh, resume=resume, model_dims=model_dims, geometry=geometry)
+                     weights=wh, resume=resume, model_dims=model_dims, geometry=geometry, resampling=resampling,
+                     resampling_why=resampling_why,
+                     class_names=list(task.class_names) if task.class_names is not None else None)
 
 
 def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) -> tuple[int, ...]:
@@ -235,7 +247,9 @@ def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...
     omezarr.create_labels(root, LABELS_NAME, plan.shape, np.uint8, plan.chunk, **place)
     if cfg.instances:
         omezarr.create_labels(root, INSTANCES_NAME, plan.shape, np.uint32, plan.chunk, **place)
-    attrs = {**info, "signature": plan.signature, "block_shape": list(block_shape), "complete": False}
+    attrs = {**info, "signature": plan.signature, "block_shape": list(block_shape), "complete": False,
+             "class_names": plan.class_names, "resampling": plan.resampling.to_dict() if plan.resampling else None,
+             "resampling_why": plan.resampling_why}
     if plan.geometry is not None:
         attrs["geometry"] = plan.geometry
     omezarr.set_unet_attrs(root, attrs)

@@ -79,12 +79,16 @@ def _device_used(cfg: InferConfig) -> str | None:
 
 
 def prediction_provenance(cfg: InferConfig, model: PinnedModel, entry: dict[str, Any], weights_hash: str,
-                          signature: str) -> dict[str, Any]:
-    """The provenance record of one image's prediction (JSON-able; no clock time, so a re-run writes the same)."""
+                          signature: str, resampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance record of one image's prediction (JSON-able; no clock time, so a re-run writes the same).
+
+    ``resampling`` is the plan's resampling to the model's grid (None: predicted on the image's own grid).
+    """
     used = _device_used(cfg)
     options = {k: getattr(cfg, k) for k in RESULT_OPTIONS}
     options["device_used"] = used
     options["compute_dtype"] = None if used is None else "bfloat16 autocast" if used == "cuda" else "float32"
+    options["resampling"] = resampling
     return {
         "model": {"uri": model.uri, "name": model.name, "version": model.version, "alias": model.alias,
                   "run_id": model.run_id, "weights_hash": weights_hash},
@@ -122,7 +126,10 @@ def provenance_lines(provenance: dict[str, Any]) -> list[str]:
                         if m.get("version") is not None else "")
     run = f", MLflow run {m['run_id']}" if m.get("run_id") else ""
     device = o["device"] + (f" -> {o['device_used']} {o['compute_dtype']}" if o.get("device_used") else "")
-    shown = ", ".join(f"{k} {v}" for k, v in o.items() if k not in ("device", "device_used", "compute_dtype"))
+    shown = ", ".join(f"{k} {v}" for k, v in o.items()
+                      if k not in ("device", "device_used", "compute_dtype", "resampling"))
+    if o.get("resampling"):
+        shown += ", resampled to the model's grid"
     return [f"model: {model}{run}, weights {m['weights_hash'][:12]}",
             f"code: {software_name(provenance)}",
             f"options: {shown}, device {device}"]
