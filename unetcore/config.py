@@ -349,7 +349,16 @@ class InferOptions(_Config):
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
     export: ExportKind = Field("png", description="Also export label masks: png (small images; a volume gets a TIFF "
                                "stack), tiff (tiled BigTIFF; a volume: an ImageJ stack with its spacing), nifti (a "
-                               "volume from NIfTI or DICOM, with its affine), none.")
+                               "volume from NIfTI or DICOM, with its affine), geojson (2-D, with instances: the "
+                               "instance outlines as a GeoJSON FeatureCollection QuPath and QGIS import, and "
+                               "<id>_objects.csv), none.")
+
+    @field_validator("export")
+    @classmethod
+    def _geojson_needs_instances(cls, value: str, info: ValidationInfo) -> str:
+        if value == "geojson" and not info.data.get("instances"):
+            raise ValueError("geojson writes one outline per instance: add --instances")
+        return value
 
 
 class InferConfig(InferOptions, _InferTarget):

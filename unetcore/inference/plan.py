@@ -160,7 +160,7 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
     Raises:
         InputError: the image's store is missing or not an OME-Zarr image.
         ConfigError: the model expects another number of channels, or is a 3-D model and the image is 2-D; a
-            NIfTI export of an image that is not a volume read from NIfTI or DICOM.
+            NIfTI export of an image that is not a volume read from NIfTI or DICOM; a GeoJSON export of a volume.
         OutputExistsError: the output holds a different prediction and ``overwrite`` is off.
     """
     src_path = mf.store_path(dataset, entry["id"])
@@ -214,7 +214,11 @@ def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) ->
 
 
 def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | None) -> None:
-    """A NIfTI export needs a volume that came with an affine (NIfTI or DICOM); refuse it before any work."""
+    """A NIfTI export needs a volume that came with an affine (NIfTI or DICOM), a GeoJSON export a 2-D image;
+    refuse either before any work."""
+    if cfg.export == "geojson" and geometry is not None:
+        raise ConfigError("export", f"geojson is 2-D only; image '{image_id}' is a volume: use --export tiff or "
+                                    "nifti (labels/instances holds its 3-D instances)")
     if cfg.export != "nifti" or (geometry is not None and geometry.get("affine") is not None):
         return
     what = "a 2-D image" if geometry is None else "a volume without a source affine"
