@@ -331,8 +331,9 @@ def train(
     base_channels: Optional[int] = option(TrainConfig, "model.base_channels"),
     depth: Optional[int] = option(TrainConfig, "model.depth"),
     dims: Optional[int] = option(TrainConfig, "model.spatial_dims", "--dims",
-                                 help="Spatial dimensions of the model; default: the data's (the plan). Forcing 2 on "
-                                 "volumes (a 2-D model on slices) is refused in this build."),
+                                 help="Spatial dimensions of the model; default: the data's (the plan). 2 on volumes "
+                                 "trains nnU-Net's \"2d\" configuration: a 2-D model on z-slices, planned for them, "
+                                 "validated in 3-D and predicting volumes slice by slice."),
     time_budget_s: Optional[float] = option(TrainConfig, "time_budget_s"),
     patience: Optional[int] = option(TrainConfig, "patience"),
     device: Optional[str] = option(TrainConfig, "device"),
@@ -396,13 +397,18 @@ def train(
 
 
 @app.command()
-def plan(dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`.")) -> None:
+def plan(
+    dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`."),
+    dims: Optional[int] = typer.Option(None, "--dims", help="Plan a model of these spatial dimensions; default: the "
+                                       "data's. 2 on volumes: nnU-Net's \"2d\" configuration (a 2-D model on "
+                                       "z-slices), as `unet train --dims 2` trains it."),
+) -> None:
     """Plan a training from the dataset's fingerprint: print each choice and why; write <dataset>/plan.json."""
 
     def body() -> int:
         from unetcore.planning import plan_dataset, write_plan
 
-        planned = plan_dataset(dataset)
+        planned = plan_dataset(dataset, spatial_dims=dims)
         typer.echo(planned.table())
         typer.echo(f"plan written to {write_plan(planned, dataset)}; `unet train {dataset}` trains it (an option "
                    "overrides exactly its field)")

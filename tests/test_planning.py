@@ -341,6 +341,30 @@ def test_plan_of_a_thick_slice_ct_volume(ct_ds: Path) -> None:
             plan.train_config()
 
 
+def test_dims_2_on_volumes_plans_the_2d_configuration_on_slices(ct_ds: Path, grey_ds: Path) -> None:
+    """nnU-Net's "2d" configuration: a square patch no larger than the median slice (96 x 96), pooled 2 x 2, a 2-D
+    batch over every slice's pixels, 2-D validation tiles; the same CT normalisation as the 3-D plan."""
+    volume, flat = plan_dataset(ct_ds), plan_dataset(ct_ds, spatial_dims=2)
+    assert flat["model.spatial_dims"] == 2 and "z-slices" in flat.choice("model.spatial_dims").why
+    assert isinstance(flat["patch_size"], int) and 16 <= flat["patch_size"] <= 96
+    assert flat["model.pool"] is None and flat["val_tile"] == flat["patch_size"]
+    assert "training pixels" in flat.choice("batch_size").why  # 5 % of all slices' pixels (2 here)
+    assert flat.choice("normalization_scheme").details == volume.choice("normalization_scheme").details
+    cfg, plan = planned_config(ct_ds, {"model.spatial_dims": 2}, output="o")
+    assert cfg.model.spatial_dims == 2 and cfg.patch_size == flat["patch_size"] and cfg.normalization.mode == "ct"
+    assert "2 (option; planned 3)" in plan.table() and plan.overridden == ["model.spatial_dims"]
+    with pytest.raises(ConfigError, match="--dims 3 on 2-D data"):
+        planned_config(grey_ds, {"model.spatial_dims": 3})
+    with pytest.raises(ConfigError, match="must be one of 2, 3"):
+        plan_dataset(ct_ds, spatial_dims=1)
+    result = runner.invoke(app, ["plan", str(ct_ds), "--dims", "2"])
+    assert result.exit_code == 0 and "z-slices" in result.output, result.output
+    assert json.loads((ct_ds / "plan.json").read_text())["choices"] == flat.to_dict()["choices"]
+    refused = runner.invoke(app, ["plan", str(grey_ds), "--dims", "3"])
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert refused.exit_code == 2 and len(lines) == 1 and "--dims 3 on 2-D data" in lines[0], refused.output
+
+
 def test_overrides_set_exactly_their_field_and_are_marked(grey_ds: Path) -> None:
     cfg, plan = planned_config(grey_ds, {"patch_size": 64, "lr": 1e-3, "model.base_channels": 8}, output="o")
     planned = plan_dataset(grey_ds)

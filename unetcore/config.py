@@ -111,7 +111,8 @@ class ModelConfig(_Config):
     upsample: UpsampleKind = Field("transpose", description="Decoder up-sampling.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the bottleneck.")
     spatial_dims: SpatialDims = Field(
-        2, description="2: a 2-D UNet (images; volumes are predicted slice by slice); 3: a 3-D UNet for volumes."
+        2, description="2: a 2-D UNet (images; on volumes it trains on z-slices and predicts slice by slice, nnU-Net's "
+        "\"2d\" configuration); 3: a 3-D UNet for volumes."
     )
     pool: list[list[int]] | None = Field(
         None, description="Pooling factor per stage and axis: depth lists of spatial_dims values, each 1 or 2 "

@@ -359,13 +359,15 @@ def predict_entries(cfg: InferConfig, entries: list[dict[str, Any]], model: Pinn
 
 
 def with_model_tile(cfg: InferConfig, model: PinnedModel) -> InferConfig:
-    """``cfg`` with a 3-D model's own tile (``tile`` in its ``config.json``: the patch it was validated with, an
-    edge or one per axis) when ``cfg`` was made without a tile; else ``cfg`` as it is (a 2-D model keeps the
-    default, 256)."""
+    """``cfg`` with the own tile of a model trained on volumes (``tile`` in its ``config.json``: the tile it was
+    validated with; a 3-D model's patch, an edge or one per axis, or a 2-D model's slice tile) when ``cfg`` was
+    made without a tile; else ``cfg`` as it is (a 2-D model trained on images keeps the default, 256)."""
     if "tile" in cfg.model_fields_set:
         return cfg
     config = json.loads((Path(model.directory) / "config.json").read_text())
-    tile = config.get("tile") if int(config.get("model", {}).get("spatial_dims", 2)) == 3 else None
+    model_dims = int(config.get("model", {}).get("spatial_dims", 2))
+    data_dims = int(config.get("task", {}).get("spatial_dims", model_dims))
+    tile = config.get("tile") if data_dims == 3 else None
     return cfg if tile is None else cfg.model_copy(update={"tile": tile})
 
 
