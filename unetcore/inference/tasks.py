@@ -32,7 +32,7 @@ from unetcore.inference.layout import (
     record_path,
     side_path,
 )
-from unetcore.inference.predict import BlockPredictor, logits_to_outputs
+from unetcore.inference.predict import BlockPredictor
 from unetcore.inference.windows import Block
 from unetcore.metrics import confusion_counts
 from unetcore.model import load_model
@@ -57,6 +57,8 @@ class ModelSpec:
     tta: bool
     skip_empty: bool
     threads: int  # torch threads per task
+    precision: str = "auto"  # forward passes: auto = bf16 on CUDA; fp32 turns autocast off
+    auto_batch: bool = False  # the user left batch_size unset: on CUDA, size it from free GPU memory
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,11 @@ def load_predictor(spec: ModelSpec) -> BlockPredictor:
     device = resolve_device(spec.device, index)
     bp = BlockPredictor.from_model(fold_batch_norm(model), config, device, tile=spec.tile, overlap=spec.overlap,
                                    batch_size=spec.batch_size, threshold=spec.threshold, tta=spec.tta,
-                                   skip_empty=spec.skip_empty)
+                                   skip_empty=spec.skip_empty, precision=spec.precision,  # type: ignore[arg-type]
+                                   auto_batch=spec.auto_batch)
     bp.predictor = with_heap_buffers(bp.predictor)  # activations reused from pass to pass (unetcore.allocator)
+    if bp.kernel is not None and device.type == "cpu":
+        bp.kernel.predictor = with_heap_buffers(bp.kernel.predictor)
     return bp
 
 
@@ -146,13 +151,12 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     image = omezarr.image_array(src)
     shape = image.shape[1:]
     grid = bp.grid(shape)
-    logits = bp.logits(image, job.stats, grid, block)
+    probs, labels = bp.outputs(image, job.stats, grid, block, job.probability_dtype if job.save_probabilities else None)
     t_model = time.perf_counter() - t0
-    probs, labels = logits_to_outputs(logits, bp.num_classes, bp.threshold)
     out = zarr.open_group(store=job.output, mode="r+")
     out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
-    if job.save_probabilities:
-        out["0"][(slice(None), *block.slices)] = probs.astype(job.probability_dtype)
+    if probs is not None:
+        out["0"][(slice(None), *block.slices)] = probs
     if job.components != "none":
         stage = "raw" if job.components == "all" else "final"
         _label_and_save(job, labels, block, stage, job.components == "all", shape)
@@ -160,7 +164,7 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
               "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
     atomic_write_json(record_path(Path(job.records), block), record)
-    del logits, probs, labels
+    del probs, labels
     release_free_memory()  # what the block's buffers kept goes back: memory stays flat over many blocks
     return record
 

@@ -241,6 +241,28 @@ def plan_blocks(shape: Shape, block: Shape) -> list[Block]:
     ]
 
 
+def tile_batches(tiles: Sequence[Shape], size: int) -> Iterator[Sequence[Shape]]:
+    """``tiles`` in consecutive batches of at most ``size`` (the order kept, so blending sums in one order)."""
+    if size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {size}")
+    for i in range(0, len(tiles), size):
+        yield tiles[i : i + size]
+
+
+def tile_window(origin: Shape, offset: Shape, tile: Shape) -> tuple[slice, ...]:
+    """The slices of the tile at ``origin`` in an array whose first element lies at ``offset``."""
+    return tuple(slice(o - a, o - a + t) for o, a, t in zip(origin, offset, tile))
+
+
+def tile_overlap(origin: Shape, tile: Shape, block: Block) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Where the tile at ``origin`` meets ``block``: (slices in tile coordinates, slices in block coordinates)."""
+    lo = [max(o, a) for o, a in zip(origin, block.start)]
+    hi = [min(o + t, b) for o, t, b in zip(origin, tile, block.stop)]
+    in_tile = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))
+    in_block = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, block.start))
+    return in_tile, in_block
+
+
 def _starts_touching(starts: tuple[int, ...], tile: int, lo: int, hi: int) -> tuple[int, ...]:
     """Starts ``s`` (sorted) whose extent ``[s, s + tile)`` intersects ``[lo, hi)``: ``lo - tile < s < hi``."""
     return starts[bisect_right(starts, lo - tile) : bisect_left(starts, hi)]
