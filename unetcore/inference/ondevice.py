@@ -14,7 +14,8 @@ system, Zarr or Dask.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -205,6 +206,23 @@ class DeviceKernel:
                 logits = self.logits(host, channels, affine, grid, block, batch_size, torch.device("cpu"))
             probs, labels = outputs_tensor(logits, self.num_classes, self.threshold)
             return copy_back(probs if probability_dtype else None, labels, probability_dtype or "float32")
+
+
+def predict_blocks(kernel: DeviceKernel, read_raw: Reader, image_shape: Shape, channels: int, affine: Affine,
+                   grid: TileGrid, blocks: Sequence[Block], batch_size: int, probability_dtype: str | None = "float32"
+                   ) -> Iterator[tuple[Block, np.ndarray | None, np.ndarray]]:
+    """``(block, probabilities, labels)`` of every block in order, a thread reading the next block's pixels while
+    this one computes (so a GPU does not wait for the host's reads)."""
+    if not blocks:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="unet-prefetch") as pool:
+        ahead = pool.submit(read_region, read_raw, image_shape, grid, blocks[0])
+        for i, block in enumerate(blocks):
+            host = ahead.result()
+            if i + 1 < len(blocks):
+                ahead = pool.submit(read_region, read_raw, image_shape, grid, blocks[i + 1])
+            probs, labels = kernel.outputs(host, channels, affine, grid, block, batch_size, probability_dtype)
+            yield block, probs, labels
 
 
 # --- tensor predictors ----------------------------------------------------------------------------------------

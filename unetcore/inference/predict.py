@@ -9,7 +9,6 @@ slice deep, folded into the batch); a 3-D model predicts it with 3-D tiles.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,7 @@ from unetcore.inference.ondevice import (
     DeviceKernel,
     HostRegion,
     numpy_predictor,
+    predict_blocks,
     probe_batch_size,
     read_region,
     skip_empty_tensor_predictor,
@@ -32,6 +32,7 @@ from unetcore.inference.ondevice import (
 )
 from unetcore.inference.stitch import (
     Predictor,
+    Reader,
     predict_block,
     skip_empty_predictor,
     slicewise_predictor,
@@ -92,6 +93,15 @@ def tile_shape(tile: int | Shape, spatial_dims: int, ndim: int) -> Shape:
     if len(edges) != spatial_dims:
         raise ValueError(f"tile {tile!r} does not have the model's {spatial_dims} axes")
     return (1,) * (ndim - spatial_dims) + edges
+
+
+def _raw_reader(image: zarr.Array) -> Reader:
+    """Reads the raw pixels ``(C, *box)`` of ``image`` (any array-like: Zarr, numpy)."""
+
+    def read(*box: slice) -> np.ndarray:
+        return np.asarray(image[(slice(None), *box)])
+
+    return read
 
 
 @dataclass
@@ -162,10 +172,7 @@ class BlockPredictor:
         return TileGrid.build(shape, tile_shape(self.tile, self.spatial_dims, len(shape)), self.overlap)
 
     def _host_region(self, image: zarr.Array, grid: TileGrid, block: Block) -> HostRegion:
-        def read_raw(*box: slice) -> np.ndarray:
-            return np.asarray(image[(slice(None), *box)])
-
-        return read_region(read_raw, tuple(image.shape[1:]), grid, block)
+        return read_region(_raw_reader(image), tuple(image.shape[1:]), grid, block)
 
     def logits(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block) -> np.ndarray:
         """Blended logits (K, *block.shape) of ``block`` of ``image`` (C, [D,] H, W)."""
@@ -213,12 +220,8 @@ class BlockPredictor:
                 probs, labels = logits_to_outputs(self.logits(image, stats, grid, b), self.num_classes, self.threshold)
                 yield b, probs, labels
             return
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch") as pool:
-            ahead = pool.submit(self._host_region, image, grid, plan[0])
-            for i, b in enumerate(plan):
-                host = ahead.result()
-                if i + 1 < len(plan):
-                    ahead = pool.submit(self._host_region, image, grid, plan[i + 1])
-                probs, labels = self.outputs(image, stats, grid, b, "float32", host)
-                assert probs is not None
-                yield b, probs, labels
+        affine = affine_of(stats, self.recipe)
+        for b, probs, labels in predict_blocks(self.kernel, _raw_reader(image), shape, image.shape[0], affine, grid, plan,
+                                               self.batch_size, "float32"):
+            assert probs is not None
+            yield b, probs, labels
