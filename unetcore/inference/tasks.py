@@ -84,7 +84,8 @@ def _worker_identity() -> tuple[int, str]:
         worker = get_worker()
     except (ImportError, ValueError):
         return 0, ""
-    return worker_gpu_index(worker.name), urlparse(worker.address).hostname or ""
+    index = worker_gpu_index(worker.name, getattr(getattr(worker, "state", None), "total_resources", None))
+    return index, urlparse(worker.address).hostname or ""
 
 
 def load_predictor(spec: ModelSpec) -> BlockPredictor:
