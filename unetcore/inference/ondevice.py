@@ -152,7 +152,7 @@ def blend_block(
             acc = torch.zeros((out.shape[1], *block.shape), dtype=torch.float32, device=acc_device)
         for origin, pred in zip(batch, out):
             in_tile, in_block = tile_overlap(origin, grid.tile, block)
-            acc[(slice(None), *in_block)] += pred[(slice(None), *in_tile)] * w[in_tile]
+            acc[(slice(None), *in_block)].addcmul_(pred[(slice(None), *in_tile)], w[in_tile])  # fused: one pass
             norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
     return acc.div_(norm)
