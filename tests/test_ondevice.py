@@ -12,7 +12,15 @@ import pytest
 import torch
 
 from unetcore.config import ForegroundIntensity, ModelConfig, NormalizationConfig
-from unetcore.inference import Block, BlockPredictor, TileGrid, gaussian_weights
+from unetcore.inference import (
+    Block,
+    BlockPredictor,
+    TileGrid,
+    gaussian_weight_sum,
+    gaussian_weights,
+    tile_overlap,
+    tiles_for_block,
+)
 from unetcore.inference.ondevice import (
     DeviceKernel,
     batch_for_memory,
@@ -192,6 +200,23 @@ def test_blending_on_the_device_is_gaussian_weighted() -> None:
     x = 12  # inside both tiles: weight w[12] on value 0, w[4] on value 1
     assert out[0, 0, x].item() == pytest.approx(w[4] / (w[12] + w[4]), abs=1e-6)
     assert out[0, 0, 2].item() == 0.0 and out[0, 0, 20].item() == 1.0
+
+
+@pytest.mark.parametrize(("shape", "tile", "block"), [
+    ((700, 530), (256, 256), Block(256, 700, 0, 512)),
+    ((40, 70, 53), (16, 32, 32), Block(8, 40, 0, 64, 16, 53)),
+    ((30, 20), (64, 64), Block(0, 30, 0, 20)),  # one tile larger than the image
+])
+def test_the_weight_sum_per_axis_equals_the_tile_by_tile_sum(shape: tuple[int, ...], tile: tuple[int, ...],
+                                                              block: Block) -> None:
+    grid = TileGrid.build(shape, tile, 0.5)
+    w = gaussian_weights(grid.tile)
+    by_tile = np.zeros(block.shape, np.float32)
+    for origin in tiles_for_block(grid, block):
+        in_tile, in_block = tile_overlap(origin, grid.tile, block)
+        by_tile[in_block] += w[in_tile]
+    np.testing.assert_allclose(gaussian_weight_sum(grid, block), by_tile, rtol=1e-6)
+    assert gaussian_weight_sum(grid, block, sigma_scale=1e-3) is None  # clamped zeros: not separable
 
 
 def test_tensor_predictor_runs_channels_last_in_float32_on_the_cpu() -> None:

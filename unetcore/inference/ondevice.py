@@ -26,6 +26,7 @@ from unetcore.inference.windows import (
     Block,
     Shape,
     TileGrid,
+    gaussian_weight_sum,
     gaussian_weights,
     region_for_tiles,
     tile_batches,
@@ -135,16 +136,20 @@ def blend_block(
     batch_size: int,
     weights: torch.Tensor,
     accumulate_on: torch.device | None = None,
+    weight_sum: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Blended logits ``(K, *block.shape)`` float32 of ``block`` from its region's normalised pixels ``data``.
 
     Tiles are cut from ``data`` on its device and predicted there in batches of ``batch_size``; the weighted sums
-    live on ``accumulate_on`` (default: ``data``'s device; the CPU is the out-of-memory fallback).
+    live on ``accumulate_on`` (default: ``data``'s device; the CPU is the out-of-memory fallback). ``weight_sum``,
+    the sum of the weights over the block (:func:`~unetcore.inference.windows.gaussian_weight_sum`), spares the
+    pass per tile that sums them.
     """
     acc_device = data.device if accumulate_on is None else accumulate_on
     w = weights.to(acc_device)
     acc: torch.Tensor | None = None
-    norm = torch.zeros(block.shape, dtype=torch.float32, device=acc_device)
+    summed = weight_sum is not None
+    norm = weight_sum.to(acc_device) if weight_sum is not None else torch.zeros(block.shape, device=acc_device)
     for batch in tile_batches(tiles_for_block(grid, block), batch_size):
         inputs = torch.stack([data[(slice(None), *tile_window(o, region.start, grid.tile))] for o in batch])
         out = _checked(predictor, inputs).to(acc_device)
@@ -153,7 +158,8 @@ def blend_block(
         for origin, pred in zip(batch, out):
             in_tile, in_block = tile_overlap(origin, grid.tile, block)
             acc[(slice(None), *in_block)].addcmul_(pred[(slice(None), *in_tile)], w[in_tile])  # fused: one pass
-            norm[in_block] += w[in_tile]
+            if not summed:
+                norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
     return acc.div_(norm)
 
@@ -192,7 +198,10 @@ class DeviceKernel:
         """Blended logits ``(K, *block.shape)`` of ``block`` from its host region."""
         data = region_tensor(host, channels, affine, self.device)
         weights = torch.from_numpy(np.array(gaussian_weights(grid.tile))).to(self.device)
-        return blend_block(data, host.region, self.predictor, grid, block, batch_size, weights, accumulate_on)
+        summed = gaussian_weight_sum(grid, block)
+        weight_sum = None if summed is None else torch.from_numpy(summed).to(self.device)
+        return blend_block(data, host.region, self.predictor, grid, block, batch_size, weights, accumulate_on,
+                           weight_sum)
 
     def outputs(self, host: HostRegion, channels: int, affine: Affine, grid: TileGrid, block: Block,
                 batch_size: int, probability_dtype: str | None = "float16") -> tuple[np.ndarray | None, np.ndarray]:

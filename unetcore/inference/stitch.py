@@ -17,6 +17,7 @@ from unetcore.inference.windows import (
     Block,
     Shape,
     TileGrid,
+    gaussian_weight_sum,
     gaussian_weights,
     padded_shape,
     plan_blocks,
@@ -67,9 +68,12 @@ def predict_block(
     """Blended prediction ``(K, *block.shape)`` float32 of one block, equal to whole-image inference there.
 
     Reads the bounding region of every tile touching ``block`` once, predicts the tiles in batches of
-    ``batch_size`` and accumulates ``prediction * weight`` and ``weight`` over the block's extent only.
+    ``batch_size`` and accumulates ``prediction * weight`` over the block's extent only; the sum of the weights
+    comes per axis (:func:`~unetcore.inference.windows.gaussian_weight_sum`) for the default Gaussian map, tile
+    by tile for other ``weights``.
     ``weights`` defaults to ``gaussian_weights(grid.tile)``. Works for images and volumes alike.
     """
+    default = weights is None or weights is gaussian_weights(grid.tile)
     w = gaussian_weights(grid.tile) if weights is None else np.asarray(weights, dtype=np.float32)
     if w.shape != grid.tile:
         raise ValueError(f"weights have shape {w.shape}, the tile is {grid.tile}")
@@ -78,7 +82,8 @@ def predict_block(
     data = read_padded(read, image_shape, region, channels)
 
     acc: np.ndarray | None = None  # (K, *block.shape); K is known after the first forward pass
-    norm = np.zeros(block.shape, dtype=np.float32)
+    summed = gaussian_weight_sum(grid, block) if default else None  # the denominator, per axis (no pass per tile)
+    norm = np.zeros(block.shape, dtype=np.float32) if summed is None else summed
     for batch in tile_batches(tiles, batch_size):
         inputs = np.stack([data[(slice(None), *tile_window(o, region.start, grid.tile))] for o in batch])
         out = _predict(predictor, inputs)
@@ -87,7 +92,8 @@ def predict_block(
         for origin, pred in zip(batch, out):
             in_tile, in_block = tile_overlap(origin, grid.tile, block)
             acc[(slice(None), *in_block)] += pred[(slice(None), *in_tile)] * w[in_tile]
-            norm[in_block] += w[in_tile]
+            if summed is None:
+                norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
     acc /= norm
     return acc
@@ -111,7 +117,8 @@ def sliding_window(
     origin = (0,) * grid.ndim
 
     acc: np.ndarray | None = None
-    norm = np.zeros(padded_to, dtype=np.float32)
+    summed = gaussian_weight_sum(grid, Block.covering(padded_to))  # as predict_block's: blocks equal it exactly
+    norm = np.zeros(padded_to, dtype=np.float32) if summed is None else summed
     for batch in tile_batches(list(grid.tiles()), batch_size):
         out = _predict(predictor, np.stack([padded[(slice(None), *tile_window(o, origin, grid.tile))] for o in batch]))
         if acc is None:
@@ -119,7 +126,8 @@ def sliding_window(
         for o, pred in zip(batch, out):
             window = tile_window(o, origin, grid.tile)
             acc[(slice(None), *window)] += pred * weights
-            norm[window] += weights
+            if summed is None:
+                norm[window] += weights
     assert acc is not None
     crop = tuple(slice(0, n) for n in spatial)
     return acc[(slice(None), *crop)] / norm[crop]

@@ -138,6 +138,12 @@ def gaussian_weights(tile: Shape, sigma_scale: float = 1 / 8, dtype: DTypeLike =
     return _gaussian(tile, float(sigma_scale), np.dtype(dtype))
 
 
+def _unit_profiles(tile: Shape, sigma_scale: float) -> list[np.ndarray]:
+    """The map's per-axis factors, each scaled to max 1 (their product is the map before the float32 cast)."""
+    profiles = [_profile(n, sigma_scale) for n in tile]
+    return [p / p.max() for p in profiles]
+
+
 @dataclass(frozen=True, init=False, repr=False)
 class Block:
     """A half-open box of the image (or of its padded extent): ``[start[i], stop[i])`` along spatial axis ``i``.
@@ -283,6 +289,28 @@ def region_for_tiles(tiles: Iterable[Shape], tile: Shape) -> Block:
     if origins.size == 0:
         raise ValueError("region_for_tiles needs at least one tile")
     return Block.from_corners(origins.min(axis=0).tolist(), (origins.max(axis=0) + np.asarray(tile)).tolist())
+
+
+def gaussian_weight_sum(grid: TileGrid, block: Block, sigma_scale: float = 1 / 8) -> np.ndarray | None:
+    """The blend's denominator on ``block``: the sum of the Gaussian weights of every tile touching it, float32.
+
+    Computed per axis, without a pass over each tile: the map is a product of one profile per axis and the tiles
+    touching a block are the product of per-axis starts, so the sum is the outer product of per-axis sums (equal
+    to the tile-by-tile sum up to float32 rounding, ~1e-7 relative). None when the map's zeros were clamped (a
+    very small ``sigma_scale``): then it is not separable, and the caller sums tile by tile.
+    """
+    _check_same_ndim(grid=grid.shape, block=block.start)
+    unit = _unit_profiles(grid.tile, float(sigma_scale))
+    if np.float32(math.prod(float(q.min()) for q in unit)) == 0:
+        return None
+    sums = []
+    for starts, t, lo, hi, q in zip(grid.starts, grid.tile, block.start, block.stop, unit):
+        total = np.zeros(hi - lo, dtype=np.float64)
+        for o in _starts_touching(starts, t, lo, hi):
+            a, b = max(o, lo), min(o + t, hi)
+            total[a - lo : b - lo] += q[a - o : b - o]
+        sums.append(total)
+    return functools.reduce(np.multiply.outer, sums).astype(np.float32)
 
 
 def _axis_evaluations(starts: tuple[int, ...], tile: int, size: int, band: int) -> int:
