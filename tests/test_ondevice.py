@@ -154,7 +154,7 @@ def test_probabilities_come_back_once_in_their_stored_dtype() -> None:
 
 @pytest.mark.parametrize(("free", "per_tile", "want"), [
     (80 * 2**30, 200 * 2**20, 128),  # an 80 GB GPU, 200 MB a tile: capped at 128
-    (16 * 2**30, 200 * 2**20, 40),  # half of 16 GB / 200 MB
+    (16 * 2**30, 200 * 2**20, 32),  # 40 % of 16 GB / 200 MB
     (300 * 2**20, 200 * 2**20, 1),  # never below one tile
     (2**30, 0, 128),
 ])

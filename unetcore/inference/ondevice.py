@@ -328,9 +328,10 @@ def numpy_predictor(predictor: TensorPredictor, device: torch.device) -> Callabl
 # --- the tile batch from free device memory ------------------------------------------------------------------
 
 
-def batch_for_memory(free_bytes: int, bytes_per_tile: int, fraction: float = 0.5, low: int = 1,
+def batch_for_memory(free_bytes: int, bytes_per_tile: int, fraction: float = 0.4, low: int = 1,
                      high: int = MAX_AUTO_BATCH) -> int:
-    """Tiles per forward pass that fit ``fraction`` of ``free_bytes`` at ``bytes_per_tile``, within [low, high]."""
+    """Tiles per forward pass that fit ``fraction`` of ``free_bytes`` at ``bytes_per_tile``, within [low, high]
+    (0.4: a GPU worker runs two block tasks at once, see :data:`unetcore.cluster.GPU_TASKS`)."""
     if bytes_per_tile <= 0:
         return high
     return int(max(low, min(high, int(free_bytes * fraction) // bytes_per_tile)))

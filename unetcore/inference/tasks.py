@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -112,10 +113,18 @@ def load_predictor(spec: ModelSpec) -> BlockPredictor:
 _predictor_factory: Callable[[ModelSpec], BlockPredictor] = load_predictor
 
 
+_build_lock = threading.Lock()  # a GPU worker runs two block tasks at once: the first builds, the second waits
+
+
 @functools.lru_cache(maxsize=4)
+def _built(spec: ModelSpec) -> BlockPredictor:
+    return _predictor_factory(spec)
+
+
 def worker_predictor(spec: ModelSpec) -> BlockPredictor:
     """This process's predictor for ``spec``, built once (cached by the spec, which includes the weights' hash)."""
-    return _predictor_factory(spec)
+    with _build_lock:
+        return _built(spec)
 
 
 def set_worker_predictor_factory(factory: Callable[[ModelSpec], BlockPredictor] | None) -> None:
@@ -125,7 +134,7 @@ def set_worker_predictor_factory(factory: Callable[[ModelSpec], BlockPredictor] 
     """
     global _predictor_factory
     _predictor_factory = factory or load_predictor
-    worker_predictor.cache_clear()
+    _built.cache_clear()
 
 
 def _counts(src: zarr.Group, labels: np.ndarray, block: Block, num_classes: int) -> list[list[int]] | None:
