@@ -25,10 +25,12 @@ from unetcore.inference.ondevice import (
     DeviceKernel,
     batch_for_memory,
     blend_block,
+    normalize_tensor,
     probe_batch_size,
     read_region,
     region_tensor,
     tensor_predictor,
+    to_device,
 )
 from unetcore.inference.predict import affine_of
 from unetcore.model import UNet
@@ -114,10 +116,13 @@ def test_device_normalisation_equals_numpys(mode: str, dtype: type) -> None:
     stats = stats_of(raw)
     grid = TileGrid.build((9, 11), (16, 16), 0.5)  # one tile larger than the image: the region is padded
     host = read_region(lambda *box: raw[(slice(None), *box)], (9, 11), grid, Block(0, 9, 0, 11))
-    got = region_tensor(host, 2, affine_of(stats, recipe), CPU).numpy()
+    affine = affine_of(stats, recipe)
+    got = region_tensor(host, 2, affine, CPU).numpy()
     want = np.zeros((2, 16, 16), np.float32)
     want[:, :9, :11] = normalize(raw, stats, recipe)
     np.testing.assert_array_equal(got, want)
+    # the torch ops a GPU runs (on CPU tensors here) give the same numbers
+    np.testing.assert_array_equal(normalize_tensor(to_device(raw, CPU), affine).numpy(), want[:, :9, :11])
 
 
 def test_out_of_memory_falls_back_to_accumulating_on_the_cpu(caplog: pytest.LogCaptureFixture) -> None:
