@@ -1,4 +1,4 @@
-"""The ``unet`` command: ingest, plan, train, predict, pipeline, demo (and serve).
+"""The ``unet`` command: ingest, plan, train, predict, export, pipeline, demo (and serve).
 
 Each command builds the typed config (refusing bad values with the option named), runs quick pre-flight checks
 (folders exist, tracking server reachable) so a user error never costs hours, then runs the Prefect flow (or the
@@ -21,7 +21,14 @@ import typer.rich_utils
 from pydantic import BaseModel
 from rich.markup import escape
 
-from unetcore.config import DEFAULT_TRACKING_URI, InferConfig, IngestConfig, ModelConfig, TrainConfig
+from unetcore.config import (
+    DEFAULT_TRACKING_URI,
+    ExportConfig,
+    InferConfig,
+    IngestConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from unetcore.errors import ConfigError, UnetError
 
 # Help is 120 columns wide when piped (rich's 80 cut option names such as --threads-per-worker); a terminal's own
@@ -476,6 +483,40 @@ def _print_predictions(results: list[dict[str, Any]]) -> None:
             typer.echo(f"    blocks: {r['blocks']} ({r['blocks_skipped']} already done), tiles computed "
                        f"{r.get('tile_evaluations', 0)} for {r.get('grid_tiles', 0)} in the grid"
                        + (f", {r['instances']} instances" if r.get("instances") is not None else ""))
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="Model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/..., "
+                                "or a local model folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write (e.g. unet.onnx); <file>.json beside it "
+                                "says how to run it."),
+    fmt: Optional[str] = option(ExportConfig, "format", "--format"),
+    tracking_uri: Optional[str] = option(ExportConfig, "tracking_uri"),
+    opset: Optional[int] = option(ExportConfig, "opset"),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at the output."),
+    use_prefect: bool = PREFECT_OPT,
+) -> None:
+    """Export a model as one ONNX or TorchScript file that runs without this package, checked against torch."""
+
+    def body() -> int:
+        from unetcore.model import check_exportable, export_model
+
+        cfg = _config(ExportConfig, model=model, output=str(output), format=fmt, tracking_uri=tracking_uri,
+                      opset=opset, overwrite=overwrite)
+        from flows.export import export as export_flow
+
+        result = _flow_or_library(use_prefect, export_flow, lambda c: export_model(c).as_dict(), cfg,
+                                  check_exportable)
+        diffs = ", ".join(f"{v:.2g} at {k}" for k, v in result["max_abs_diff"].items())
+        typer.echo(f"exported {model} -> {result['path']} ({result['format']})\n"
+                   f"  checked against torch: max |diff| {diffs} (tolerance 1e-4)\n"
+                   f"  how to run it: {result['description']}\n"
+                   + (f"  logged to MLflow: {result['logged']}" if result["logged"]
+                      else f"  not logged to MLflow: {result['not_logged']}"))
+        return 0
+
+    run_command(body, output)
 
 
 @app.command()

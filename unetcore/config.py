@@ -24,6 +24,7 @@ from unetcore.modes import (
     Device,
     ExportKind,
     LossKind,
+    ModelFormat,
     NormalizationMode,
     NormKind,
     OptimizerKind,
@@ -340,6 +341,20 @@ class InferConfig(InferOptions, _InferTarget):
     """Options of ``predict``: tiled, blended inference of an ingested image on Dask."""
 
     overwrite: bool = Field(False, description="Replace an existing, different prediction.")
+
+
+class ExportConfig(_Config):
+    """Options of ``export``: one model written as a self-contained ONNX or TorchScript file, checked against torch."""
+
+    model: str = Field(description="Model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/..., or a "
+                       "local model folder.")
+    output: str = Field(description="File to write (e.g. unet.onnx); its description goes beside it as <file>.json.")
+    format: ModelFormat = Field("onnx", description="onnx: a graph for onnxruntime (or any ONNX runtime); "
+                                "torchscript: a module for torch.jit.load, without this package.")
+    tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="MLflow tracking URI used to resolve models:/ URIs "
+                              "and to log the export to the model's run.")
+    opset: int = Field(17, ge=7, le=23, description="ONNX opset (onnx format); the dynamic padding needs 11 or later.")
+    overwrite: bool = Field(False, description="Replace an existing file at the output.")
 
 
 class PipelineConfig(_Config):

@@ -26,6 +26,8 @@ BlockPath = Literal["numpy", "torch"]  # the block kernel: numpy arrays, or torc
 ExportKind = Literal["none", "png", "tiff", "nifti"]
 """Label mask export: none; PNG (small images; a volume gets a TIFF stack); tiled BigTIFF (a volume: an ImageJ
 TIFF stack); NIfTI (volumes read from NIfTI or DICOM, with the source's affine)."""
+ModelFormat = Literal["onnx", "torchscript"]
+"""``unet export``: an ONNX graph (onnxruntime and any ONNX runtime) or a TorchScript module (``torch.jit.load``)."""
 SpatialDims = Literal[2, 3]
 """Spatial axes a model convolves: 2 (images; volumes slice by slice) or 3 (volumes)."""
 
