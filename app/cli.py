@@ -274,6 +274,9 @@ def ingest(
     masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems."),
     chunk_size: Optional[int] = option(IngestConfig, "chunk_size"),
     num_classes: Optional[int] = option(IngestConfig, "num_classes"),
+    class_names: Optional[str] = option(IngestConfig, "class_names", help="Comma-separated name per class, "
+                                        "background first (e.g. background,nucleus,membrane); implies "
+                                        "--num-classes; recorded with models and predictions."),
     val_fraction: Optional[float] = option(IngestConfig, "val_fraction"),
     test_fraction: Optional[float] = option(IngestConfig, "test_fraction"),
     channel_axis: Optional[str] = option(IngestConfig, "channel_axis"),
@@ -292,7 +295,8 @@ def ingest(
         from unetcore.ingest import check_ingestable, ingest_folder
 
         cfg = _config(IngestConfig, images=str(images), masks=str(masks) if masks else None, output=str(output),
-                      chunk_size=chunk_size, num_classes=num_classes, val_fraction=val_fraction,
+                      chunk_size=chunk_size, num_classes=num_classes,
+                      class_names=class_names.split(",") if class_names else None, val_fraction=val_fraction,
                       test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
                       pyramid=pyramid, threads=threads, n_workers=n_workers, scheduler_address=scheduler_address)
         from flows.ingest import ingest as ingest_flow
@@ -474,11 +478,28 @@ def _engine_log_to_stderr(enabled: bool) -> Iterator[None]:
         yield
 
 
+def _print_provenance(results: list[dict[str, Any]]) -> None:
+    """The run's provenance, once: model, code and options (each image's input hash is on its own lines)."""
+    from unetcore.inference import provenance_lines
+
+    first = next((r["provenance"] for r in results if r.get("provenance")), None)
+    if first is not None:
+        typer.echo("provenance (kept in each store's attributes and export):")
+        for line in provenance_lines(first):
+            typer.echo(f"  {line}")
+
+
 def _print_predictions(results: list[dict[str, Any]]) -> None:
+    _print_provenance(results)
     for r in results:
         dice = f", Dice {r['dice']:.4f}" if r["dice"] is not None else ""
         typer.echo(f"  {r['id']}: {r['pixels'] / 1e6:.2f} MP in {r['seconds']:.1f} s ({r['megapixels_per_s']:.2f} "
                    f"MP/s{dice})\n    zarr: {r['output']}\n    mask: {r['export']}\n    preview: {r['preview']}")
+        if r.get("objects"):
+            typer.echo(f"    objects: {r['objects']}")
+        source = ((r.get("provenance") or {}).get("input") or {}).get("source_hash")
+        if source:
+            typer.echo(f"    input hash: {source}")
         if r.get("blocks"):
             typer.echo(f"    blocks: {r['blocks']} ({r['blocks_skipped']} already done), tiles computed "
                        f"{r.get('tile_evaluations', 0)} for {r.get('grid_tiles', 0)} in the grid"

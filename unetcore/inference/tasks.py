@@ -34,6 +34,7 @@ from unetcore.inference.layout import (
     side_path,
 )
 from unetcore.inference.predict import BlockPredictor
+from unetcore.inference.resample import Resampling, block_outputs
 from unetcore.inference.windows import Block
 from unetcore.metrics import confusion_counts
 from unetcore.model import load_model
@@ -75,6 +76,7 @@ class ImageJob:
     probability_dtype: str
     components: Components
     instances: bool
+    resampling: Resampling | None = None  # predicted at the model's spacing (unetcore.inference.resample)
 
 
 def _worker_identity() -> tuple[int, str]:
@@ -160,8 +162,12 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     src = omezarr.open_root(Path(job.input))
     image = omezarr.image_array(src)
     shape = image.shape[1:]
-    grid = bp.grid(shape)
-    probs, labels = bp.outputs(image, job.stats, grid, block, job.probability_dtype if job.save_probabilities else None)
+    stored = job.probability_dtype if job.save_probabilities else None
+    if job.resampling is None:  # on the block predictor's kernel (on a GPU: one copy back, in the stored dtype)
+        probs, labels = bp.outputs(image, job.stats, bp.grid(shape), block, stored)
+    else:
+        resampled, labels = block_outputs(bp, image, job.stats, block, job.resampling)
+        probs = None if stored is None else resampled.astype(stored)
     t_model = time.perf_counter() - t0
     out = zarr.open_group(store=job.output, mode="r+")
     out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
