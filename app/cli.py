@@ -439,6 +439,7 @@ def predict(
     workers: Optional[int] = option(InferConfig, "n_workers", "--workers"),
     threads_per_worker: Optional[int] = option(InferConfig, "threads_per_worker"),
     device: Optional[str] = option(InferConfig, "device"),
+    precision: Optional[str] = option(InferConfig, "precision"),
     overwrite: bool = typer.Option(False, help="Replace an existing, different prediction."),
     use_prefect: bool = PREFECT_OPT,
 ) -> None:
@@ -456,7 +457,8 @@ def predict(
                       split=split, tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size,
                       threshold=threshold, tta=tta, min_object_size=min_object_size, skip_empty=skip_empty,
                       instances=instances, export=export, scheduler_address=scheduler_address, n_workers=workers,
-                      threads_per_worker=threads_per_worker, device=device, overwrite=overwrite)
+                      threads_per_worker=threads_per_worker, device=device, precision=precision,
+                      overwrite=overwrite)
         from flows.infer import infer as infer_flow
 
         with _engine_log_to_stderr(not use_prefect):  # flows forward it to the run's log themselves

@@ -30,10 +30,37 @@ def test_auto_and_cpu_run_on_the_cpu_and_say_so() -> None:
     assert facts["torch_cuda"] == str(torch.version.cuda)
 
 
-@pytest.mark.parametrize("name, index", [(0, 0), (3, 3), ("2", 2), ("gpu-5", 5), ("worker-10", 10),
-                                         ("tcp://10.0.0.5:4444-x", 0)])
-def test_a_dask_worker_takes_the_gpu_its_name_says(name: object, index: int) -> None:
-    assert worker_gpu_index(name) == index
+@pytest.mark.parametrize("name, index", [(0, 0), (3, 3), ("2", 2), ("gpu-5", 5), ("worker-10", 10), ("gpu7", 7),
+                                         ("tcp://10.0.0.5:4444-x", 0), ("tcp://10.0.0.5:40331", 0),
+                                         ("10.0.0.5:40331", 0), ("scheduler", 0)])
+def test_a_dask_worker_takes_the_gpu_its_name_says_never_its_port(name: object, index: int) -> None:
+    assert worker_gpu_index(name, visible="") == index
+
+
+def test_a_worker_resource_or_a_single_visible_gpu_decides_before_the_name() -> None:
+    assert worker_gpu_index("tcp://10.0.0.5:40331", {"GPU_INDEX": 3.0}, visible="") == 3
+    assert worker_gpu_index("gpu-3", {"GPU_INDEX": 1.0}, visible="") == 1
+    assert worker_gpu_index("gpu-3", {"GPU_INDEX": 1.0}, visible="2") == 0  # it sees one GPU: that one
+    assert worker_gpu_index("gpu-3", visible="0,1,2,3") == 3
+
+
+def test_auto_says_in_one_line_when_a_cpu_torch_runs_on_a_gpu_machine(monkeypatch: pytest.MonkeyPatch,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    import unetcore.devices as devices
+
+    monkeypatch.setattr(devices.torch.version, "cuda", None)
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
+    with caplog.at_level("WARNING", "unetcore.devices"):
+        check_device("auto")
+    [record] = caplog.records
+    assert "\n" not in record.getMessage()
+    assert "CPU build" in record.getMessage() and "nvidia-smi" in record.getMessage() and ".venv" in record.getMessage()
+    with pytest.raises(ConfigError, match="CPU build although `nvidia-smi` sees a GPU"):
+        check_device("cuda")
+    caplog.clear()
+    monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: False)
+    check_device("auto")
+    assert caplog.records == []  # a CPU-only machine: nothing to say
 
 
 @pytest.mark.parametrize("command", ["train", "predict"])

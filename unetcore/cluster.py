@@ -48,6 +48,10 @@ class Cluster:
         return max(1, sum(w.get("nthreads", 1) for w in self.client.scheduler_info()["workers"].values()))
 
 
+GPU_TASKS = 2
+"""Block tasks a GPU worker runs at once: one block's reads and writes overlap the other's compute on the GPU."""
+
+
 def local_cluster_shape(cores: int, gpus: int, n_workers: int = 0, threads: int = 0) -> tuple[int, int]:
     """(worker processes, torch threads each) for a local cluster.
 
@@ -108,9 +112,10 @@ def _local(n_workers: int, threads_per_worker: int, device: Device) -> Iterator[
     import dask
     from distributed import Client, LocalCluster
 
-    workers, threads = local_cluster_shape(os.cpu_count() or 1, _local_gpus(device), n_workers, threads_per_worker)
+    gpus = _local_gpus(device)
+    workers, threads = local_cluster_shape(os.cpu_count() or 1, gpus, n_workers, threads_per_worker)
     with dask.config.set(QUIET_WORKERS):  # read by the nannies as they are made; they pass it to their workers
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+        cluster = LocalCluster(n_workers=workers, threads_per_worker=GPU_TASKS if gpus else 1, processes=True,
                                dashboard_address="127.0.0.1:0", host="127.0.0.1", memory_limit="auto")
     client = Client(cluster)
     client.run(exit_without_finalizing)

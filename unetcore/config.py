@@ -28,6 +28,7 @@ from unetcore.modes import (
     NormalizationMode,
     NormKind,
     OptimizerKind,
+    Precision,
     ProbabilityDtype,
     SamplingKind,
     ScheduleKind,
@@ -334,6 +335,9 @@ class InferOptions(_Config):
     save_probabilities: bool = Field(True, description="Write class probabilities as well as labels.")
     probability_dtype: ProbabilityDtype = Field("float16", description="Stored probability precision.")
     tta: bool = Field(False, description="Flip test-time augmentation (4 passes; 8 for a 3-D model).")
+    precision: Precision = Field("auto", description="Forward passes: auto = bf16 autocast on CUDA (tiled == whole "
+                                 "image within bf16's rounding), float32 on the CPU; fp32 = float32 on CUDA too; bf16 "
+                                 "= bf16 autocast on the CPU too.")
     min_object_size: int = Field(
         0, ge=0, description="Remove objects and fill holes smaller than this many pixels (voxels), sizes measured "
         "on the whole image (not per block); 0 = keep all.",

@@ -6,15 +6,20 @@ no GPU is usable (a CPU build of torch, no driver, no visible device) instead of
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import re
 import shutil
 import subprocess
+from collections.abc import Mapping
 
 import torch
 
 from unetcore.errors import ConfigError
 from unetcore.modes import Device
+
+log = logging.getLogger("unetcore.devices")
 
 
 def gpu_is_usable() -> bool:
@@ -31,8 +36,9 @@ def _why_no_gpu() -> str:
         f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
 
 
+@functools.lru_cache(maxsize=1)
 def nvidia_gpu_present() -> bool:
-    """``nvidia-smi -L`` lists a GPU (the driver sees one, whatever torch was built for)."""
+    """``nvidia-smi -L`` lists a GPU (the driver sees one, whatever torch was built for); asked once per process."""
     if shutil.which("nvidia-smi") is None:
         return False
     try:
@@ -42,14 +48,23 @@ def nvidia_gpu_present() -> bool:
     return out.returncode == 0 and "GPU" in out.stdout
 
 
+def cpu_torch_on_gpu_machine() -> bool:
+    """torch is a CPU build (``torch.version.cuda is None``) on a machine whose driver sees a GPU: typically a
+    ``.venv`` first built on a machine without one."""
+    return torch.version.cuda is None and nvidia_gpu_present()
+
+
 def check_device(name: Device) -> None:
-    """Refuse ``cuda`` where no GPU is usable, naming why.
+    """Refuse ``cuda`` where no GPU is usable, naming why; for ``auto``, say in one line (a warning) when a GPU is
+    there but this torch is a CPU build, so the run's CPU speed is not a surprise.
 
     Raises:
         ConfigError: ``device`` is ``cuda`` and torch cannot use a GPU here.
     """
     if name == "cuda" and not gpu_is_usable():
         raise ConfigError("device", f"cuda asked for, but {_why_no_gpu()}; use --device auto or cpu")
+    if name == "auto" and not gpu_is_usable() and cpu_torch_on_gpu_machine():
+        log.warning("warning: running on the CPU: %s", _why_no_gpu())
 
 
 def resolve_device(name: Device, index: int = 0) -> torch.device:
@@ -65,11 +80,30 @@ def resolve_device(name: Device, index: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def worker_gpu_index(worker_name: object) -> int:
-    """The GPU a Dask worker takes: its name if it is a number (a local cluster names them 0, 1, ...), else the
-    number it ends with (``dask worker --name gpu-3``), else 0 — give each remote worker its own
-    ``CUDA_VISIBLE_DEVICES`` (one GPU, which is then GPU 0) or such a name."""
-    match = re.search(r"(\d+)$", str(worker_name))
+GPU_RESOURCE = "GPU_INDEX"
+"""The Dask worker resource that names a worker's GPU: ``dask worker ADDRESS --resources GPU_INDEX=3``."""
+
+
+def worker_gpu_index(worker_name: object, resources: Mapping[str, float] | None = None,
+                     visible: str | None = None) -> int:
+    """The GPU a Dask worker takes, in this order of evidence:
+
+    1. ``CUDA_VISIBLE_DEVICES`` (``visible``; default: this process's) lists one device: that one, GPU 0;
+    2. a worker resource :data:`GPU_RESOURCE` (``--resources GPU_INDEX=3``);
+    3. the worker's name, when it is a number (a local cluster names them 0, 1, ...) or ends with one after a
+       letter or dash (``dask worker --name gpu-3``); never a port of an address-like name
+       (``tcp://10.0.0.5:40331``, Dask's default for a remote worker), which says nothing about GPUs;
+    4. else 0 (:func:`resolve_device` takes the index modulo the GPUs visible).
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    if visible is not None and len([d for d in visible.split(",") if d.strip()]) == 1:
+        return 0
+    if resources and GPU_RESOURCE in resources:
+        return int(resources[GPU_RESOURCE])
+    name = str(worker_name)
+    if "://" in name or re.search(r":\d+$", name):
+        return 0
+    match = re.fullmatch(r"(?:.*[A-Za-z_-])?(\d+)", name)
     return int(match.group(1)) if match else 0
 
 

@@ -21,6 +21,8 @@ Device = Literal["auto", "cpu", "cuda"]
 SplitChoice = Literal["all", "train", "val", "test"]
 Split = Literal["train", "val", "test"]
 ProbabilityDtype = Literal["float16", "float32"]
+Precision = Literal["auto", "bf16", "fp32"]  # forward passes: auto = bf16 autocast on CUDA, float32 on the CPU
+BlockPath = Literal["numpy", "torch"]  # the block kernel: numpy arrays, or torch ops on the model's device
 ExportKind = Literal["none", "png", "tiff", "nifti", "geojson"]
 """Label mask export: none; PNG (small images; a volume gets a TIFF stack); tiled BigTIFF (a volume: an ImageJ
 TIFF stack); NIfTI (volumes read from NIfTI or DICOM, with the source's affine); GeoJSON (2-D images with

@@ -277,7 +277,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     components: Components = "all" if cfg.min_object_size else "foreground" if cfg.instances else "none"
     tile = tuple(cfg.tile) if isinstance(cfg.tile, list) else cfg.tile  # a spec is hashed (cached models)
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
-                     cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads)
+                     cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads,
+                     cfg.precision, "batch_size" not in cfg.model_fields_set)
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
                    cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling)
     _run_tasks(cluster, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))

@@ -17,35 +17,53 @@ import torch
 import zarr
 
 from unetcore.config import NormalizationConfig
+from unetcore.inference.ondevice import (
+    Affine,
+    DeviceKernel,
+    HostRegion,
+    numpy_predictor,
+    predict_blocks,
+    probe_batch_size,
+    read_region,
+    skip_empty_tensor_predictor,
+    slicewise_tensor_predictor,
+    tensor_predictor,
+    tta_tensor_predictor,
+)
 from unetcore.inference.stitch import (
     Predictor,
+    Reader,
     predict_block,
     skip_empty_predictor,
     slicewise_predictor,
     tta_predictor,
 )
 from unetcore.inference.windows import Block, Shape, TileGrid, plan_blocks
-from unetcore.store.stats import normalize
+from unetcore.modes import BlockPath, Precision
+from unetcore.store.stats import clip_range, normalize, scale_and_offset
 
 
-def torch_predictor(model: torch.nn.Module, device: torch.device, spatial_dims: int = 2) -> Predictor:
-    """Wrap ``model`` as a numpy batch → logits function: inference mode, channels-last on CPU, AMP on CUDA.
+def torch_predictor(model: torch.nn.Module, device: torch.device, spatial_dims: int = 2,
+                    precision: Precision = "auto") -> Predictor:
+    """Wrap ``model`` as a numpy batch → logits function: inference mode, channels_last, bf16 autocast on CUDA
+    (``precision`` ``fp32`` turns it off; see :func:`~unetcore.inference.ondevice.tensor_predictor`).
 
     ``spatial_dims`` is the model's (2: batches ``(B, C, h, w)``, 3: ``(B, C, d, h, w)``); it picks the memory format.
     """
-    fmt = torch.channels_last_3d if spatial_dims == 3 else torch.channels_last
-    model = model.to(device).eval()
-    if device.type == "cpu":
-        model = model.to(memory_format=fmt)
+    return numpy_predictor(tensor_predictor(model, device, spatial_dims, precision), device)
 
-    def run(batch: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
-        if device.type == "cpu":
-            x = x.contiguous(memory_format=fmt)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            return model(x).float().cpu().numpy()
 
-    return run
+CPU_BLOCK_PATH: BlockPath = "torch"
+"""The block kernel on the CPU: the torch one, measured faster than numpy's there (BENCHMARKS.md, identity pipeline)."""
+
+
+def affine_of(stats: dict[str, Any], recipe: NormalizationConfig) -> Affine:
+    """The image's normalisation (its statistics and the model's recipe) as :class:`~unetcore.inference.ondevice.Affine`
+    for the device kernel: the same numbers :func:`unetcore.store.stats.normalize` uses."""
+    scale, offset = scale_and_offset(stats, recipe)
+    bounds = clip_range(stats, recipe)
+    low, high = (None, None) if bounds is None else (tuple(bounds[0].tolist()), tuple(bounds[1].tolist()))
+    return Affine(tuple(scale.tolist()), tuple(offset.tolist()), low, high, unit_clip=recipe.mode == "percentile")
 
 
 def logits_to_outputs(logits: np.ndarray, num_classes: int, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
@@ -77,12 +95,24 @@ def tile_shape(tile: int | Shape, spatial_dims: int, ndim: int) -> Shape:
     return (1,) * (ndim - spatial_dims) + edges
 
 
+def _raw_reader(image: zarr.Array) -> Reader:
+    """Reads the raw pixels ``(C, *box)`` of ``image`` (any array-like: Zarr, numpy)."""
+
+    def read(*box: slice) -> np.ndarray:
+        return np.asarray(image[(slice(None), *box)])
+
+    return read
+
+
 @dataclass
 class BlockPredictor:
     """Everything needed to predict blocks of one image: model, recipe, grid and batching.
 
-    ``predictor`` takes batches of the image's dimension (a 2-D model is wrapped by
-    :func:`~unetcore.inference.stitch.slicewise_predictor`); ``spatial_dims`` is the model's.
+    ``predictor`` takes numpy batches of the image's dimension (a 2-D model is wrapped by
+    :func:`~unetcore.inference.stitch.slicewise_predictor`); ``spatial_dims`` is the model's. With a ``kernel``
+    (:meth:`from_model` gives one on CUDA, and on the CPU when :data:`CPU_BLOCK_PATH` is ``torch``) blocks run on
+    the device end to end (:mod:`unetcore.inference.ondevice`), reads of the next block overlapping compute in
+    :meth:`blocks`; without one, the numpy kernel :func:`~unetcore.inference.stitch.predict_block` runs.
     """
 
     predictor: Predictor
@@ -93,22 +123,38 @@ class BlockPredictor:
     batch_size: int
     threshold: float = 0.5
     spatial_dims: int = 2
+    kernel: DeviceKernel | None = None
 
     @classmethod
     def from_model(
         cls, model: torch.nn.Module, config: dict[str, Any], device: torch.device, *, tile: int | Shape,
         overlap: float, batch_size: int, threshold: float = 0.5, tta: bool = False, skip_empty: bool = False,
+        precision: Precision = "auto", auto_batch: bool = False, path: BlockPath | None = None,
     ) -> BlockPredictor:
         """Build from a loaded model and its ``config.json`` content (without ``spatial_dims``: a 2-D model).
 
-        ``tta`` averages the flips of the model's axes (4 in 2-D, 8 in 3-D); ``skip_empty`` gives constant tiles
-        background logits without a forward.
+        ``tta`` averages the flips of the model's axes (4 in 2-D, 8 in 3-D; on the device kernel stacked into one
+        batch); ``skip_empty`` gives constant tiles background logits without a forward; ``precision`` ``fp32``
+        turns off CUDA's bf16 autocast; ``auto_batch`` sizes the tile batch from free GPU memory (on CUDA only;
+        ``batch_size`` elsewhere); ``path`` picks the kernel (None: ``torch`` on CUDA, :data:`CPU_BLOCK_PATH` on
+        the CPU).
         """
         num_classes = int(config["model"]["num_classes"])
         dims = int(config["model"].get("spatial_dims", 2))
-        predictor = torch_predictor(model, device, dims)
+        forward = tensor_predictor(model, device, dims, precision)
+        predictor = numpy_predictor(forward, device)
         predictor = tta_predictor(predictor) if tta else predictor
         predictor = slicewise_predictor(predictor) if dims == 2 else predictor
+        chosen = path or ("torch" if device.type == "cuda" else CPU_BLOCK_PATH)
+        kernel = None
+        if chosen == "torch":
+            tensors = tta_tensor_predictor(forward) if tta else forward
+            tensors = slicewise_tensor_predictor(tensors) if dims == 2 else tensors
+            if auto_batch:
+                channels = int(config["model"].get("in_channels", 1))
+                batch_size = probe_batch_size(tensors, channels, tile_shape(tile, dims, dims), device, batch_size)
+            tensors = skip_empty_tensor_predictor(tensors, num_classes) if skip_empty else tensors
+            kernel = DeviceKernel(tensors, device, num_classes, threshold)
         return cls(
             predictor=skip_empty_predictor(predictor, num_classes) if skip_empty else predictor,
             num_classes=num_classes,
@@ -118,31 +164,66 @@ class BlockPredictor:
             batch_size=batch_size,
             threshold=threshold,
             spatial_dims=dims,
+            kernel=kernel,
         )
 
     def grid(self, shape: Shape) -> TileGrid:
         """The global tile grid of an image (H, W) or volume (D, H, W), computed once, identical in every block."""
         return TileGrid.build(shape, tile_shape(self.tile, self.spatial_dims, len(shape)), self.overlap)
 
+    def _host_region(self, image: zarr.Array, grid: TileGrid, block: Block) -> HostRegion:
+        return read_region(_raw_reader(image), tuple(image.shape[1:]), grid, block)
+
     def logits(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block) -> np.ndarray:
         """Blended logits (K, *block.shape) of ``block`` of ``image`` (C, [D,] H, W)."""
         channels, *spatial = image.shape
+        if self.kernel is not None:
+            host = self._host_region(image, grid, block)
+            with torch.inference_mode():
+                return self.kernel.logits(host, channels, affine_of(stats, self.recipe), grid, block,
+                                          self.batch_size).cpu().numpy()
 
         def read(*box: slice) -> np.ndarray:
             return normalize(np.asarray(image[(slice(None), *box)]), stats, self.recipe)
 
         return predict_block(read, tuple(spatial), channels, self.predictor, grid, block, self.batch_size)
 
+    def outputs(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block,
+                probability_dtype: str | None = "float32", host: HostRegion | None = None
+                ) -> tuple[np.ndarray | None, np.ndarray]:
+        """(probabilities ``(K, *block.shape)`` in ``probability_dtype``, or None when it is None; labels uint8).
+
+        On the device kernel everything stays on the device and each output is copied back once; ``host`` is the
+        block's region when it was read ahead (:meth:`blocks`).
+        """
+        if self.kernel is None:
+            probs, labels = logits_to_outputs(self.logits(image, stats, grid, block), self.num_classes, self.threshold)
+            if probability_dtype is None:
+                return None, labels
+            return torch.from_numpy(probs).to(getattr(torch, probability_dtype)).numpy(), labels  # torch: 10x numpy
+        host = self._host_region(image, grid, block) if host is None else host
+        return self.kernel.outputs(host, image.shape[0], affine_of(stats, self.recipe), grid, block, self.batch_size,
+                                   probability_dtype)
+
     def blocks(
         self, image: zarr.Array, stats: dict[str, Any], block_size: int | Shape
     ) -> Iterator[tuple[Block, np.ndarray, np.ndarray]]:
         """Yield ``(block, probabilities, labels)`` for every block of the image, in order (one process).
 
-        ``block_size`` is a block edge (the same on every axis) or a block shape.
+        ``block_size`` is a block edge (the same on every axis) or a block shape. On the device kernel a thread
+        reads the next block's pixels while this one computes.
         """
         shape = tuple(image.shape[1:])
         grid = self.grid(shape)
         block = (block_size,) * len(shape) if isinstance(block_size, int) else tuple(block_size)
-        for b in plan_blocks(shape, block):
-            probs, labels = logits_to_outputs(self.logits(image, stats, grid, b), self.num_classes, self.threshold)
+        plan = plan_blocks(shape, block)
+        if self.kernel is None:
+            for b in plan:
+                probs, labels = logits_to_outputs(self.logits(image, stats, grid, b), self.num_classes, self.threshold)
+                yield b, probs, labels
+            return
+        affine = affine_of(stats, self.recipe)
+        for b, probs, labels in predict_blocks(self.kernel, _raw_reader(image), shape, image.shape[0], affine, grid, plan,
+                                               self.batch_size, "float32"):
+            assert probs is not None
             yield b, probs, labels

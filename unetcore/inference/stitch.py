@@ -9,8 +9,7 @@ up to float rounding, while memory stays proportional to one block plus one batc
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import TypeVar
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,10 +17,14 @@ from unetcore.inference.windows import (
     Block,
     Shape,
     TileGrid,
+    gaussian_weight_sum,
     gaussian_weights,
     padded_shape,
     plan_blocks,
     region_for_tiles,
+    tile_batches,
+    tile_overlap,
+    tile_window,
     tiles_for_block,
 )
 
@@ -30,16 +33,6 @@ Predictor = Callable[[np.ndarray], np.ndarray]
 
 Reader = Callable[..., np.ndarray]
 """Called with one slice per spatial axis (all inside the image), returns the image's ``(C, *box)`` pixels there."""
-
-_T = TypeVar("_T")
-
-
-def _batches(items: Sequence[_T], size: int) -> Iterator[Sequence[_T]]:
-    if size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {size}")
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
 
 def _predict(predictor: Predictor, batch: np.ndarray) -> np.ndarray:
     """Run ``predictor`` and check it kept the batch and spatial sizes."""
@@ -62,20 +55,6 @@ def read_padded(read: Reader, image_shape: Shape, region: Block, channels: int) 
     return out
 
 
-def _window(origin: Shape, offset: Shape, tile: Shape) -> tuple[slice, ...]:
-    """The slices of the tile at ``origin`` in an array whose first element lies at ``offset``."""
-    return tuple(slice(o - a, o - a + t) for o, a, t in zip(origin, offset, tile))
-
-
-def _overlap(origin: Shape, tile: Shape, block: Block) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
-    """Where the tile at ``origin`` meets ``block``: (slices in tile coordinates, slices in block coordinates)."""
-    lo = [max(o, a) for o, a in zip(origin, block.start)]
-    hi = [min(o + t, b) for o, t, b in zip(origin, tile, block.stop)]
-    in_tile = tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, origin))
-    in_block = tuple(slice(a - s, b - s) for a, b, s in zip(lo, hi, block.start))
-    return in_tile, in_block
-
-
 def predict_block(
     read: Reader,
     image_shape: Shape,
@@ -89,9 +68,12 @@ def predict_block(
     """Blended prediction ``(K, *block.shape)`` float32 of one block, equal to whole-image inference there.
 
     Reads the bounding region of every tile touching ``block`` once, predicts the tiles in batches of
-    ``batch_size`` and accumulates ``prediction * weight`` and ``weight`` over the block's extent only.
+    ``batch_size`` and accumulates ``prediction * weight`` over the block's extent only; the sum of the weights
+    comes per axis (:func:`~unetcore.inference.windows.gaussian_weight_sum`) for the default Gaussian map, tile
+    by tile for other ``weights``.
     ``weights`` defaults to ``gaussian_weights(grid.tile)``. Works for images and volumes alike.
     """
+    default = weights is None or weights is gaussian_weights(grid.tile)
     w = gaussian_weights(grid.tile) if weights is None else np.asarray(weights, dtype=np.float32)
     if w.shape != grid.tile:
         raise ValueError(f"weights have shape {w.shape}, the tile is {grid.tile}")
@@ -100,16 +82,18 @@ def predict_block(
     data = read_padded(read, image_shape, region, channels)
 
     acc: np.ndarray | None = None  # (K, *block.shape); K is known after the first forward pass
-    norm = np.zeros(block.shape, dtype=np.float32)
-    for batch in _batches(tiles, batch_size):
-        inputs = np.stack([data[(slice(None), *_window(o, region.start, grid.tile))] for o in batch])
+    summed = gaussian_weight_sum(grid, block) if default else None  # the denominator, per axis (no pass per tile)
+    norm = np.zeros(block.shape, dtype=np.float32) if summed is None else summed
+    for batch in tile_batches(tiles, batch_size):
+        inputs = np.stack([data[(slice(None), *tile_window(o, region.start, grid.tile))] for o in batch])
         out = _predict(predictor, inputs)
         if acc is None:
             acc = np.zeros((out.shape[1], *block.shape), dtype=np.float32)
         for origin, pred in zip(batch, out):
-            in_tile, in_block = _overlap(origin, grid.tile, block)
+            in_tile, in_block = tile_overlap(origin, grid.tile, block)
             acc[(slice(None), *in_block)] += pred[(slice(None), *in_tile)] * w[in_tile]
-            norm[in_block] += w[in_tile]
+            if summed is None:
+                norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
     acc /= norm
     return acc
@@ -133,15 +117,17 @@ def sliding_window(
     origin = (0,) * grid.ndim
 
     acc: np.ndarray | None = None
-    norm = np.zeros(padded_to, dtype=np.float32)
-    for batch in _batches(list(grid.tiles()), batch_size):
-        out = _predict(predictor, np.stack([padded[(slice(None), *_window(o, origin, grid.tile))] for o in batch]))
+    summed = gaussian_weight_sum(grid, Block.covering(padded_to))  # as predict_block's: blocks equal it exactly
+    norm = np.zeros(padded_to, dtype=np.float32) if summed is None else summed
+    for batch in tile_batches(list(grid.tiles()), batch_size):
+        out = _predict(predictor, np.stack([padded[(slice(None), *tile_window(o, origin, grid.tile))] for o in batch]))
         if acc is None:
             acc = np.zeros((out.shape[1], *padded_to), dtype=np.float32)
         for o, pred in zip(batch, out):
-            window = _window(o, origin, grid.tile)
+            window = tile_window(o, origin, grid.tile)
             acc[(slice(None), *window)] += pred * weights
-            norm[window] += weights
+            if summed is None:
+                norm[window] += weights
     assert acc is not None
     crop = tuple(slice(0, n) for n in spatial)
     return acc[(slice(None), *crop)] / norm[crop]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,8 @@ class ModelSpec:
     tta: bool
     skip_empty: bool
     threads: int  # torch threads per task
+    precision: str = "auto"  # forward passes: auto = bf16 on CUDA; fp32 turns autocast off
+    auto_batch: bool = False  # the user left batch_size unset: on CUDA, size it from free GPU memory
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,8 @@ def _worker_identity() -> tuple[int, str]:
         worker = get_worker()
     except (ImportError, ValueError):
         return 0, ""
-    return worker_gpu_index(worker.name), urlparse(worker.address).hostname or ""
+    index = worker_gpu_index(worker.name, getattr(getattr(worker, "state", None), "total_resources", None))
+    return index, urlparse(worker.address).hostname or ""
 
 
 def load_predictor(spec: ModelSpec) -> BlockPredictor:
@@ -100,18 +104,29 @@ def load_predictor(spec: ModelSpec) -> BlockPredictor:
     device = resolve_device(spec.device, index)
     bp = BlockPredictor.from_model(fold_batch_norm(model), config, device, tile=spec.tile, overlap=spec.overlap,
                                    batch_size=spec.batch_size, threshold=spec.threshold, tta=spec.tta,
-                                   skip_empty=spec.skip_empty)
+                                   skip_empty=spec.skip_empty, precision=spec.precision,  # type: ignore[arg-type]
+                                   auto_batch=spec.auto_batch)
     bp.predictor = with_heap_buffers(bp.predictor)  # activations reused from pass to pass (unetcore.allocator)
+    if bp.kernel is not None and device.type == "cpu":
+        bp.kernel.predictor = with_heap_buffers(bp.kernel.predictor)
     return bp
 
 
 _predictor_factory: Callable[[ModelSpec], BlockPredictor] = load_predictor
 
 
+_build_lock = threading.Lock()  # a GPU worker runs two block tasks at once: the first builds, the second waits
+
+
 @functools.lru_cache(maxsize=4)
+def _built(spec: ModelSpec) -> BlockPredictor:
+    return _predictor_factory(spec)
+
+
 def worker_predictor(spec: ModelSpec) -> BlockPredictor:
     """This process's predictor for ``spec``, built once (cached by the spec, which includes the weights' hash)."""
-    return _predictor_factory(spec)
+    with _build_lock:
+        return _built(spec)
 
 
 def set_worker_predictor_factory(factory: Callable[[ModelSpec], BlockPredictor] | None) -> None:
@@ -121,7 +136,7 @@ def set_worker_predictor_factory(factory: Callable[[ModelSpec], BlockPredictor] 
     """
     global _predictor_factory
     _predictor_factory = factory or load_predictor
-    worker_predictor.cache_clear()
+    _built.cache_clear()
 
 
 def _counts(src: zarr.Group, labels: np.ndarray, block: Block, num_classes: int) -> list[list[int]] | None:
@@ -147,12 +162,17 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     src = omezarr.open_root(Path(job.input))
     image = omezarr.image_array(src)
     shape = image.shape[1:]
-    probs, labels = block_outputs(bp, image, job.stats, block, job.resampling)
+    stored = job.probability_dtype if job.save_probabilities else None
+    if job.resampling is None:  # on the block predictor's kernel (on a GPU: one copy back, in the stored dtype)
+        probs, labels = bp.outputs(image, job.stats, bp.grid(shape), block, stored)
+    else:
+        resampled, labels = block_outputs(bp, image, job.stats, block, job.resampling)
+        probs = None if stored is None else resampled.astype(stored)
     t_model = time.perf_counter() - t0
     out = zarr.open_group(store=job.output, mode="r+")
     out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
-    if job.save_probabilities:
-        out["0"][(slice(None), *block.slices)] = probs.astype(job.probability_dtype)
+    if probs is not None:
+        out["0"][(slice(None), *block.slices)] = probs
     if job.components != "none":
         stage = "raw" if job.components == "all" else "final"
         _label_and_save(job, labels, block, stage, job.components == "all", shape)

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unetcore.config import ModelConfig
 from unetcore.model.parts import DoubleConv, Down, OutHead, PerAxis, Up, make_dropout
+
+if TYPE_CHECKING:  # annotations only: the UNet reads plain attributes (a benchmark builds it without pydantic)
+    from unetcore.config import ModelConfig
 
 Box = tuple[int, ...]
 """Where the original input lies inside the padded one: its offsets, then its sizes, one per spatial axis
