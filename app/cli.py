@@ -273,6 +273,7 @@ def ingest(
     max_pixels: Optional[int] = option(IngestConfig, "max_pixels"),
     force: bool = typer.Option(False, help="Re-ingest unchanged images too."),
     pyramid: bool = typer.Option(True, help="Write the multiscale pyramid (levels 1..n) for viewers."),
+    mpp: Optional[float] = option(IngestConfig, "mpp"),
     threads: Optional[int] = option(IngestConfig, "threads"),
     n_workers: Optional[int] = option(IngestConfig, "n_workers"),
     scheduler_address: Optional[str] = option(IngestConfig, "scheduler_address"),
@@ -287,7 +288,8 @@ def ingest(
         cfg = _config(IngestConfig, images=str(images), masks=str(masks) if masks else None, output=str(output),
                       chunk_size=chunk_size, num_classes=num_classes, val_fraction=val_fraction,
                       test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
-                      pyramid=pyramid, threads=threads, n_workers=n_workers, scheduler_address=scheduler_address)
+                      pyramid=pyramid, mpp=mpp, threads=threads, n_workers=n_workers,
+                      scheduler_address=scheduler_address)
         from flows.ingest import ingest as ingest_flow
 
         report = _flow_or_library(use_prefect, ingest_flow, lambda c: ingest_folder(c).to_dict(), cfg,
@@ -417,6 +419,9 @@ def predict(
     skip_empty: bool = typer.Option(True, "--skip-empty/--no-skip-empty",
                                     help="Constant tiles get background without running the model."),
     instances: bool = typer.Option(False, help="Also write instance labels (labels/instances)."),
+    skip_background: bool = typer.Option(True, "--skip-background/--no-skip-background",
+                                         help="Tiles outside the tissue mask (Otsu on a <= 2 MP pyramid level, "
+                                              "dilated by a tile) get exact background without running the model."),
     export: Optional[str] = option(InferConfig, "export"),
     scheduler_address: Optional[str] = option(InferConfig, "scheduler_address"),
     workers: Optional[int] = option(InferConfig, "n_workers", "--workers"),
@@ -438,7 +443,7 @@ def predict(
         cfg = _config(InferConfig, dataset=str(dataset), output=str(output), model=model, tracking_uri=tracking_uri,
                       split=split, tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size,
                       threshold=threshold, tta=tta, min_object_size=min_object_size, skip_empty=skip_empty,
-                      instances=instances, export=export, scheduler_address=scheduler_address, n_workers=workers,
+                      skip_background=skip_background, instances=instances, export=export, scheduler_address=scheduler_address, n_workers=workers,
                       threads_per_worker=threads_per_worker, device=device, overwrite=overwrite)
         from flows.infer import infer as infer_flow
 
@@ -472,7 +477,9 @@ def _print_predictions(results: list[dict[str, Any]]) -> None:
                    f"MP/s{dice})\n    zarr: {r['output']}\n    mask: {r['export']}\n    preview: {r['preview']}")
         if r.get("blocks"):
             typer.echo(f"    blocks: {r['blocks']} ({r['blocks_skipped']} already done), tiles computed "
-                       f"{r.get('tile_evaluations', 0)} for {r.get('grid_tiles', 0)} in the grid"
+                       f"{r.get('tile_evaluations', 0) - r.get('background_tiles', 0)} for {r.get('grid_tiles', 0)} "
+                       "in the grid"
+                       + (f" ({r['background_tiles']} background tiles skipped)" if r.get("background_tiles") else "")
                        + (f", {r['instances']} instances" if r.get("instances") is not None else ""))
 
 

@@ -4,6 +4,13 @@ Entry points: :func:`check_predictable` (every check before work), :func:`predic
 images) and :func:`predict_entries` (given manifest entries with a pinned model, e.g. nightly's new images).
 """
 
+from unetcore.inference.background import (
+    TissueMask,
+    exact_background_logits,
+    masked_block_logits,
+    tile_keep_mask,
+    tissue_mask,
+)
 from unetcore.inference.components import (
     FACE_NAMES,
     BlockComponents,
@@ -90,6 +97,7 @@ __all__ = [
     "PredictionCheck",
     "Shape",
     "TileGrid",
+    "TissueMask",
     "background_logits",
     "check_predictable",
     "choose_block_shape",
@@ -98,6 +106,7 @@ __all__ = [
     "dice_from_records",
     "export_mask",
     "export_volume_mask",
+    "exact_background_logits",
     "face_names",
     "flip_axes",
     "gaussian_weights",
@@ -107,6 +116,7 @@ __all__ = [
     "load_predictor",
     "logits_to_outputs",
     "logs_to",
+    "masked_block_logits",
     "merge_faces",
     "orthogonal_mid_slices",
     "output_store",
@@ -129,9 +139,11 @@ __all__ = [
     "slicewise_predictor",
     "sliding_window",
     "tile_evaluations",
+    "tile_keep_mask",
     "tile_shape",
     "tile_starts",
     "tiles_for_block",
+    "tissue_mask",
     "torch_predictor",
     "tta_predictor",
     "with_model_tile",

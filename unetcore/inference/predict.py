@@ -17,6 +17,7 @@ import torch
 import zarr
 
 from unetcore.config import NormalizationConfig
+from unetcore.inference.background import masked_block_logits
 from unetcore.inference.stitch import (
     Predictor,
     predict_block,
@@ -124,13 +125,20 @@ class BlockPredictor:
         """The global tile grid of an image (H, W) or volume (D, H, W), computed once, identical in every block."""
         return TileGrid.build(shape, tile_shape(self.tile, self.spatial_dims, len(shape)), self.overlap)
 
-    def logits(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block) -> np.ndarray:
-        """Blended logits (K, *block.shape) of ``block`` of ``image`` (C, [D,] H, W)."""
+    def logits(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block,
+               keep: np.ndarray | None = None) -> np.ndarray:
+        """Blended logits (K, *block.shape) of ``block`` of ``image`` (C, [D,] H, W).
+
+        ``keep`` (one bool per grid tile, :func:`~unetcore.inference.background.tile_keep_mask`) computes only the
+        kept tiles; what none covers is exact background."""
         channels, *spatial = image.shape
 
         def read(*box: slice) -> np.ndarray:
             return normalize(np.asarray(image[(slice(None), *box)]), stats, self.recipe)
 
+        if keep is not None:
+            return masked_block_logits(read, tuple(spatial), channels, self.predictor, grid, block, self.batch_size,
+                                       keep, self.num_classes)
         return predict_block(read, tuple(spatial), channels, self.predictor, grid, block, self.batch_size)
 
     def blocks(

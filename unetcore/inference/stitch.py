@@ -85,17 +85,19 @@ def predict_block(
     block: Block,
     batch_size: int,
     weights: np.ndarray | None = None,
+    tiles: Sequence[Shape] | None = None,
 ) -> np.ndarray:
     """Blended prediction ``(K, *block.shape)`` float32 of one block, equal to whole-image inference there.
 
     Reads the bounding region of every tile touching ``block`` once, predicts the tiles in batches of
     ``batch_size`` and accumulates ``prediction * weight`` and ``weight`` over the block's extent only.
-    ``weights`` defaults to ``gaussian_weights(grid.tile)``. Works for images and volumes alike.
+    ``weights`` defaults to ``gaussian_weights(grid.tile)``. Works for images and volumes alike. ``tiles``
+    computes only those grid tiles (default: all touching the block); pixels none of them covers are 0.
     """
     w = gaussian_weights(grid.tile) if weights is None else np.asarray(weights, dtype=np.float32)
     if w.shape != grid.tile:
         raise ValueError(f"weights have shape {w.shape}, the tile is {grid.tile}")
-    tiles = tiles_for_block(grid, block)
+    tiles = tiles_for_block(grid, block) if tiles is None else list(tiles)
     region = region_for_tiles(tiles, grid.tile)
     data = read_padded(read, image_shape, region, channels)
 
@@ -111,7 +113,7 @@ def predict_block(
             acc[(slice(None), *in_block)] += pred[(slice(None), *in_tile)] * w[in_tile]
             norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
-    acc /= norm
+    np.divide(acc, norm, out=acc, where=norm > 0)
     return acc
 
 

@@ -24,6 +24,7 @@ import zarr
 from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
 from unetcore.atomic import atomic_write_json
 from unetcore.devices import resolve_device, worker_gpu_index
+from unetcore.inference.background import load_keep_mask
 from unetcore.inference.components import label_block
 from unetcore.inference.layout import (
     INSTANCES_NAME,
@@ -72,6 +73,7 @@ class ImageJob:
     probability_dtype: str
     components: Components
     instances: bool
+    keep: str = ""  # the background skip's tile keep mask (a .npy the driver wrote), "" = compute every tile
 
 
 def _worker_identity() -> tuple[int, str]:
@@ -146,7 +148,7 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     image = omezarr.image_array(src)
     shape = image.shape[1:]
     grid = bp.grid(shape)
-    logits = bp.logits(image, job.stats, grid, block)
+    logits = bp.logits(image, job.stats, grid, block, load_keep_mask(job.keep) if job.keep else None)
     t_model = time.perf_counter() - t0
     probs, labels = logits_to_outputs(logits, bp.num_classes, bp.threshold)
     out = zarr.open_group(store=job.output, mode="r+")
