@@ -178,3 +178,28 @@ def test_cli_ingest_mpp_bad_inputs_are_one_line_each(tmp_path: Path) -> None:
     assert any("photo.png: has no pixel size, so --mpp 0.1" in line for line in lines)
     assert "Traceback" not in done.stderr
     assert json.loads((tmp_path / "ds" / "ingest_report.json").read_text())["status"] == "failed"
+
+
+def test_a_slide_prediction_and_its_export_carry_the_mpp_and_the_level0_transform(tmp_path: Path) -> None:
+    from tests.test_engine import make_model
+    from unetcore.config import InferConfig
+    from unetcore.inference import predict_dataset
+
+    (tmp_path / "in").mkdir()
+    write_svs(tmp_path / "in" / "slide.svs", texture((512, 384, 3)))
+    ingest_folder(IngestConfig(images=str(tmp_path / "in"), output=str(tmp_path / "ds"), mpp=1.0, chunk_size=64,
+                               val_fraction=0.0))
+    model = make_model(tmp_path / "model", in_channels=3)
+    [result] = predict_dataset(InferConfig(dataset=str(tmp_path / "ds"), output=str(tmp_path / "out"),
+                                           model=str(model), tile=64, block_size=128, n_workers=1,
+                                           threads_per_worker=1, export="tiff"))
+    out = zarr.open_group(store=result.output, mode="r")
+    level0 = {"downsample": [4.0, 4.0], "mpp": [0.252, 0.252], "level": 1, "resampled": False}
+    assert out.attrs["unet"]["level0"] == level0
+    scale = out.attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    np.testing.assert_allclose(scale[1:], [1.008, 1.008])
+    exported = open_image(result.export)  # our reader: the pixel size comes back from the resolution tags
+    assert exported.spatial_shape == (128, 96)
+    np.testing.assert_allclose(exported.geometry.spacing, (1.008, 1.008), rtol=1e-6)
+    with tifffile.TiffFile(result.export) as tif:  # and tifffile sees the transform to level 0
+        assert tif.shaped_metadata[0]["unet"]["level0"] == level0

@@ -115,7 +115,7 @@ def tissue_mask(root: zarr.Group, tile: Shape, max_pixels: int = MASK_LEVEL_PIXE
     separation, other = max(spread), min(spread)
     if separation < MIN_SEPARATION:
         return None, f"weak foreground/background separation ({separation:.2f} < {MIN_SEPARATION})"
-    if separation < DOMINANCE * other:
+    if np.isinf(other) or separation < DOMINANCE * other:
         return None, f"no class is clearly the flat background (separations {spread[0]:.3g}, {spread[1]:.3g})"
     tissue = ~bright if dark_tissue else bright
     radius = [max(1, math.ceil(t / f)) for t, f in zip(tile, factors)]

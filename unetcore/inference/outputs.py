@@ -73,13 +73,19 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
     if kind == "nifti":
         raise ConfigError("export", f"nifti needs a volume read from NIfTI or DICOM; image '{image_id}' is 2-D")
     h, w = labels.shape
+    slide = slide_metadata(root)
     png = kind == "png" and h * w <= EXPORT_MAX_PIXELS
     dst = out_dir / f"{image_id}_mask.{'png' if png else 'tif'}"
     if reuse and dst.exists():
         return str(dst)
     if png:
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        if slide:
+            info.add_text("unet", json.dumps(slide))
         with replacing(dst) as tmp:
-            label_png(np.asarray(labels[:])).save(tmp, format="PNG")
+            label_png(np.asarray(labels[:])).save(tmp, format="PNG", pnginfo=info)
         return str(dst)
     import tifffile
 
@@ -94,10 +100,20 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
                 t[: part.shape[0], : part.shape[1]] = part
                 yield t
 
+    place: dict[str, Any] = {}
+    if slide:  # a slide's mask: its pixel size (pixels per cm, read back as µm) and the transform to level 0
+        my, mx = slide["mpp"]
+        place = {"resolution": (1e4 / mx, 1e4 / my), "resolutionunit": "CENTIMETER", "metadata": {"unet": slide}}
     with replacing(dst) as tmp:
         tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
-                         compression="zlib")
+                         compression="zlib", **place)
     return str(dst)
+
+
+def slide_metadata(root: zarr.Group) -> dict[str, Any] | None:
+    """A slide prediction's ``{"mpp": [my, mx], "level0": {...}}`` (ingested with ``--mpp``), else None."""
+    attrs = omezarr.unet_attrs(root)
+    return {"mpp": attrs["mpp"], "level0": attrs["level0"]} if "mpp" in attrs and "level0" in attrs else None
 
 
 def export_volume_mask(root: zarr.Group, out_dir: Path, image_id: str, kind: ExportKind, reuse: bool = False) -> str:
