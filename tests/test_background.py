@@ -153,7 +153,7 @@ def test_engine_skips_background_tiles_and_keeps_the_labels(tmp_path: Path) -> N
     model = make_model(tmp_path / "model")
     base = dict(dataset=str(tmp_path / "ds"), model=str(model), tile=64, block_size=256, threads_per_worker=1,
                 n_workers=1, export="none")
-    [on] = predict_dataset(InferConfig(**base, output=str(tmp_path / "on")))
+    [on] = predict_dataset(InferConfig(**base, output=str(tmp_path / "on"), skip_background=True))
     [off] = predict_dataset(InferConfig(**base, output=str(tmp_path / "off"), skip_background=False))
     assert off.background_tiles == 0 and on.background_tiles > on.tile_evaluations // 3
     labels_on = zarr.open_group(store=str(tmp_path / "on" / "img.ome.zarr"), mode="r")
@@ -164,3 +164,26 @@ def test_engine_skips_background_tiles_and_keeps_the_labels(tmp_path: Path) -> N
     np.testing.assert_allclose(labels_on["0"][0][near].astype(np.float32), labels_off["0"][0][near].astype(np.float32),
                                atol=1e-3, rtol=0)  # float16 probabilities; batches of other tiles may round apart
     assert (labels_off["0"][0][far].astype(np.float32) > 1e-3).any()  # the dense run computed something there
+
+
+def test_engine_skips_background_in_a_volume_on_the_same_code_path(tmp_path: Path) -> None:
+    from tests.test_engine import make_model
+
+    rng = np.random.default_rng(4)
+    volume = rng.normal(230, 2, (12, 160, 240))
+    volume[2:8, 10:70, 20:90] = rng.uniform(30, 150, (6, 60, 70))
+    (tmp_path / "images").mkdir()
+    np.save(tmp_path / "images" / "vol.npy", volume.clip(0, 255).astype(np.uint8))
+    ingest_folder(IngestConfig(images=str(tmp_path / "images"), output=str(tmp_path / "ds"), chunk_size=64,
+                               channel_axis="zyx", val_fraction=0.0))
+    model = make_model(tmp_path / "model")  # a 2-D model: the volume is predicted slice by slice
+    base = dict(dataset=str(tmp_path / "ds"), model=str(model), tile=32, block_size=128, threads_per_worker=1,
+                n_workers=1, export="none")
+    [on] = predict_dataset(InferConfig(**base, output=str(tmp_path / "on"), skip_background=True))
+    [off] = predict_dataset(InferConfig(**base, output=str(tmp_path / "off"), skip_background=False))
+    assert on.background_tiles > 0 and off.background_tiles == 0
+    prob_on = zarr.open_group(store=str(tmp_path / "on" / "vol.ome.zarr"), mode="r")["0"][0].astype(np.float32)
+    prob_off = zarr.open_group(store=str(tmp_path / "off" / "vol.ome.zarr"), mode="r")["0"][0].astype(np.float32)
+    np.testing.assert_array_equal(prob_on[:, 120:, 160:], 0)  # beyond two tiles of the tissue, in every slice
+    near = (slice(2, 8), slice(0, 100), slice(0, 120))
+    np.testing.assert_allclose(prob_on[near], prob_off[near], atol=1e-3, rtol=0)
