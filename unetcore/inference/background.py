@@ -6,8 +6,9 @@ its channels and splits it with Otsu's threshold (:func:`tissue_mask`). Which si
 the data, not assumed: the background is the class that lies tight and far from the threshold (in its own standard
 deviations: glass in brightfield, where tissue is darker; the dark, noisy floor in fluorescence). When that
 separation is weak (below :data:`MIN_SEPARATION`) or the other class is about as well separated (no side is
-clearly the flat background), nothing is skipped. The tissue is dilated by one tile, and a tile of the global grid runs only if its
-footprint meets the dilated tissue (:func:`tile_keep_mask`, one bool per grid tile, consulted by every block).
+clearly the flat background), nothing is skipped. The tissue is dilated by one tile, and a tile of the global
+grid runs only if its footprint meets the dilated tissue (:func:`tile_keep_mask`, one bool per grid tile,
+consulted by every block).
 
 A block's pixels that no kept tile covers get exact background: logits ``-inf`` (binary: probability 0) or
 ``[0, -inf, ...]`` (multi-class: probability 1 for class 0), label 0. Pixels covered by a kept tile are blended
@@ -61,7 +62,8 @@ class TissueMask:
 
     ``mask``: bool, True on tissue (dilated by one tile when built by :func:`tissue_mask`); ``factors``: level-0
     pixels per mask pixel, per spatial axis; ``level``: the store level it was computed on; ``threshold`` and
-    ``separation`` (the background's, see :data:`MIN_SEPARATION`); ``dark_tissue``: True when the background is the brighter class.
+    ``separation`` (the background's, see :data:`MIN_SEPARATION`); ``dark_tissue``: True when the background is
+    the brighter class.
     """
 
     mask: np.ndarray

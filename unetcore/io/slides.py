@@ -27,6 +27,7 @@ from scipy import sparse
 from unetcore.errors import InputError
 from unetcore.io import readers
 from unetcore.io.volumes import Geometry
+from unetcore.modes import ChannelAxis
 
 __all__ = ["MPP_TOLERANCE", "ResampledSource", "SlidePlacement", "area_weights", "choose_level", "open_at_mpp"]
 
@@ -157,7 +158,7 @@ def _microns(geometry: Geometry, path: Path) -> tuple[float, float] | None:
     return (float(geometry.spacing[0]) * scale, float(geometry.spacing[1]) * scale)
 
 
-def open_at_mpp(path: str | Path, mpp: float, *, channel_axis: str = "auto",
+def open_at_mpp(path: str | Path, mpp: float, *, channel_axis: ChannelAxis = "auto",
                 max_pixels: int = readers.DEFAULT_MAX_PIXELS, tolerance: float = MPP_TOLERANCE
                 ) -> tuple[readers.ImageSource | ResampledSource, SlidePlacement]:
     """Open ``path`` at ``mpp`` microns per pixel: a pyramid level within ``tolerance``, else the nearest finer
@@ -168,7 +169,7 @@ def open_at_mpp(path: str | Path, mpp: float, *, channel_axis: str = "auto",
             fine as ``mpp`` (asking finer than level 0); each names the file and its finest resolution.
     """
     path = Path(path)
-    base = readers.open_image(path, channel_axis=channel_axis, max_pixels=max_pixels)  # type: ignore[arg-type]
+    base = readers.open_image(path, channel_axis=channel_axis, max_pixels=max_pixels)
     if base.spatial_dims != 2:
         raise InputError(path, f"is a volume {base.spatial_shape}; --mpp applies to 2-D slides",
                          "ingest volumes without --mpp")
@@ -177,7 +178,7 @@ def open_at_mpp(path: str | Path, mpp: float, *, channel_axis: str = "auto",
         raise InputError(path, f"has no pixel size, so --mpp {mpp:g} cannot choose a resolution",
                          "ingest it without --mpp, or write its pixel size into the file (OME PhysicalSizeX/Y, "
                          "SVS MPP, TIFF resolution in centimetres)")
-    levels = [base] + [readers.open_image(path, channel_axis=channel_axis, max_pixels=max_pixels, level=k)  # type: ignore[arg-type]
+    levels = [base] + [readers.open_image(path, channel_axis=channel_axis, max_pixels=max_pixels, level=k)
                        for k in range(1, readers.pyramid_level_count(path))]
     mpps = [(level0[0] * base.spatial_shape[0] / lv.spatial_shape[0],
              level0[1] * base.spatial_shape[1] / lv.spatial_shape[1]) for lv in levels]
