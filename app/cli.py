@@ -262,7 +262,7 @@ PREFECT_OPT = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefec
 
 @app.command()
 def ingest(
-    images: Path = typer.Argument(..., help="A folder of images, one image, or a glob (TIFF, OME-TIFF, PNG, JPEG, NPY, Zarr, NIfTI, a DICOM series folder)."),
+    images: Path = typer.Argument(..., help="A folder of images, one image, or a glob (TIFF, OME-TIFF, SVS, PNG, JPEG, NPY, Zarr, NIfTI, a DICOM series folder)."),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write."),
     masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems."),
     chunk_size: Optional[int] = option(IngestConfig, "chunk_size"),

@@ -137,7 +137,7 @@ class ModelConfig(_Config):
 
 
 class _IngestTarget(_Config):
-    images: str = Field(description="Folder (or glob) of input images: TIFF, PNG, JPEG, NPY, Zarr.")
+    images: str = Field(description="Folder (or glob) of input images: TIFF, SVS, PNG, JPEG, NPY, Zarr.")
     masks: str | None = Field(None, description="Folder of masks with the same file stems as the images.")
     output: str = Field(description="Dataset folder to write (manifest.json + one <id>.ome.zarr per image).")
 
