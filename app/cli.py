@@ -419,9 +419,10 @@ def predict(
     skip_empty: bool = typer.Option(True, "--skip-empty/--no-skip-empty",
                                     help="Constant tiles get background without running the model."),
     instances: bool = typer.Option(False, help="Also write instance labels (labels/instances)."),
-    skip_background: bool = typer.Option(True, "--skip-background/--no-skip-background",
-                                         help="Tiles outside the tissue mask (Otsu on a <= 2 MP pyramid level, "
-                                              "dilated by a tile) get exact background without running the model."),
+    skip_background: Optional[bool] = typer.Option(
+        None, "--skip-background/--no-skip-background", show_default="on for slides (--mpp or a pyramidal TIFF)",
+        help="Tiles outside the tissue mask (Otsu on a <= 2 MP pyramid level, dilated by a tile) get exact "
+             "background without running the model."),
     export: Optional[str] = option(InferConfig, "export"),
     scheduler_address: Optional[str] = option(InferConfig, "scheduler_address"),
     workers: Optional[int] = option(InferConfig, "n_workers", "--workers"),

@@ -9,7 +9,8 @@ labels stay identical on data without empty regions.
 
 Each side is a whole ``unet predict --no-prefect --export none`` process as a user runs it (``--no-skip-background``
 for the dense side), alternated ``--repeats`` times; the label Dice between the two sides and the tiles computed
-(the CLI's ``tiles computed`` line) are reported. Writes ``benchmarks/results/background.json``.
+(the CLI's ``tiles computed`` line) are reported after each pair. Writes ``benchmarks/results/background.json``
+as it goes.
 
     flock /tmp/bench.lock .venv/bin/python benchmarks/bench_background.py --nuclei img2d.tif --model MODEL_DIR \\
         [--demo DEMO_IMAGES] [--repeats 2] [--workdir /tmp/bench-background]
@@ -88,17 +89,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2 * inter / total
 
 
-def compare(name: str, dataset: Path, work: Path, model: Path, repeats: int) -> dict[str, Any]:
-    runs = []
+def compare(name: str, dataset: Path, work: Path, model: Path, repeats: int, result: dict[str, Any]) -> None:
+    """Alternate the two sides ``repeats`` times; after each pair, its label agreement (saved as it goes)."""
+    entry = result.setdefault(name, {})
+    entry["runs"], entry["labels"] = [], []
     for r in range(repeats):
         for skip in (True, False):
             side = predict(dataset, work / f"pred-{'on' if skip else 'off'}", model, skip)
-            runs.append({"repeat": r + 1, "skip_background": skip, **side})
-            print(name, runs[-1], flush=True)
-    on, off = labels(work / "pred-on"), labels(work / "pred-off")
-    agreement = {k: {"dice": round(dice(on[k], off[k]), 6), "pixels_differing": int((on[k] != off[k]).sum())}
-                 for k in on}
-    return {"runs": runs, "labels": agreement}
+            entry["runs"].append({"repeat": r + 1, "skip_background": skip, **side})
+            print(name, entry["runs"][-1], flush=True)
+        on, off = labels(work / "pred-on"), labels(work / "pred-off")
+        entry["labels"].append({k: {"dice": round(dice(on[k], off[k]), 6),
+                                    "pixels_differing": int((on[k] != off[k]).sum()),
+                                    "foreground_on": int((on[k] > 0).sum()), "foreground_off": int((off[k] > 0).sum())}
+                                for k in on})
+        print(name, entry["labels"][-1], flush=True)
+        save(result)
+
+
+def save(result: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "background.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> None:
@@ -111,19 +122,17 @@ def main() -> None:
     args = parser.parse_args()
 
     result: dict[str, Any] = {"model": str(args.model), "repeats": args.repeats}
+    if args.demo is not None:
+        demo = args.workdir / "demo"
+        ingest(args.demo, demo / "dataset")
+        compare("demo", demo / "dataset", demo, args.model, 1, result)
     slide = args.workdir / "slide"
     (slide / "images").mkdir(parents=True, exist_ok=True)
     canvas, fraction = slide_canvas(tifffile.imread(args.nuclei))
     tifffile.imwrite(slide / "images" / "slide.tif", canvas, tile=(256, 256), compression="zlib")
     ingest(slide / "images", slide / "dataset")
-    result["slide"] = {"shape": list(canvas.shape), "texture_fraction": fraction,
-                       **compare("slide", slide / "dataset", slide, args.model, args.repeats)}
-    if args.demo is not None:
-        demo = args.workdir / "demo"
-        ingest(args.demo, demo / "dataset")
-        result["demo"] = compare("demo", demo / "dataset", demo, args.model, 1)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "background.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["slide"] = {"shape": list(canvas.shape), "texture_fraction": fraction}
+    compare("slide", slide / "dataset", slide, args.model, args.repeats, result)
     print(json.dumps(result, indent=2))
 
 

@@ -18,6 +18,7 @@ from unetcore.inference import (
     plan_blocks,
     predict_block,
     predict_dataset,
+    skips_background,
     tile_keep_mask,
     tiles_for_block,
     tissue_mask,
@@ -187,3 +188,22 @@ def test_engine_skips_background_in_a_volume_on_the_same_code_path(tmp_path: Pat
     np.testing.assert_array_equal(prob_on[:, 120:, 160:], 0)  # beyond two tiles of the tissue, in every slice
     near = (slice(2, 8), slice(0, 100), slice(0, 120))
     np.testing.assert_allclose(prob_on[near], prob_off[near], atol=1e-3, rtol=0)
+
+
+def test_by_default_only_slides_skip_background(tmp_path: Path) -> None:
+    """None (the default) skips for stores ingested at an mpp or from a pyramidal TIFF; True/False as asked."""
+    import tifffile
+
+    image = slide((256, 256), (slice(10, 60), slice(10, 60)))
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "plain.tif", image)
+    with tifffile.TiffWriter(tmp_path / "in" / "pyramid.tif") as tif:
+        tif.write(image, tile=(64, 64), subifds=1)
+        tif.write(image[::2, ::2], tile=(64, 64), subfiletype=1)
+    ingest_folder(IngestConfig(images=str(tmp_path / "in"), output=str(tmp_path / "ds"), val_fraction=0.0))
+    attrs = {name: omezarr.unet_attrs(omezarr.open_root(tmp_path / "ds" / f"{name}.ome.zarr"))
+             for name in ("plain", "pyramid")}
+    assert attrs["pyramid"]["source_levels"] == 2 and "source_levels" not in attrs["plain"]
+    assert skips_background(None, attrs["pyramid"]) and not skips_background(None, attrs["plain"])
+    assert skips_background(None, {"level0": {"level": 1}})
+    assert skips_background(True, attrs["plain"]) and not skips_background(False, attrs["pyramid"])

@@ -326,9 +326,11 @@ class InferOptions(_Config):
     )
     skip_empty: bool = Field(True, description="Constant input tiles (padding, saturated background) get "
                              "background logits without running the model.")
-    skip_background: bool = Field(True, description="Tiles entirely outside the tissue (foreground) mask, Otsu's "
-                                  "threshold on the pyramid level of <= 2 MP dilated by one tile, are not computed "
-                                  "and get exact background; nothing is skipped when the split is weak.")
+    skip_background: bool | None = Field(
+        None, description="Tiles entirely outside the tissue (foreground) mask, Otsu's threshold on the pyramid level "
+        "of <= 2 MP dilated by one tile, are not computed and get exact background; nothing is skipped when the split "
+        "is weak. None = on for slides (ingested with --mpp, or from a pyramidal TIFF), off for other images.",
+    )
     instances: bool = Field(False, description="Also write instance labels (labels/instances, uint32): connected "
                             "components, one id per object even across block borders.")
     scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")

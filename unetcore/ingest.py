@@ -359,6 +359,9 @@ def ingest_image(
                 attrs["foreground_stats"] = foreground_stats
             if placement is not None:  # a slide read at an mpp: its resolution and the way back to level 0
                 attrs.update(slide_attrs(placement))
+            levels = readers.pyramid_level_count(image_path)
+            if levels > 1:  # a pyramidal file (a slide): prediction skips its background by default
+                attrs["source_levels"] = levels
             omezarr.set_unet_attrs(root, attrs)
     finally:
         source.close()

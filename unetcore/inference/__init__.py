@@ -8,6 +8,7 @@ from unetcore.inference.background import (
     TissueMask,
     exact_background_logits,
     masked_block_logits,
+    skips_background,
     tile_keep_mask,
     tissue_mask,
 )
@@ -136,6 +137,7 @@ __all__ = [
     "results_to_dicts",
     "set_worker_predictor_factory",
     "skip_empty_predictor",
+    "skips_background",
     "slicewise_predictor",
     "sliding_window",
     "tile_evaluations",

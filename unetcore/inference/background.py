@@ -39,6 +39,7 @@ __all__ = [
     "exact_background_logits",
     "load_keep_mask",
     "masked_block_logits",
+    "skips_background",
     "tile_keep_mask",
     "tissue_mask",
 ]
@@ -191,6 +192,14 @@ def background_evaluations(grid: TileGrid, block_shape: Shape, keep: np.ndarray)
     """Tile evaluations that the keep mask saves with blocks of ``block_shape`` (a tile counts once per block it
     touches, as :func:`~unetcore.inference.windows.tile_evaluations` counts them)."""
     return sum(int((~keep[_index_ranges(grid, b)]).sum()) for b in plan_blocks(grid.shape, block_shape))
+
+
+def skips_background(option: bool | None, source_attrs: dict) -> bool:
+    """Whether a prediction skips background: as asked, else (None) only for slides, i.e. stores ingested at an
+    mpp (``level0`` in their attributes) or from a pyramidal TIFF (``source_levels`` > 1)."""
+    if option is not None:
+        return option
+    return "level0" in source_attrs or int(source_attrs.get("source_levels", 1)) > 1
 
 
 @functools.lru_cache(maxsize=8)

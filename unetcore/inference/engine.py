@@ -39,7 +39,7 @@ from unetcore.cluster import Cluster, dask_cluster, probe_scheduler
 from unetcore.config import InferConfig
 from unetcore.devices import check_device
 from unetcore.fs import check_writable
-from unetcore.inference.background import background_evaluations, tile_keep_mask, tissue_mask
+from unetcore.inference.background import background_evaluations, skips_background, tile_keep_mask, tissue_mask
 from unetcore.inference.components import BlockComponents, merge_faces
 from unetcore.inference.layout import KEEP_MASK, MODEL_CACHE, record_path, side_path
 from unetcore.inference.outputs import dice_from_records, export_mask, write_preview
@@ -268,7 +268,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         plan.records.mkdir(parents=True, exist_ok=True)
     blocks = plan_blocks(plan.shape, block_shape)
     todo = [] if complete else [b for b in blocks if not record_path(plan.records, b).exists()]
-    keep, background = _keep_mask(plan, grid, block_shape) if cfg.skip_background and todo else ("", 0)
+    skip = skips_background(cfg.skip_background, omezarr.unet_attrs(omezarr.open_root(plan.src_path)))
+    keep, background = _keep_mask(plan, grid, block_shape) if skip and todo else ("", 0)
     components: Components = "all" if cfg.min_object_size else "foreground" if cfg.instances else "none"
     tile = tuple(cfg.tile) if isinstance(cfg.tile, list) else cfg.tile  # a spec is hashed (cached models)
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
