@@ -269,7 +269,7 @@ PREFECT_OPT = typer.Option(True, "--prefect/--no-prefect", help="Run as a Prefec
 
 @app.command()
 def ingest(
-    images: Path = typer.Argument(..., help="A folder of images, one image, or a glob (TIFF, OME-TIFF, PNG, JPEG, NPY, Zarr, NIfTI, a DICOM series folder)."),
+    images: Path = typer.Argument(..., help="A folder of images, one image, or a glob (TIFF, OME-TIFF, SVS, PNG, JPEG, NPY, Zarr, NIfTI, a DICOM series folder)."),
     output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write."),
     masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems."),
     chunk_size: Optional[int] = option(IngestConfig, "chunk_size"),
@@ -283,6 +283,7 @@ def ingest(
     max_pixels: Optional[int] = option(IngestConfig, "max_pixels"),
     force: bool = typer.Option(False, help="Re-ingest unchanged images too."),
     pyramid: bool = typer.Option(True, help="Write the multiscale pyramid (levels 1..n) for viewers."),
+    mpp: Optional[float] = option(IngestConfig, "mpp"),
     threads: Optional[int] = option(IngestConfig, "threads"),
     n_workers: Optional[int] = option(IngestConfig, "n_workers"),
     scheduler_address: Optional[str] = option(IngestConfig, "scheduler_address"),
@@ -298,7 +299,8 @@ def ingest(
                       chunk_size=chunk_size, num_classes=num_classes,
                       class_names=class_names.split(",") if class_names else None, val_fraction=val_fraction,
                       test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
-                      pyramid=pyramid, threads=threads, n_workers=n_workers, scheduler_address=scheduler_address)
+                      pyramid=pyramid, mpp=mpp, threads=threads, n_workers=n_workers,
+                      scheduler_address=scheduler_address)
         from flows.ingest import ingest as ingest_flow
 
         report = _flow_or_library(use_prefect, ingest_flow, lambda c: ingest_folder(c).to_dict(), cfg,
@@ -434,6 +436,10 @@ def predict(
     skip_empty: bool = typer.Option(True, "--skip-empty/--no-skip-empty",
                                     help="Constant tiles get background without running the model."),
     instances: bool = typer.Option(False, help="Also write instance labels (labels/instances)."),
+    skip_background: Optional[bool] = typer.Option(
+        None, "--skip-background/--no-skip-background", show_default="on for slides (--mpp or a pyramidal TIFF)",
+        help="Tiles outside the tissue mask (Otsu on a <= 2 MP pyramid level, dilated by a tile) get exact "
+             "background without running the model."),
     export: Optional[str] = option(InferConfig, "export"),
     scheduler_address: Optional[str] = option(InferConfig, "scheduler_address"),
     workers: Optional[int] = option(InferConfig, "n_workers", "--workers"),
@@ -456,9 +462,9 @@ def predict(
         cfg = _config(InferConfig, dataset=str(dataset), output=str(output), model=model, tracking_uri=tracking_uri,
                       split=split, tile=tile, overlap=overlap, batch_size=batch_size, block_size=block_size,
                       threshold=threshold, tta=tta, min_object_size=min_object_size, skip_empty=skip_empty,
-                      instances=instances, export=export, scheduler_address=scheduler_address, n_workers=workers,
-                      threads_per_worker=threads_per_worker, device=device, precision=precision,
-                      overwrite=overwrite)
+                      skip_background=skip_background, instances=instances, export=export,
+                      scheduler_address=scheduler_address, n_workers=workers, threads_per_worker=threads_per_worker,
+                      device=device, precision=precision, overwrite=overwrite)
         from flows.infer import infer as infer_flow
 
         with _engine_log_to_stderr(not use_prefect):  # flows forward it to the run's log themselves
@@ -508,7 +514,9 @@ def _print_predictions(results: list[dict[str, Any]]) -> None:
             typer.echo(f"    input hash: {source}")
         if r.get("blocks"):
             typer.echo(f"    blocks: {r['blocks']} ({r['blocks_skipped']} already done), tiles computed "
-                       f"{r.get('tile_evaluations', 0)} for {r.get('grid_tiles', 0)} in the grid"
+                       f"{r.get('tile_evaluations', 0) - r.get('background_tiles', 0)} for {r.get('grid_tiles', 0)} "
+                       "in the grid"
+                       + (f" ({r['background_tiles']} background tiles skipped)" if r.get("background_tiles") else "")
                        + (f", {r['instances']} instances" if r.get("instances") is not None else ""))
 
 

@@ -188,7 +188,7 @@ def test_skipped_empty_tiles_give_background_where_the_model_says_foreground(tmp
     dataset = make_dataset(tmp_path, image, 64)
     model = make_model(tmp_path / "model", head_bias=30.0)  # foreground everywhere when it runs
     on = config(dataset, tmp_path / "on", model)
-    off = config(dataset, tmp_path / "off", model, skip_empty=False)
+    off = config(dataset, tmp_path / "off", model, skip_empty=False, skip_background=False)
     predict_dataset(on, cluster=cluster)
     predict_dataset(off, cluster=cluster)
 

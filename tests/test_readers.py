@@ -510,7 +510,7 @@ def test_find_mask_in_a_shared_folder_skips_the_image_itself(tmp_path: Path) -> 
 
 
 def test_supported_suffixes() -> None:
-    assert SUPPORTED_SUFFIXES == (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
+    assert SUPPORTED_SUFFIXES == (".tif", ".tiff", ".svs", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
 
 
 # --- decode units, raw pixels, streamed mask checks ---------------------------------------------------------

@@ -140,7 +140,7 @@ class ModelConfig(_Config):
 
 
 class _IngestTarget(_Config):
-    images: str = Field(description="Folder (or glob) of input images: TIFF, PNG, JPEG, NPY, Zarr.")
+    images: str = Field(description="Folder (or glob) of input images: TIFF, SVS, PNG, JPEG, NPY, Zarr.")
     masks: str | None = Field(None, description="Folder of masks with the same file stems as the images.")
     output: str = Field(description="Dataset folder to write (manifest.json + one <id>.ome.zarr per image).")
 
@@ -164,6 +164,12 @@ class IngestOptions(_Config):
     )
     force: bool = Field(False, description="Re-ingest images even if unchanged.")
     pyramid: bool = Field(True, description="Also write the multiscale pyramid (levels 1..n) for viewers.")
+    mpp: float | None = Field(
+        None, gt=0, le=10_000,
+        description="Ingest 2-D images at this many microns per pixel (whole-slide images: e.g. 0.5): the pyramid "
+        "level within 10 % of it, else the nearest finer level averaged down; needs a pixel size in the file "
+        "(SVS MPP, OME PhysicalSizeX/Y, TIFF resolution). None = level 0 as it is.",
+    )
     threads: int = Field(
         0, ge=0, le=64, description="Threads writing one image's chunks in parallel (0 = one per core, at most 8)."
     )
@@ -344,6 +350,11 @@ class InferOptions(_Config):
     )
     skip_empty: bool = Field(True, description="Constant input tiles (padding, saturated background) get "
                              "background logits without running the model.")
+    skip_background: bool | None = Field(
+        None, description="Tiles entirely outside the tissue (foreground) mask, Otsu's threshold on the pyramid level "
+        "of <= 2 MP dilated by one tile, are not computed and get exact background; nothing is skipped when the split "
+        "is weak. None = on for slides (ingested with --mpp, or from a pyramidal TIFF), off for other images.",
+    )
     instances: bool = Field(False, description="Also write instance labels (labels/instances, uint32): connected "
                             "components, one id per object even across block borders.")
     scheduler_address: str | None = Field(None, description="Existing Dask scheduler (tcp://host:port).")

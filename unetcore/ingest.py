@@ -45,7 +45,7 @@ from unetcore.atomic import atomic_write_json
 from unetcore.config import IngestConfig
 from unetcore.errors import InputError
 from unetcore.fs import check_writable
-from unetcore.io import readers
+from unetcore.io import readers, slides
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.store.stats import StreamingStats
@@ -288,11 +288,21 @@ def _work_plan(source: readers.ImageSource, mask: readers.MaskSource | None, chu
     return leaves, thread_count(threads, leaf_bytes * source.dtype.itemsize)
 
 
-def _store_geometry(source: readers.ImageSource) -> tuple[tuple[float, ...] | None, str | None]:
-    """Spacing and unit for the store's metadata: a volume's own; a 2-D image stays in pixels (as before)."""
-    if source.spatial_dims == 2:
+def _store_geometry(source: readers.ImageSource | slides.ResampledSource, at_mpp: bool = False
+                    ) -> tuple[tuple[float, ...] | None, str | None]:
+    """Spacing and unit for the store's metadata: a volume's own, a slide read at an mpp's; another 2-D image stays
+    in pixels (as before)."""
+    if source.spatial_dims == 2 and not at_mpp:
         return None, None
     return source.geometry.spacing, source.geometry.unit
+
+
+def _open_source(image_path: Path, cfg: IngestConfig
+                 ) -> tuple[readers.ImageSource | slides.ResampledSource, slides.SlidePlacement | None]:
+    """The image as ingestion reads it: level 0, or (``cfg.mpp``) the slide at that resolution and its placement."""
+    if cfg.mpp is None:
+        return readers.open_image(image_path, channel_axis=cfg.channel_axis, max_pixels=cfg.max_pixels), None
+    return slides.open_at_mpp(image_path, cfg.mpp, channel_axis=cfg.channel_axis, max_pixels=cfg.max_pixels)
 
 
 def ingest_image(
@@ -315,11 +325,11 @@ def ingest_image(
     image_path, mask_path = Path(image_path), Path(mask_path) if mask_path else None
     entry_id = entry_id or mf.image_id(image_path)
     fingerprints = (_fingerprint(image_path), _fingerprint(mask_path))  # before reading: a later edit shows
-    source = readers.open_image(image_path, channel_axis=cfg.channel_axis, max_pixels=cfg.max_pixels)
+    source, placement = _open_source(image_path, cfg)
     mask = None
     if mask_path is not None:
         mask = readers.open_mask(mask_path, source, cfg.num_classes, max_pixels=cfg.max_pixels, scan=False)
-    spacing, unit = _store_geometry(source)
+    spacing, unit = _store_geometry(source, placement is not None)
     spatial, channels = source.spatial_shape, source.channels
     chunk = omezarr.chunk_shape(spatial, cfg.chunk_size, spacing)
     leaves, workers = _work_plan(source, mask, chunk, cfg.threads if threads is None else threads)
@@ -347,6 +357,11 @@ def ingest_image(
                 attrs["geometry"] = geometry
             if foreground_stats is not None:  # what `ct` normalisation pools over the training set
                 attrs["foreground_stats"] = foreground_stats
+            if placement is not None:  # a slide read at an mpp: its resolution and the way back to level 0
+                attrs.update(slide_attrs(placement))
+            levels = readers.pyramid_level_count(image_path)
+            if levels > 1:  # a pyramidal file (a slide): prediction skips its background by default
+                attrs["source_levels"] = levels
             omezarr.set_unet_attrs(root, attrs)
     finally:
         source.close()
@@ -375,7 +390,14 @@ def ingest_image(
         "spacing": geometry["spacing"],
         "unit": geometry["unit"],
         "affine": geometry["affine"],
+        **(slide_attrs(placement) if placement is not None else {}),
     }
+
+
+def slide_attrs(placement: slides.SlidePlacement) -> dict[str, Any]:
+    """What a store (and its manifest entry) read at an mpp records: ``mpp`` (its own, y and x) and ``level0``
+    (the transform back to the slide's level 0, see :class:`~unetcore.io.slides.SlidePlacement`)."""
+    return {"mpp": [round(v, 9) for v in placement.mpp], "level0": placement.to_dict()}
 
 
 # --- a folder -----------------------------------------------------------------------------------------------
@@ -395,8 +417,11 @@ def _fingerprint(path: Path | None) -> list[int] | None:
 
 def _options(cfg: IngestConfig) -> dict[str, Any]:
     """The options that shape a store: changing one re-ingests the image."""
-    return {"chunk": cfg.chunk_size, "num_classes": cfg.num_classes, "channel_axis": cfg.channel_axis,
-            "pyramid": cfg.pyramid}
+    options = {"chunk": cfg.chunk_size, "num_classes": cfg.num_classes, "channel_axis": cfg.channel_axis,
+               "pyramid": cfg.pyramid}
+    if cfg.mpp is not None:  # only when asked: stores ingested before --mpp existed stay unchanged
+        options["mpp"] = cfg.mpp
+    return options
 
 
 def _unchanged(entry: dict[str, Any] | None, image: Path, mask: Path | None, dataset: Path,

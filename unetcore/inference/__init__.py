@@ -4,6 +4,14 @@ Entry points: :func:`check_predictable` (every check before work), :func:`predic
 images) and :func:`predict_entries` (given manifest entries with a pinned model, e.g. nightly's new images).
 """
 
+from unetcore.inference.background import (
+    TissueMask,
+    exact_background_logits,
+    masked_block_logits,
+    skips_background,
+    tile_keep_mask,
+    tissue_mask,
+)
 from unetcore.inference.components import (
     FACE_NAMES,
     BlockComponents,
@@ -126,6 +134,7 @@ __all__ = [
     "Shape",
     "TOLERANCE",
     "TileGrid",
+    "TissueMask",
     "background_logits",
     "block_outputs",
     "check_predictable",
@@ -137,6 +146,7 @@ __all__ = [
     "export_mask",
     "export_shapes",
     "export_volume_mask",
+    "exact_background_logits",
     "face_names",
     "flip_axes",
     "gaussian_weight_sum",
@@ -150,6 +160,7 @@ __all__ = [
     "load_predictor",
     "logits_to_outputs",
     "logs_to",
+    "masked_block_logits",
     "merge_faces",
     "objects_table_path",
     "orthogonal_mid_slices",
@@ -176,6 +187,7 @@ __all__ = [
     "results_to_dicts",
     "set_worker_predictor_factory",
     "skip_empty_predictor",
+    "skips_background",
     "slicewise_predictor",
     "sliding_window",
     "software_name",
@@ -185,10 +197,12 @@ __all__ = [
     "tile_batches",
     "tile_evaluations",
     "tile_overlap",
+    "tile_keep_mask",
     "tile_shape",
     "tile_starts",
     "tile_window",
     "tiles_for_block",
+    "tissue_mask",
     "torch_predictor",
     "tta_predictor",
     "with_model_tile",

@@ -39,8 +39,9 @@ from unetcore.cluster import Cluster, dask_cluster, probe_scheduler
 from unetcore.config import InferConfig
 from unetcore.devices import check_device
 from unetcore.fs import check_writable
+from unetcore.inference.background import background_evaluations, skips_background, tile_keep_mask, tissue_mask
 from unetcore.inference.components import BlockComponents, merge_faces
-from unetcore.inference.layout import MODEL_CACHE, record_path, side_path
+from unetcore.inference.layout import KEEP_MASK, MODEL_CACHE, record_path, side_path
 from unetcore.inference.outputs import dice_from_records, export_mask, write_preview
 from unetcore.inference.plan import (
     ImagePlan,
@@ -115,6 +116,7 @@ class ImageResult:
     tile_evaluations: int = 0
     grid_tiles: int = 0
     instances: int | None = None
+    background_tiles: int = 0  # tile evaluations the background skip saved (of tile_evaluations)
     objects: str | None = None  # the object table beside a GeoJSON export
     provenance: dict[str, Any] | None = None  # what made it (unetcore.inference.provenance), as the store keeps it
 
@@ -266,7 +268,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         block_shape = choose_block_shape(grid, plan.chunk, budget, cluster.slots)
         resampling = plan.resampling.to_dict() if plan.resampling else None
         info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri,
-                "provenance": prediction_provenance(cfg, model, entry, plan.weights, plan.signature, resampling)}
+                "provenance": prediction_provenance(cfg, model, entry, plan.weights, plan.signature, resampling),
+                **_slide_placement(plan)}
         create_output(plan, cfg, block_shape, info)
         complete = False
     if not complete:
@@ -274,13 +277,16 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         plan.records.mkdir(parents=True, exist_ok=True)
     blocks = plan_blocks(plan.shape, block_shape)
     todo = [] if complete else [b for b in blocks if not record_path(plan.records, b).exists()]
+    skip = skips_background(cfg.skip_background, omezarr.unet_attrs(omezarr.open_root(plan.src_path)))
+    skip = skip and plan.resampling is None  # the keep mask is on the store's tile grid
+    keep, background = _keep_mask(plan, grid, block_shape) if skip and todo else ("", 0)
     components: Components = "all" if cfg.min_object_size else "foreground" if cfg.instances else "none"
     tile = tuple(cfg.tile) if isinstance(cfg.tile, list) else cfg.tile  # a spec is hashed (cached models)
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads,
                      cfg.precision, "batch_size" not in cfg.model_fields_set)
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
-                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling)
+                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling, keep)
     _run_tasks(cluster, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))
     if not complete:
         n_instances = _component_passes(plan, cfg, cluster, job, blocks)
@@ -303,7 +309,31 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
                        export=export, preview=preview, block_shape=list(block_shape),
                        tile_evaluations=tile_evaluations(grid, block_shape), grid_tiles=grid.n_tiles,
                        instances=n_instances, provenance=provenance,
-                       objects=str(objects_table_path(Path(export))) if cfg.export == "geojson" else None)
+                       objects=str(objects_table_path(Path(export))) if cfg.export == "geojson" else None,
+                       background_tiles=background)
+
+
+
+def _slide_placement(plan: ImagePlan) -> dict[str, Any]:
+    """A slide's ``mpp`` and ``level0`` transform from its store (ingested with ``--mpp``), for the prediction."""
+    attrs = omezarr.unet_attrs(omezarr.open_root(plan.src_path))
+    return {k: attrs[k] for k in ("mpp", "level0") if k in attrs}
+
+
+def _keep_mask(plan: ImagePlan, grid: TileGrid, block_shape: tuple[int, ...]) -> tuple[str, int]:
+    """Write the background skip's tile keep mask into the records folder: its path ("" when every tile runs) and
+    the tile evaluations it saves."""
+    tissue, why = tissue_mask(omezarr.open_root(plan.src_path), grid.tile)
+    keep = tile_keep_mask(grid, tissue) if tissue is not None else None
+    if keep is None or keep.all():
+        log.info("background of %s: nothing skipped (%s)", plan.entry["id"], why if keep is None else
+                 "tissue reaches every tile")
+        return "", 0
+    path = plan.records / KEEP_MASK
+    np.save(path, keep)
+    saved = background_evaluations(grid, block_shape, keep)
+    log.info("background of %s: %d of %d tiles skipped (%s)", plan.entry["id"], int((~keep).sum()), keep.size, why)
+    return str(path), saved
 
 
 def _run_plans(plans: list[ImagePlan], cfg: InferConfig, model: PinnedModel, cluster: Cluster | None,

@@ -14,6 +14,8 @@ from unetcore.inference.windows import AXIS_NAMES, Block
 LABELS_NAME = "prediction"
 INSTANCES_NAME = "instances"
 SCRATCH = "scratch.zarr"
+KEEP_MASK = "background_keep.npy"
+"""The tile keep mask of the background skip (one bool per grid tile), in the records folder."""
 MODEL_CACHE = ".models"
 """Folder of the output where registry models are downloaded (one sub-folder per pinned version)."""
 

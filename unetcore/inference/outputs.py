@@ -121,13 +121,17 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
         raise ConfigError("export", f"nifti needs a volume read from NIfTI or DICOM; image '{image_id}' is 2-D")
     provenance = stored_provenance(root)
     h, w = labels.shape
+    slide = slide_metadata(root)
     png = kind == "png" and h * w <= EXPORT_MAX_PIXELS
     dst = out_dir / f"{image_id}_mask.{'png' if png else 'tif'}"
     if reuse and dst.exists():
         return str(dst)
     if png:
+        info = png_text(provenance)
+        if slide:
+            info.add_text("unet", json.dumps(slide))
         with replacing(dst) as tmp:
-            label_png(np.asarray(labels[:])).save(tmp, format="PNG", pnginfo=png_text(provenance))
+            label_png(np.asarray(labels[:])).save(tmp, format="PNG", pnginfo=info)
         return str(dst)
     import tifffile
 
@@ -142,11 +146,22 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
                 t[: part.shape[0], : part.shape[1]] = part
                 yield t
 
+    place: dict[str, Any] = {}
+    meta: dict[str, Any] = {"provenance": provenance}
+    if slide:  # a slide's mask: its pixel size (pixels per cm, read back as µm) and the transform to level 0
+        my, mx = slide["mpp"]
+        place = {"resolution": (1e4 / mx, 1e4 / my), "resolutionunit": "CENTIMETER"}
+        meta.update(slide)
     with replacing(dst) as tmp:
         tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
-                         compression="zlib", metadata={"unet": {"provenance": provenance}},
-                         software=software_name(provenance))
+                         compression="zlib", metadata={"unet": meta}, software=software_name(provenance), **place)
     return str(dst)
+
+
+def slide_metadata(root: zarr.Group) -> dict[str, Any] | None:
+    """A slide prediction's ``{"mpp": [my, mx], "level0": {...}}`` (ingested with ``--mpp``), else None."""
+    attrs = omezarr.unet_attrs(root)
+    return {"mpp": attrs["mpp"], "level0": attrs["level0"]} if "mpp" in attrs and "level0" in attrs else None
 
 
 def export_volume_mask(root: zarr.Group, out_dir: Path, image_id: str, kind: ExportKind, reuse: bool = False) -> str:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from unetcore.tracking.mlflow import PinnedModel
 
 SIGNATURE_OPTIONS = ("tile", "overlap", "threshold", "tta", "min_object_size", "save_probabilities",
-                     "probability_dtype", "skip_empty", "instances")
+                     "probability_dtype", "skip_empty", "instances", "skip_background")
 """The options that shape a prediction (with the source and the weights, they make its signature)."""
 
 
@@ -240,6 +240,8 @@ def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...
     place: dict[str, Any] = {}
     if plan.geometry is not None:
         place = {"spacing": tuple(plan.geometry["spacing"]), "unit": plan.geometry.get("unit")}
+    elif info.get("mpp"):  # a slide ingested at an mpp: the prediction has its pixel size
+        place = {"spacing": tuple(info["mpp"]), "unit": "micrometer"}
     # Probabilities are the store's image (K, [D,] H, W); left unwritten (empty chunks, one level) when not asked for.
     levels = None if cfg.save_probabilities else 1
     root = omezarr.create_image(plan.out_path, (plan.classes, *plan.shape), cfg.probability_dtype, plan.chunk,

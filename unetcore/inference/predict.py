@@ -30,6 +30,7 @@ from unetcore.inference.ondevice import (
     tensor_predictor,
     tta_tensor_predictor,
 )
+from unetcore.inference.background import masked_block_logits
 from unetcore.inference.stitch import (
     Predictor,
     Reader,
@@ -174,10 +175,14 @@ class BlockPredictor:
     def _host_region(self, image: zarr.Array, grid: TileGrid, block: Block) -> HostRegion:
         return read_region(_raw_reader(image), tuple(image.shape[1:]), grid, block)
 
-    def logits(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block) -> np.ndarray:
-        """Blended logits (K, *block.shape) of ``block`` of ``image`` (C, [D,] H, W)."""
+    def logits(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block,
+               keep: np.ndarray | None = None) -> np.ndarray:
+        """Blended logits (K, *block.shape) of ``block`` of ``image`` (C, [D,] H, W).
+
+        ``keep`` (one bool per grid tile, :func:`~unetcore.inference.background.tile_keep_mask`) computes only the
+        kept tiles, on the numpy path; what none covers is exact background."""
         channels, *spatial = image.shape
-        if self.kernel is not None:
+        if self.kernel is not None and keep is None:
             host = self._host_region(image, grid, block)
             with torch.inference_mode():
                 return self.kernel.logits(host, channels, affine_of(stats, self.recipe), grid, block,
@@ -186,6 +191,9 @@ class BlockPredictor:
         def read(*box: slice) -> np.ndarray:
             return normalize(np.asarray(image[(slice(None), *box)]), stats, self.recipe)
 
+        if keep is not None:
+            return masked_block_logits(read, tuple(spatial), channels, self.predictor, grid, block, self.batch_size,
+                                       keep, self.num_classes)
         return predict_block(read, tuple(spatial), channels, self.predictor, grid, block, self.batch_size)
 
     def outputs(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block,

@@ -183,11 +183,11 @@ def resampled_outputs(bp: BlockPredictor, image: zarr.Array, stats: dict[str, An
 
 
 def block_outputs(bp: BlockPredictor, image: zarr.Array, stats: dict[str, Any], block: Block,
-                  r: Resampling | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(probabilities, labels)`` of one block: on the image's own grid when ``r`` is None (the plain path),
-    else at the model's spacing (:func:`resampled_outputs`)."""
+                  r: Resampling | None, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(probabilities, labels)`` of one block: on the image's own grid when ``r`` is None (the plain path, where
+    ``keep`` skips background tiles), else at the model's spacing (:func:`resampled_outputs`)."""
     if r is None:
-        logits = bp.logits(image, stats, bp.grid(tuple(image.shape[1:])), block)
+        logits = bp.logits(image, stats, bp.grid(tuple(image.shape[1:])), block, keep)
         return logits_to_outputs(logits, bp.num_classes, bp.threshold)
     return resampled_outputs(bp, image, stats, block, r)
 

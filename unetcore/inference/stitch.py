@@ -64,20 +64,22 @@ def predict_block(
     block: Block,
     batch_size: int,
     weights: np.ndarray | None = None,
+    tiles: Sequence[Shape] | None = None,
 ) -> np.ndarray:
     """Blended prediction ``(K, *block.shape)`` float32 of one block, equal to whole-image inference there.
 
     Reads the bounding region of every tile touching ``block`` once, predicts the tiles in batches of
     ``batch_size`` and accumulates ``prediction * weight`` over the block's extent only; the sum of the weights
-    comes per axis (:func:`~unetcore.inference.windows.gaussian_weight_sum`) for the default Gaussian map, tile
-    by tile for other ``weights``.
-    ``weights`` defaults to ``gaussian_weights(grid.tile)``. Works for images and volumes alike.
+    comes per axis (:func:`~unetcore.inference.windows.gaussian_weight_sum`) for the default Gaussian map over
+    every tile, tile by tile for other ``weights`` or a subset of ``tiles``.
+    ``weights`` defaults to ``gaussian_weights(grid.tile)``. Works for images and volumes alike. ``tiles``
+    computes only those grid tiles (default: all touching the block); pixels none of them covers are 0.
     """
-    default = weights is None or weights is gaussian_weights(grid.tile)
+    default = tiles is None and (weights is None or weights is gaussian_weights(grid.tile))
     w = gaussian_weights(grid.tile) if weights is None else np.asarray(weights, dtype=np.float32)
     if w.shape != grid.tile:
         raise ValueError(f"weights have shape {w.shape}, the tile is {grid.tile}")
-    tiles = tiles_for_block(grid, block)
+    tiles = tiles_for_block(grid, block) if tiles is None else list(tiles)
     region = region_for_tiles(tiles, grid.tile)
     data = read_padded(read, image_shape, region, channels)
 
@@ -95,7 +97,7 @@ def predict_block(
             if summed is None:
                 norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
-    acc /= norm
+    np.divide(acc, norm, out=acc, where=norm > 0)
     return acc
 
 

@@ -25,6 +25,7 @@ import zarr
 from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
 from unetcore.atomic import atomic_write_json
 from unetcore.devices import resolve_device, worker_gpu_index
+from unetcore.inference.background import load_keep_mask
 from unetcore.inference.components import label_block
 from unetcore.inference.layout import (
     INSTANCES_NAME,
@@ -77,6 +78,7 @@ class ImageJob:
     components: Components
     instances: bool
     resampling: Resampling | None = None  # predicted at the model's spacing (unetcore.inference.resample)
+    keep: str = ""  # the background skip's tile keep mask (a .npy the driver wrote), "" = compute every tile
 
 
 def _worker_identity() -> tuple[int, str]:
@@ -163,10 +165,11 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     image = omezarr.image_array(src)
     shape = image.shape[1:]
     stored = job.probability_dtype if job.save_probabilities else None
-    if job.resampling is None:  # on the block predictor's kernel (on a GPU: one copy back, in the stored dtype)
+    keep = load_keep_mask(job.keep) if job.keep else None
+    if job.resampling is None and keep is None:  # on the block predictor's kernel (on a GPU: one copy back)
         probs, labels = bp.outputs(image, job.stats, bp.grid(shape), block, stored)
-    else:
-        resampled, labels = block_outputs(bp, image, job.stats, block, job.resampling)
+    else:  # resampling or background skipping: the numpy block path
+        resampled, labels = block_outputs(bp, image, job.stats, block, job.resampling, keep)
         probs = None if stored is None else resampled.astype(stored)
     t_model = time.perf_counter() - t0
     out = zarr.open_group(store=job.output, mode="r+")

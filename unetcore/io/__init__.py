@@ -18,26 +18,34 @@ from unetcore.io.readers import (
     list_images,
     open_image,
     open_mask,
+    pyramid_level_count,
 )
+from unetcore.io.slides import MPP_TOLERANCE, ResampledSource, SlidePlacement, choose_level, open_at_mpp
 from unetcore.io.writers import write_nifti, write_tiff_stack
 
 __all__ = [
     "IMAGE_DTYPES",
+    "MPP_TOLERANCE",
     "MASK_DTYPES",
     "SUPPORTED_SUFFIXES",
     "VOLUME_SUFFIXES",
     "Geometry",
     "ImageSource",
     "MaskSource",
+    "ResampledSource",
+    "SlidePlacement",
     "check_finite",
+    "choose_level",
     "find_mask",
     "ignored_inputs",
     "image_stem",
     "is_supported",
     "iter_row_bands",
     "list_images",
+    "open_at_mpp",
     "open_image",
     "open_mask",
+    "pyramid_level_count",
     "write_nifti",
     "write_tiff_stack",
 ]

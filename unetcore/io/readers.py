@@ -34,6 +34,7 @@ the declared number of classes: at open, or (``scan=False``) while the caller st
 from __future__ import annotations
 
 import glob
+import re
 import threading
 import warnings
 import xml.etree.ElementTree as ET
@@ -70,9 +71,10 @@ __all__ = [
     "list_images",
     "open_image",
     "open_mask",
+    "pyramid_level_count",
 ]
 
-SUPPORTED_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
+SUPPORTED_SUFFIXES: tuple[str, ...] = (".tif", ".tiff", ".svs", ".png", ".jpg", ".jpeg", ".npy", ".zarr")
 # volumes only (besides TIFF, Zarr and .npy z-stacks); a DICOM series is a folder of slices
 VOLUME_SUFFIXES: tuple[str, ...] = volumes.NIFTI_SUFFIXES
 IMAGE_DTYPES: tuple[str, ...] = ("uint8", "uint16", "int16", "float32")
@@ -82,7 +84,8 @@ MAX_CHANNELS = 64
 DEFAULT_MAX_PIXELS = 50_000_000_000
 BAND_PIXELS = 1 << 24  # pixels per band when a whole file is checked band by band (16 Mi)
 _FORMATS = {
-    ".tif": "tiff", ".tiff": "tiff", ".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".npy": "npy", ".zarr": "zarr"
+    ".tif": "tiff", ".tiff": "tiff", ".svs": "tiff", ".png": "pil", ".jpg": "pil", ".jpeg": "pil", ".npy": "npy",
+    ".zarr": "zarr",
 }
 _SPATIAL = "ZYX"
 _AXIS_WORDS = {"Z": "slice", "Y": "row", "X": "column"}
@@ -111,6 +114,7 @@ _UNITS = {"µm": "micrometer", "um": "micrometer", "micron": "micrometer", "micr
           "micrometer": "micrometer", "\\u00B5m": "micrometer", "nm": "nanometer", "nanometer": "nanometer",
           "mm": "millimeter", "millimeter": "millimeter", "cm": "centimeter", "centimeter": "centimeter",
           "m": "meter", "meter": "meter"}
+_SVS_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)")  # Aperio: "...|MPP = 0.2520|..."
 _PIL_LOCK = threading.Lock()  # Pillow's bomb limit is a module global: change it under a lock
 
 
@@ -139,6 +143,7 @@ class _Storage:
     cast: str = ""
     volume: volumes.NiftiLayout | volumes.DicomSeries | None = None
     sequential: bool = False  # reads in z order are much cheaper than in any order (a gzip stream)
+    level: int = 0  # the pyramid level of a TIFF's series 0 that reads come from
 
 
 @dataclass(frozen=True)
@@ -380,7 +385,7 @@ class MaskSource(ImageSource):
 
 
 def open_image(
-    path: str | Path, channel_axis: ChannelAxis = "auto", max_pixels: int = DEFAULT_MAX_PIXELS
+    path: str | Path, channel_axis: ChannelAxis = "auto", max_pixels: int = DEFAULT_MAX_PIXELS, *, level: int = 0
 ) -> ImageSource:
     """Open an image or a volume lazily, after checking its header.
 
@@ -396,6 +401,8 @@ def open_image(
             ``"czyx"`` read a 3-D array as a volume and a 4-D one as a volume with channels last or first.
         max_pixels: refuse images with more than this many pixels (H x W, or D x H x W voxels), judged from the
             header alone.
+        level: the pyramid level of a TIFF to read (0 = full resolution; see :func:`pyramid_level_count`); its
+            pixel size is level 0's scaled by the ratio of the two levels' shapes. Other formats have level 0 only.
 
     Returns:
         An :class:`ImageSource` (``spatial_shape`` ``(H, W)`` or ``(D, H, W)``; ``shape_yxc == (H, W, C)`` for
@@ -405,7 +412,25 @@ def open_image(
         InputError: the file is missing, of an unsupported type, unreadable, corrupt or truncated, empty, too
             large, has an unsupported dtype, more than 64 channels or axes that are neither an image nor a volume.
     """
-    return _open(Path(path), channel_axis, max_pixels, IMAGE_DTYPES, role="image")
+    return _open(Path(path), channel_axis, max_pixels, IMAGE_DTYPES, role="image", level=level)
+
+
+def pyramid_level_count(path: str | Path) -> int:
+    """How many pyramid levels a file offers to :func:`open_image` (``level=0 .. n-1``): a TIFF's series 0 levels
+    (SVS resolutions, SubIFDs, reduced pages), 1 for every other format.
+
+    Raises:
+        InputError: the TIFF cannot be read.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file does not exist")
+    if _format(path) != "tiff":
+        return 1
+    with reading(path, "not a readable TIFF file"), tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise InputError(path, "TIFF file holds no image")
+        return len(tif.series[0].levels)
 
 
 def open_mask(
@@ -685,13 +710,17 @@ def _format(path: Path) -> str:
 
 
 def _open(
-    path: Path, channel_axis: str, max_pixels: int, allowed: tuple[str, ...], role: str, volume_hint: bool = False
+    path: Path, channel_axis: str, max_pixels: int, allowed: tuple[str, ...], role: str, volume_hint: bool = False,
+    level: int = 0,
 ) -> ImageSource:
     check_mode(ChannelAxis, channel_axis, "channel_axis")
     if not path.exists():
         raise InputError(path, "file does not exist")
     fmt = _format(path)
-    header = _HEADER_READERS[fmt](path, max_pixels, role)
+    if level and fmt != "tiff":
+        raise InputError(path, f"has no pyramid level {level} (only TIFF pyramids are read by level)")
+    header = _tiff_header(path, max_pixels, role, level) if fmt == "tiff" else _HEADER_READERS[fmt](path, max_pixels,
+                                                                                                     role)
     axes = _layout(path, header, channel_axis, volume_hint)
     kept = axes.replace("1", "")
     sizes = {a: n for a, n in zip(axes, header.shape) if a != "1"}
@@ -715,7 +744,7 @@ def _open(
         decode_unit = tuple(min(header.chunks[axes.index(a)], sizes[a]) for a in letters)
     storage = _Storage(fmt=fmt, axes=axes, key=header.key, convert=header.convert, decode_unit=decode_unit,
                        raw=header.raw, rescale=header.rescale, cast=header.cast, volume=header.volume,
-                       sequential=header.sequential)
+                       sequential=header.sequential, level=level)
     source = ImageSource(path=path, spatial_shape=spatial, channels=channels,
                          dtype=header.dtype.newbyteorder("="), storage=storage,
                          geometry=_geometry(header, letters))
@@ -809,16 +838,24 @@ def _image_layout(path: Path, shape: tuple[int, ...], letters: str, dims: list[i
                      "pass channel_axis 'yxc' or 'cyx'")
 
 
-def _tiff_header(path: Path, max_pixels: int, role: str) -> _Header:
+def _tiff_header(path: Path, max_pixels: int, role: str, level: int = 0) -> _Header:
     with reading(path, "not a readable TIFF file"), tifffile.TiffFile(path) as tif:
         if not tif.series:
             raise InputError(path, "TIFF file holds no image")
-        series = tif.series[0].levels[0]
+        levels = tif.series[0].levels
+        if not 0 <= level < len(levels):
+            raise InputError(path, f"has no pyramid level {level} (levels 0-{len(levels) - 1})")
+        series = levels[level]
         shape, axes = tuple(int(n) for n in series.shape), series.axes
         dtype = np.dtype(series.dtype)
         raw = _tiff_raw(tif, series, shape)
         chunks = None if raw is not None else _tiff_chunks(series.keyframe, axes, shape)
-        spacing, unit = _tiff_spacing(tif, series.keyframe)
+        spacing, unit = _tiff_spacing(tif, levels[0].keyframe)
+        if spacing and level:  # a level's pixels are level 0's times the ratio of their extents
+            full = dict(zip(levels[0].axes, levels[0].shape))
+            here = dict(zip(axes, shape))
+            spacing = {a: s * full[a] / here[a] if a in full and a in here and here[a] else s
+                       for a, s in spacing.items()}
     letters = []
     for axis, n in zip(axes, shape):
         if axis in "YX":
@@ -837,9 +874,13 @@ def _tiff_header(path: Path, max_pixels: int, role: str) -> _Header:
 
 
 def _tiff_spacing(tif: tifffile.TiffFile, page: Any) -> tuple[dict[str, float] | None, str | None]:
-    """Pixel size per axis letter and its unit: OME PhysicalSize*, else ImageJ's resolution and ``spacing``, else a
-    resolution in pixels per centimetre (inches, the DPI of photos and scans, are not taken for a pixel size)."""
+    """Pixel size per axis letter and its unit: OME PhysicalSize*, else an Aperio SVS description's ``MPP``
+    (microns per pixel, level 0), else ImageJ's resolution and ``spacing``, else a resolution in pixels per
+    centimetre (inches, the DPI of photos and scans, are not taken for a pixel size)."""
     try:
+        mpp = _svs_mpp(tif)
+        if mpp is not None:
+            return {"X": mpp, "Y": mpp}, "micrometer"
         if tif.is_ome and tif.ome_metadata:
             pixels = next(e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Pixels"))
             sizes, unit = {}, None
@@ -870,6 +911,16 @@ def _tiff_spacing(tif: tifffile.TiffFile, page: Any) -> tuple[dict[str, float] |
     return None, None
 
 
+def _svs_mpp(tif: tifffile.TiffFile) -> float | None:
+    """Level 0's microns per pixel from an Aperio ImageDescription (``...|MPP = 0.2520|...``), if it has one."""
+    description = tif.pages.first.description or ""
+    if not description.startswith("Aperio "):
+        return None
+    found = _SVS_MPP.search(description)
+    value = float(found.group(1)) if found else float("nan")
+    return value if np.isfinite(value) and value > 0 else None
+
+
 def _tiff_raw(tif: tifffile.TiffFile, series: Any, shape: tuple[int, ...]) -> _Raw | None:
     """Where an uncompressed TIFF keeps its pixels contiguously (read by memory map), else None.
 
@@ -893,7 +944,7 @@ def _verify_tiff(source: ImageSource) -> None:
     """Every strip/tile of level 0 must lie inside the file: a truncated download fails here, not mid-run."""
     size = source.path.stat().st_size
     with reading(source.path, "not a readable TIFF file"), tifffile.TiffFile(source.path) as tif:
-        for page in tif.series[0].levels[0].pages:
+        for page in tif.series[0].levels[source.storage.level].pages:
             if page is None:
                 continue
             offsets = np.asarray(page.dataoffsets, dtype=np.int64)
@@ -908,7 +959,7 @@ def _open_tiff(path: Path, storage: _Storage) -> Any:
     if storage.raw is not None:
         return _RawArray(path, storage.raw)
     with reading(path, "not a readable TIFF file"):
-        store = tifffile.imread(path, aszarr=True, series=0, level=0)
+        store = tifffile.imread(path, aszarr=True, series=0, level=storage.level)
         return store, zarr.open(store, mode="r")
 
 
