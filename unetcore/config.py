@@ -328,8 +328,9 @@ class InferOptions(_Config):
                                     "of the cores).")
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
     export: ExportKind = Field("png", description="Also export label masks: png (small images; a volume gets a TIFF "
-                               "stack), tiff (tiled BigTIFF; a volume: an ImageJ stack with its spacing), nifti (a "
-                               "volume from NIfTI or DICOM, with its affine), none.")
+                               "stack), tiff (tiled BigTIFF with the pixel size; a volume: an ImageJ stack with its "
+                               "spacing), nifti (a volume from NIfTI or DICOM, with its affine), geotiff (an image "
+                               "from a GeoTIFF: tiled, overviews, its georeferencing), none.")
 
 
 class InferConfig(InferOptions, _InferTarget):

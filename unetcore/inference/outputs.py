@@ -1,6 +1,7 @@
 """What a finished prediction gives besides its store: the mask export, the preview, the Dice from the records.
 
-An image's mask is exported as a palette PNG or a tiled BigTIFF; a volume's as NIfTI with the source's affine and
+An image's mask is exported as a palette PNG or a tiled BigTIFF with its pixel size, or (read from a GeoTIFF) as a
+tiled GeoTIFF with the source's georeferencing and overviews; a volume's as NIfTI with the source's affine and
 qform/sform (from the geometry its store keeps) or as an ImageJ TIFF stack with its voxel spacing (``png``, which a
 volume cannot be, falls back to the TIFF stack). A volume's preview shows its three orthogonal mid-slices.
 """
@@ -8,7 +9,6 @@ volume cannot be, falls back to the TIFF stack). A volume's preview shows its th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from unetcore.atomic import replacing
 from unetcore.errors import ConfigError
 from unetcore.inference.layout import LABELS_NAME, record_path
 from unetcore.inference.windows import Block
+from unetcore.io import OME_UNITS, write_geotiff, write_tiff_image
 from unetcore.metrics import dice_from_counts
 from unetcore.modes import ExportKind
 from unetcore.store import omezarr
@@ -55,48 +56,59 @@ def label_png(labels: np.ndarray) -> Any:
 
 
 def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, reuse: bool = False) -> str | None:
-    """Export the label mask: an image as PNG (small images) or tiled BigTIFF (any size, streamed by tiles); a
-    volume as NIfTI or a TIFF stack (:func:`export_volume_mask`).
+    """Export the label mask: an image as PNG (small images), tiled BigTIFF (any size, streamed by tiles) or a
+    GeoTIFF (an image read from a GeoTIFF); a volume as NIfTI or a TIFF stack (:func:`export_volume_mask`).
 
+    An image's export carries the pixel size its prediction store has (from the source): a TIFF as OME
+    ``PhysicalSizeX/Y`` and its resolution in pixels per centimetre, a PNG as its ``pHYs`` (whole pixels per
+    metre); a GeoTIFF carries the source's georeferencing tags, with overviews (:func:`unetcore.io.write_geotiff`).
     ``reuse`` keeps an export that already exists (the prediction was complete before this run).
     Returns the export's path, or None for ``kind="none"``.
 
     Raises:
-        ConfigError: ``nifti`` for an image that is not a volume with a source affine.
+        ConfigError: ``nifti`` for an image that is not a volume with a source affine; ``geotiff`` for a volume or
+            an image that was not read from a GeoTIFF.
     """
     if kind == "none":
         return None
     root = zarr.open_group(store=str(out_path), mode="r")
     labels = root[f"labels/{LABELS_NAME}/0"]
-    if labels.ndim == 3:
+    if labels.ndim == 3 and kind != "geotiff":
         return export_volume_mask(root, out_dir, image_id, kind, reuse)
     if kind == "nifti":
         raise ConfigError("export", f"nifti needs a volume read from NIfTI or DICOM; image '{image_id}' is 2-D")
+    if kind == "geotiff":
+        return _export_geotiff(root, out_dir, image_id, reuse)
     h, w = labels.shape
     png = kind == "png" and h * w <= EXPORT_MAX_PIXELS
     dst = out_dir / f"{image_id}_mask.{'png' if png else 'tif'}"
     if reuse and dst.exists():
         return str(dst)
+    geometry = omezarr.geometry(root)
+    spacing, unit = (geometry["spacing"], geometry["unit"]) if geometry.get("unit") in OME_UNITS else (None, None)
     if png:
+        extra = {"dpi": tuple(0.0254 / (s * _METRES[unit]) for s in spacing[::-1])} if spacing else {}
         with replacing(dst) as tmp:
-            label_png(np.asarray(labels[:])).save(tmp, format="PNG")
+            label_png(np.asarray(labels[:])).save(tmp, format="PNG", **extra)
         return str(dst)
-    import tifffile
+    write_tiff_image(labels, dst, spacing, unit)
+    return str(dst)
 
-    tile = 256
 
-    def tiles() -> Iterator[np.ndarray]:
-        for y in range(0, h, tile):
-            band = np.asarray(labels[y:y + tile, :])
-            for x in range(0, w, tile):
-                t = np.zeros((tile, tile), np.uint8)
-                part = band[:, x:x + tile]
-                t[: part.shape[0], : part.shape[1]] = part
-                yield t
+_METRES = {"nanometer": 1e-9, "micrometer": 1e-6, "millimeter": 1e-3, "centimeter": 1e-2, "meter": 1.0}
 
-    with replacing(dst) as tmp:
-        tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
-                         compression="zlib")
+
+def _export_geotiff(root: zarr.Group, out_dir: Path, image_id: str, reuse: bool) -> str:
+    """``<id>_mask.tif``: the label pyramid as a tiled GeoTIFF with the source's georeferencing."""
+    georef = omezarr.unet_attrs(root).get("georef")
+    if root[f"labels/{LABELS_NAME}/0"].ndim != 2 or not georef:
+        raise ConfigError("export", f"geotiff needs a 2-D image read from a GeoTIFF; image '{image_id}' has no "
+                                    "georeferencing (use --export tiff)")
+    dst = Path(out_dir) / f"{image_id}_mask.tif"
+    if not (reuse and dst.exists()):
+        group = root[f"labels/{LABELS_NAME}"]
+        levels = [group[str(i)] for i in sorted(int(k) for k in group.array_keys() if k.isdigit())]
+        write_geotiff(levels, dst, georef)
     return str(dst)
 
 

@@ -66,6 +66,8 @@ class ImagePlan:
     resume: bool
     model_dims: int = 2  # the model's spatial axes (a 2-D model predicts a volume slice by slice)
     geometry: dict[str, Any] | None = None  # a volume's omezarr.geometry, copied into the output; None for images
+    placement: dict[str, Any] | None = None  # the input's level-0 spacing and unit, the output's too
+    georef: dict[str, Any] | None = None  # a GeoTIFF's georeferencing (unetcore.io.geotiff), copied into the output
 
     @property
     def is_volume(self) -> bool:
@@ -171,8 +173,10 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
     if model_dims > len(shape):
         raise ConfigError("model", f"{model.uri} is a {model_dims}-D model and image '{entry['id']}' is "
                                    f"{len(shape)}-D; predict images with a 2-D model")
-    geometry = omezarr.geometry(root) if len(shape) == 3 else None
-    _check_export(cfg, entry["id"], geometry)
+    where = omezarr.geometry(root)
+    geometry = where if len(shape) == 3 else None
+    georef = omezarr.unet_attrs(root).get("georef")
+    _check_export(cfg, entry["id"], geometry, georef)
     wh = weights_hash(model.directory)
     sig = signature(entry, model_config, wh, cfg)
     out_path = output_store(Path(cfg.output), entry["id"])
@@ -183,7 +187,8 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
     chunk = volume_chunk(shape, edge, geometry["spacing"]) if geometry else (edge, edge)
     return ImagePlan(entry=entry, src_path=src_path, out_path=out_path, records=records_dir(Path(cfg.output), entry["id"]),
                      shape=shape, classes=int(model_config["model"]["num_classes"]), chunk=tuple(chunk), signature=sig,
-                     weights=wh, resume=resume, model_dims=model_dims, geometry=geometry)
+                     weights=wh, resume=resume, model_dims=model_dims, geometry=geometry,
+                     placement={"spacing": tuple(where["spacing"]), "unit": where.get("unit")}, georef=georef)
 
 
 def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) -> tuple[int, ...]:
@@ -201,8 +206,14 @@ def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) ->
     return tuple(chunk)
 
 
-def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | None) -> None:
-    """A NIfTI export needs a volume that came with an affine (NIfTI or DICOM); refuse it before any work."""
+def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | None,
+                  georef: dict[str, Any] | None = None) -> None:
+    """Refuse, before any work, an export the image cannot have: NIfTI needs a volume that came with an affine
+    (NIfTI or DICOM), GeoTIFF a 2-D image read from a GeoTIFF."""
+    if cfg.export == "geotiff" and (geometry is not None or not georef):
+        what = "a volume" if geometry is not None else "not read from a GeoTIFF (no georeferencing)"
+        raise ConfigError("export", f"geotiff needs a 2-D image read from a GeoTIFF; image '{image_id}' is {what}; "
+                                    "use --export tiff")
     if cfg.export != "nifti" or (geometry is not None and geometry.get("affine") is not None):
         return
     what = "a 2-D image" if geometry is None else "a volume without a source affine"
@@ -213,17 +224,17 @@ def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | No
 def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...], info: dict[str, Any]) -> None:
     """Create the output store and records folder (replacing a different prediction: checked by plan_image).
 
-    A volume's output gets the input's spacing and unit (level 0's scale, and the pyramid they imply) and its
-    geometry in ``attributes.unet`` (:func:`unetcore.store.omezarr.geometry` reads it back); an image's stays in
-    pixels, as before volumes.
+    The output gets the input's spacing and unit (level 0's scale, and the pyramid they imply; an image without a
+    pixel size stays in pixels), a volume's geometry and a GeoTIFF's georeferencing in ``attributes.unet``
+    (:func:`unetcore.store.omezarr.geometry` reads the geometry back).
     """
     if plan.out_path.exists():
         shutil.rmtree(plan.out_path)
     shutil.rmtree(plan.records, ignore_errors=True)
     plan.records.mkdir(parents=True, exist_ok=True)
     place: dict[str, Any] = {}
-    if plan.geometry is not None:
-        place = {"spacing": tuple(plan.geometry["spacing"]), "unit": plan.geometry.get("unit")}
+    if plan.placement is not None:  # the input's spacing and unit (1 per axis and None: pixels, as before)
+        place = {"spacing": tuple(plan.placement["spacing"]), "unit": plan.placement.get("unit")}
     # Probabilities are the store's image (K, [D,] H, W); left unwritten (empty chunks, one level) when not asked for.
     levels = None if cfg.save_probabilities else 1
     root = omezarr.create_image(plan.out_path, (plan.classes, *plan.shape), cfg.probability_dtype, plan.chunk,
@@ -234,6 +245,8 @@ def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...
     attrs = {**info, "signature": plan.signature, "block_shape": list(block_shape), "complete": False}
     if plan.geometry is not None:
         attrs["geometry"] = plan.geometry
+    if plan.georef is not None:
+        attrs["georef"] = plan.georef
     omezarr.set_unet_attrs(root, attrs)
 
 

@@ -34,6 +34,7 @@ from unetcore.inference.layout import (
 )
 from unetcore.inference.predict import BlockPredictor, logits_to_outputs
 from unetcore.inference.windows import Block
+from unetcore.io import nodata_pixels
 from unetcore.metrics import confusion_counts
 from unetcore.model import load_model
 from unetcore.model.parts import fold_batch_norm
@@ -72,6 +73,7 @@ class ImageJob:
     probability_dtype: str
     components: Components
     instances: bool
+    nodata: float | None = None  # the source's nodata value (a GeoTIFF's): such pixels are always background
 
 
 def _worker_identity() -> tuple[int, str]:
@@ -129,6 +131,13 @@ def _counts(src: zarr.Group, labels: np.ndarray, block: Block, num_classes: int)
     return [c.tolist() for c in confusion_counts(labels, np.asarray(truth[block.slices]), num_classes)]
 
 
+def _nodata_here(job: ImageJob, image: zarr.Array, block: Block) -> np.ndarray | None:
+    """Where the block's source pixels are nodata on every band (None when the source has no nodata value)."""
+    if job.nodata is None:
+        return None
+    return nodata_pixels(np.asarray(image[(slice(None), *block.slices)]), job.nodata)
+
+
 def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str, with_background: bool,
                     image_shape: tuple[int, ...]) -> None:
     """Label a block's components, write the local ids to the scratch store and their summary beside them."""
@@ -149,6 +158,12 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     logits = bp.logits(image, job.stats, grid, block)
     t_model = time.perf_counter() - t0
     probs, labels = logits_to_outputs(logits, bp.num_classes, bp.threshold)
+    empty = _nodata_here(job, image, block)
+    if empty is not None:
+        labels[empty] = 0
+        probs[(slice(None), empty)] = 0.0
+        if bp.num_classes > 1:
+            probs[(0, empty)] = 1.0
     out = zarr.open_group(store=job.output, mode="r+")
     out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
     if job.save_probabilities:
@@ -170,6 +185,9 @@ def postprocess_block(job: ImageJob, block: Block, num_classes: int) -> dict[str
     records = Path(job.records)
     raw = zarr.open_group(store=str(records / SCRATCH), mode="r")["raw"][block.slices]
     labels = np.load(side_path(records, block, "post.npy"))[raw]
+    empty = _nodata_here(job, omezarr.image_array(omezarr.open_root(Path(job.input))), block)
+    if empty is not None:  # filling holes must not fill the source's nodata
+        labels[empty] = 0
     zarr.open_group(store=job.output, mode="r+")[f"labels/{LABELS_NAME}/0"][block.slices] = labels
     if job.instances:
         _label_and_save(job, labels, block, "final", False, _image_shape(job))
