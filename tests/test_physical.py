@@ -9,7 +9,6 @@ the same transform and CRS; nodata pixels are background whatever the model says
 from __future__ import annotations
 
 import json
-import logging
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,9 @@ import torch
 import zarr
 from PIL import Image
 from rasterio.transform import Affine, from_origin
+from typer.testing import CliRunner
 
+from app.cli import app
 from unetcore.cluster import Cluster, dask_cluster
 from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
 from unetcore.errors import ConfigError, InputError
@@ -34,6 +35,7 @@ from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 
 SIZE = 0.325  # µm, as a 20x objective gives
+runner = CliRunner()
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
@@ -261,20 +263,18 @@ def test_our_geotiff_writer_keeps_a_nan_nodata_out_and_tags_as_given(tmp_path: P
         assert mask.overviews(1) == [2]
 
 
-def test_a_geotiff_with_an_unparseable_crs_is_ingested_without_it_with_one_warning(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_geotiff_with_an_unparseable_crs_is_ingested_without_it_with_one_warning(tmp_path: Path) -> None:
     keys = (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 9999)  # EPSG:9999 does not exist
     (tmp_path / "images").mkdir()
     path = tmp_path / "images" / "odd.tif"
     tifffile.imwrite(path, smooth((20, 30)), extratags=[(33550, 12, 3, (10.0, 10.0, 0.0), True),
                                                         (33922, 12, 6, (0, 0, 0, 500.0, 900.0, 0), True),
                                                         (34735, 3, len(keys), keys, True)])
-    with caplog.at_level(logging.WARNING, logger="unetcore.ingest"):
-        report = ingest(tmp_path / "images", tmp_path / "ds")
-    assert not report.failed
-    [line] = [r.getMessage() for r in caplog.records if "odd.tif" in r.getMessage()]
-    assert "\n" not in line and "CRS cannot be parsed" in line and "EPSG:9999" in line
-    assert line in report.warnings()
+    result = runner.invoke(app, ["ingest", str(tmp_path / "images"), "-o", str(tmp_path / "ds"), "--no-prefect"])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "odd.tif" in line]
+    assert len(lines) == 1 and "CRS cannot be parsed" in lines[0] and "EPSG:9999" in lines[0]
+    assert lines[0].removeprefix("warning: ") in read_report(tmp_path / "ds")["warnings"]
     georef = omezarr.unet_attrs(omezarr.open_root(mf.store_path(tmp_path / "ds", "odd")))["georef"]
     assert georef["crs_wkt"] is None and georef["epsg"] is None and "34735" not in georef["tags"]
     assert georef["transform"] == [10.0, 0.0, 500.0, 0.0, -10.0, 900.0]

@@ -324,9 +324,7 @@ def _placement(source: readers.ImageSource, mask_path: Path | None) -> tuple[dic
         note = readers.dropped_resolution(source.path)
         if note:
             notes.append(note)
-    for note in notes:
-        log.warning(note)
-    return georef, notes
+    return georef, notes  # reported once, by the report's warnings (the CLI and the flow print them)
 
 
 def ingest_image(

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from unetcore.atomic import replacing
+from unetcore.errors import reading
 
 __all__ = ["GEO_TAGS", "nodata_pixels", "read_georef", "same_placement", "write_geotiff"]
 
@@ -131,7 +132,7 @@ def read_georef(path: str | Path) -> tuple[dict[str, Any] | None, str | None]:
     from rasterio.errors import RasterioError
 
     path = Path(path)
-    with tifffile.TiffFile(path) as tif:
+    with reading(path, "not a readable TIFF file"), tifffile.TiffFile(path) as tif:
         page = tif.pages[0]
         tags = {str(code): _plain(page.tags[code].value) for code in GEO_TAGS if code in page.tags}
         nodata_tag = page.tags.get(_NODATA_TAG)
