@@ -534,3 +534,71 @@ def test_the_train_flow_reports_the_plan_as_a_table(grey_ds: Path) -> None:
 def test_train_config_keeps_the_library_defaults_when_no_plan_is_used() -> None:
     cfg = TrainConfig(dataset="d")
     assert (cfg.patch_size, cfg.epochs, cfg.time_budget_s) == (256, 10, 0.0)
+
+
+def test_the_pipeline_trains_the_plan_with_exactly_its_given_options_on_top(grey_ds: Path, tmp_path: Path) -> None:
+    from unetcore.config import PipelineConfig, TrainOptions
+    from unetcore.planning import pipeline_training
+
+    (tmp_path / "dataset").symlink_to(grey_ds)  # the pipeline's ingested dataset
+    recipe = ("patch_size", "batch_size", "epochs", "steps_per_epoch", "sampling", "val_tile", "model", "time_budget_s")
+
+    def pipeline(**train) -> tuple[TrainConfig, Plan]:
+        return pipeline_training(PipelineConfig(images="i", masks="m", workdir=str(tmp_path),
+                                                train=TrainOptions(**train)))
+
+    cfg, plan = pipeline()
+    train_cfg, _ = planned_config(grey_ds)  # what `unet train DATASET` trains
+    assert plan.overridden == [] and cfg.patch_size == 128 != TrainConfig(dataset="d").patch_size
+    assert {k: getattr(cfg, k) for k in recipe} == {k: getattr(train_cfg, k) for k in recipe}
+    cfg, plan = pipeline(epochs=2, model=ModelConfig(depth=3))
+    assert sorted(plan.overridden) == ["epochs", "model.depth"]
+    assert (cfg.epochs, cfg.model.depth, cfg.patch_size) == (2, 3, 128)
+    assert cfg.model.base_channels == train_cfg.model.base_channels  # the model's other fields: the plan's
+    assert cfg.output == str(tmp_path / "train") and cfg.dataset == str(tmp_path / "dataset")
+
+
+def test_class_names_given_at_ingestion_travel_with_the_model_and_its_predictions(tracking_uri: str,
+                                                                                   tmp_path: Path) -> None:
+    _write(tmp_path, 3, (64, 64), semantic="boundary")
+    names = "background,nucleus,boundary"
+    ingested = runner.invoke(app, ["ingest", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "-o",
+                                   str(tmp_path / "ds"), "--class-names", names, "--no-prefect"])
+    assert ingested.exit_code == 0, ingested.output  # three names imply --num-classes 3
+    assert mf.require(tmp_path / "ds")["class_names"] == names.split(",")
+    plan = plan_dataset(tmp_path / "ds")
+    assert plan["class_names"] == names.split(",") and plan["model.num_classes"] == 3
+    shown = runner.invoke(app, ["plan", str(tmp_path / "ds")]).output
+    assert "class_names" in shown and "background, nucleus, boundary" in shown.replace('", "', ", ")
+    result = _train_cli(tmp_path / "ds", tracking_uri, tmp_path / "out", "--registered-model", "named")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "out" / "best" / "config.json").read_text())
+    assert config["task"]["class_names"] == names.split(",")
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias("named", tracking.CHAMPION)
+    assert version.tags["class_names"] == names
+    assert json.loads(client.get_run(version.run_id).data.params["plan.class_names"]) == names.split(",")
+    predicted = runner.invoke(app, ["predict", str(tmp_path / "ds"), "-o", str(tmp_path / "pred"), "--model",
+                                    str(tmp_path / "out" / "best"), "--no-prefect", "--workers", "1"])
+    assert predicted.exit_code == 0, predicted.output
+    store = next((tmp_path / "pred").glob("*.ome.zarr"))
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]["unet"]
+    assert attrs["class_names"] == names.split(",") and attrs["resampling"] is None
+
+
+def test_class_names_must_name_every_class_once() -> None:
+    with pytest.raises(ValueError, match="3 class names for num_classes 4"):
+        IngestConfig(images="i", output="o", num_classes=4, class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="distinct"):
+        IngestConfig(images="i", output="o", class_names=["a", "a"])
+    assert IngestConfig(images="i", output="o", class_names=["background", "cell"]).num_classes == 1
+
+
+def test_a_model_records_the_spacing_training_saw_and_its_unit(ct_ds: Path) -> None:
+    fp = fingerprint(ct_ds)
+    task = planning.training_task(ModelConfig(spatial_dims=3), fp)
+    seen = np.median([i.spacing for i in fp.training], 0)
+    assert task.spacing == tuple(seen) and task.unit == "millimeter"
+    # the plan's target (nnU-Net's) is recorded in the plan; training samples each volume on its own grid
+    assert "not imposed" in plan_dataset(ct_ds).choice("target_spacing").why
+    assert TaskSignature.from_dict(task.to_dict()) == task and task.tags()["spacing_unit"] == "millimeter"

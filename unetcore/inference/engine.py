@@ -52,6 +52,9 @@ from unetcore.inference.plan import (
     plan_image,
 )
 from unetcore.inference.predict import tile_shape
+from unetcore.inference.provenance import prediction_provenance, stored_provenance
+from unetcore.inference.resample import zoom_factor
+from unetcore.inference.shapes import objects_table_path
 from unetcore.inference.tasks import (
     Components,
     ImageJob,
@@ -112,6 +115,8 @@ class ImageResult:
     tile_evaluations: int = 0
     grid_tiles: int = 0
     instances: int | None = None
+    objects: str | None = None  # the object table beside a GeoJSON export
+    provenance: dict[str, Any] | None = None  # what made it (unetcore.inference.provenance), as the store keeps it
 
 
 def results_to_dicts(results: list[ImageResult]) -> list[dict[str, Any]]:
@@ -256,8 +261,12 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         attrs = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r"))
         block_shape, complete = tuple(attrs["block_shape"]), bool(attrs.get("complete"))
     else:
-        block_shape = choose_block_shape(grid, plan.chunk, cfg.block_size**2, cluster.slots)
-        info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri}
+        # a block computes its box of the model's grid: fewer output voxels when that grid is finer
+        budget = max(1, int(cfg.block_size**2 / max(1.0, zoom_factor(plan.resampling))))
+        block_shape = choose_block_shape(grid, plan.chunk, budget, cluster.slots)
+        resampling = plan.resampling.to_dict() if plan.resampling else None
+        info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri,
+                "provenance": prediction_provenance(cfg, model, entry, plan.weights, plan.signature, resampling)}
         create_output(plan, cfg, block_shape, info)
         complete = False
     if not complete:
@@ -270,7 +279,7 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads)
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
-                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances,
+                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling,
                    nodata=(plan.georef or {}).get("nodata"))
     _run_tasks(cluster, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))
     if not complete:
@@ -283,7 +292,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     kind = "post" if cfg.min_object_size else ""
     dice = dice_from_records(plan.records, blocks, plan.classes, kind) if entry.get("has_mask") else None
     out_dir = Path(cfg.output)
-    export = export_mask(plan.out_path, out_dir, entry["id"], cfg.export, reuse=complete)
+    export = export_mask(plan.out_path, out_dir, entry["id"], cfg.export, reuse=complete, source=plan.src_path)
+    provenance = stored_provenance(zarr.open_group(store=str(plan.out_path), mode="r"))
     preview = write_preview(plan.src_path, plan.out_path, out_dir / f"{entry['id']}_preview.png")
     seconds = time.perf_counter() - t0
     pixels = math.prod(plan.shape)
@@ -292,7 +302,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
                        megapixels_per_s=round(pixels / 1e6 / max(seconds, 1e-9), 3), dice=dice,
                        export=export, preview=preview, block_shape=list(block_shape),
                        tile_evaluations=tile_evaluations(grid, block_shape), grid_tiles=grid.n_tiles,
-                       instances=n_instances)
+                       instances=n_instances, provenance=provenance,
+                       objects=str(objects_table_path(Path(export))) if cfg.export == "geojson" else None)
 
 
 def _run_plans(plans: list[ImagePlan], cfg: InferConfig, model: PinnedModel, cluster: Cluster | None,

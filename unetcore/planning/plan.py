@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from unetcore.atomic import atomic_write_json
-from unetcore.config import ModelConfig, NormalizationConfig, TrainConfig, validated
+from unetcore.config import ModelConfig, NormalizationConfig, PipelineConfig, TrainConfig, validated
 from unetcore.errors import ConfigError, InputError
 from unetcore.model import PoolingPlan, deepest, plan_pooling
 from unetcore.planning.fingerprint import DatasetFingerprint, ImageFingerprint, fingerprint
@@ -84,8 +84,9 @@ class Choice:
                 "why": self.why, **({"details": self.details} if self.details else {})}
 
 
-PLAN_ONLY = frozenset({"target_spacing", "normalization_scheme", "steps"})
-"""Choices that fill no TrainConfig field: they explain (the work) or wait for a consumer (resampling, CT)."""
+PLAN_ONLY = frozenset({"target_spacing", "normalization_scheme", "steps", "class_names"})
+"""Choices that fill no TrainConfig field: they explain (the work) or go with the model's task (the spacing
+inference resamples to, the class names)."""
 _MODEL_ONLY_IF_DECLARED = ("model.spatial_dims", "model.pool", "model.kernels")  # fields of the N-D model
 
 
@@ -268,7 +269,8 @@ def working_spacing(fp: DatasetFingerprint) -> tuple[tuple[float, ...], str]:
     if fp.spatial_dims == 2:
         shown = " x ".join(f"{s:g}" for s in fp.spacing.median)
         return fp.spacing.median, f"2-D images are trained on their own pixel grid (median pixel size {shown})"
-    return target_spacing([i.spacing for i in fp.images], [i.shape for i in fp.images])
+    spacing, why = target_spacing([i.spacing for i in fp.images], [i.shape for i in fp.images])
+    return spacing, why + "; recorded, not imposed: training samples each volume on its own grid"
 
 
 def training_bytes(patch: Sequence[int], batch: int, base_channels: int, pool: Sequence[Sequence[int]]) -> int:
@@ -419,6 +421,17 @@ def _classes(fp: DatasetFingerprint) -> Choice:
     return Choice("model.num_classes", num, f"mask values {shown}{declared}: {what}")
 
 
+def _class_names(fp: DatasetFingerprint) -> Choice:
+    names, expected = fp.class_names, max(2, fp.num_classes)
+    if names is None:
+        return Choice("class_names", None, "not given: classes are numbered (ingest --class-names to name them)")
+    if len(names) != expected:
+        return Choice("class_names", None, f"ingestion named {len(names)} classes ({', '.join(names)}), the masks "
+                                           f"hold {expected}: not recorded (re-ingest with {expected} names)")
+    return Choice("class_names", list(names), "given at ingestion (--class-names); recorded with the model and "
+                                              "its predictions")
+
+
 def plan_from_fingerprint(fp: DatasetFingerprint, *, budget: int = MEMORY_BUDGET_BYTES) -> Plan:
     """The plan of a fingerprinted dataset (see the module docstring for the rules).
 
@@ -437,7 +450,7 @@ def plan_from_fingerprint(fp: DatasetFingerprint, *, budget: int = MEMORY_BUDGET
         median = tuple(float(v) for v in np.median([resampled_shape(i, spacing) for i in fp.training], 0))
     choices.append(Choice("target_spacing", list(spacing), spacing_why))
     channels_why = f"every labelled image has {fp.channels} channel{'s' if fp.channels != 1 else ''}"
-    choices += [Choice("model.in_channels", fp.channels, channels_why), _classes(fp)]
+    choices += [Choice("model.in_channels", fp.channels, channels_why), _classes(fp), _class_names(fp)]
     try:
         patch = plan_patch(median, grid, square=dims == 2, base_channels=base, budget=budget)
     except ValueError as exc:
@@ -515,3 +528,14 @@ def planned_config(dataset: Path, overrides: Mapping[str, Any] | None = None, **
                           "(a 2-D model trained on volume slices); leave the dimension to the plan")
     plan = plan.with_overrides(overrides)
     return plan.train_config(overrides, dataset=str(dataset), **targets), plan
+
+
+def pipeline_training(config: PipelineConfig) -> tuple[TrainConfig, Plan]:
+    """The pipeline's training (once its dataset is ingested): the dataset's plan with the options given in
+    ``config.train`` (and ``num_classes``, when given) on top, exactly as ``unet train`` with those options.
+
+    Raises:
+        InputError: the dataset cannot be planned; ConfigError: an option is out of range.
+    """
+    targets = config.train_targets()
+    return planned_config(Path(targets.pop("dataset")), config.train_overrides(), **targets)
