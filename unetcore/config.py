@@ -363,10 +363,11 @@ class InferOptions(_Config):
                                     "of the cores).")
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
     export: ExportKind = Field("png", description="Also export label masks: png (small images; a volume gets a TIFF "
-                               "stack), tiff (tiled BigTIFF; a volume: an ImageJ stack with its spacing), nifti (a "
-                               "volume from NIfTI or DICOM, with its affine), geojson (2-D, with instances: the "
-                               "instance outlines as a GeoJSON FeatureCollection QuPath and QGIS import, and "
-                               "<id>_objects.csv), none.")
+                               "stack), tiff (tiled BigTIFF with the pixel size; a volume: an ImageJ stack with its "
+                               "spacing), nifti (a volume from NIfTI or DICOM, with its affine), geojson (2-D, with "
+                               "instances: the instance outlines as a GeoJSON FeatureCollection QuPath and QGIS "
+                               "import, and <id>_objects.csv), geotiff (an image from a GeoTIFF: tiled, overviews, "
+                               "its georeferencing), none.")
 
     @field_validator("export")
     @classmethod

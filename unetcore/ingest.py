@@ -45,7 +45,7 @@ from unetcore.atomic import atomic_write_json
 from unetcore.config import IngestConfig
 from unetcore.errors import InputError
 from unetcore.fs import check_writable
-from unetcore.io import readers, slides
+from unetcore.io import geotiff, readers, slides
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.store.stats import StreamingStats
@@ -76,6 +76,7 @@ class IngestReport:
     unmatched_masks: list[str] = field(default_factory=list)
     masks_given: bool = False
     cleaned: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what ingested files said but the stores do not use, one line each
     seconds: float = 0.0
     pixels: int = 0
 
@@ -113,6 +114,10 @@ class IngestReport:
                          f"<stem>_mask): {names(self.without_mask)}")
         if self.unmatched_masks:
             lines.append(f"{len(self.unmatched_masks)} mask file(s) match no image: {names(self.unmatched_masks)}")
+        lines += self.notes[:examples]
+        if len(self.notes) > examples:
+            lines.append(f"... and {len(self.notes) - examples} more note(s) in {REPORT} (the manifest keeps each "
+                         "image's)")
         return lines
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,9 +295,9 @@ def _work_plan(source: readers.ImageSource, mask: readers.MaskSource | None, chu
 
 def _store_geometry(source: readers.ImageSource | slides.ResampledSource, at_mpp: bool = False
                     ) -> tuple[tuple[float, ...] | None, str | None]:
-    """Spacing and unit for the store's metadata: a volume's own, a slide read at an mpp's; another 2-D image stays
-    in pixels (as before)."""
-    if source.spatial_dims == 2 and not at_mpp:
+    """Spacing and unit for the store's metadata: a volume's own; a slide read at an mpp's; another 2-D image's when
+    its file gives them with a unit (else it stays in pixels, as before: a size without a unit is no physical size)."""
+    if source.spatial_dims == 2 and not at_mpp and not (source.geometry.spacing and source.geometry.unit):
         return None, None
     return source.geometry.spacing, source.geometry.unit
 
@@ -303,6 +308,32 @@ def _open_source(image_path: Path, cfg: IngestConfig
     if cfg.mpp is None:
         return readers.open_image(image_path, channel_axis=cfg.channel_axis, max_pixels=cfg.max_pixels), None
     return slides.open_at_mpp(image_path, cfg.mpp, channel_axis=cfg.channel_axis, max_pixels=cfg.max_pixels)
+
+
+def _placement(source: readers.ImageSource, mask_path: Path | None) -> tuple[dict[str, Any] | None, list[str]]:
+    """The image's GeoTIFF georeferencing (or None) and the notes on what its file said but we do not use.
+
+    Raises:
+        InputError: a GeoTIFF mask placed elsewhere on the map than its GeoTIFF image.
+    """
+    notes: list[str] = []
+    georef = None
+    if source.spatial_dims == 2 and source.path.suffix.lower() in (".tif", ".tiff"):
+        georef, warning = geotiff.read_georef(source.path)
+        if warning:
+            notes.append(warning)
+        if georef is not None and mask_path is not None and mask_path.suffix.lower() in (".tif", ".tiff"):
+            theirs, _ = geotiff.read_georef(mask_path)
+            if theirs is not None and not geotiff.same_placement(georef, theirs):
+                raise InputError(mask_path, f"mask georeferencing (transform {theirs['transform']}, EPSG "
+                                 f"{theirs['epsg']}) differs from image {source.path.name}'s (transform "
+                                 f"{georef['transform']}, EPSG {georef['epsg']})",
+                                 "the mask must lie on the image's pixel grid: warp it onto the image")
+    if source.geometry.spacing is None:
+        note = readers.dropped_resolution(source.path)
+        if note:
+            notes.append(note)
+    return georef, notes  # reported once, by the report's warnings (the CLI and the flow print them)
 
 
 def ingest_image(
@@ -330,6 +361,7 @@ def ingest_image(
     if mask_path is not None:
         mask = readers.open_mask(mask_path, source, cfg.num_classes, max_pixels=cfg.max_pixels, scan=False)
     spacing, unit = _store_geometry(source, placement is not None)
+    georef, notes = _placement(source, mask_path)
     spatial, channels = source.spatial_shape, source.channels
     chunk = omezarr.chunk_shape(spatial, cfg.chunk_size, spacing)
     leaves, workers = _work_plan(source, mask, chunk, cfg.threads if threads is None else threads)
@@ -362,6 +394,8 @@ def ingest_image(
             levels = readers.pyramid_level_count(image_path)
             if levels > 1:  # a pyramidal file (a slide): prediction skips its background by default
                 attrs["source_levels"] = levels
+            if georef is not None:  # the contract of unetcore.io.geotiff: what map exports write back
+                attrs["georef"] = georef
             omezarr.set_unet_attrs(root, attrs)
     finally:
         source.close()
@@ -391,6 +425,8 @@ def ingest_image(
         "unit": geometry["unit"],
         "affine": geometry["affine"],
         **(slide_attrs(placement) if placement is not None else {}),
+        "georef": georef,
+        "notes": notes,
     }
 
 
@@ -572,6 +608,7 @@ def _record(result: dict[str, Any], dataset: Path, cfg: IngestConfig, report: In
     entry["split"] = old["split"] if old else mf.split_for(entry["source_hash"], cfg.val_fraction, cfg.test_fraction)
     mf.put_entry(dataset, entry)
     (report.updated if old else report.added).append(entry["id"])
+    report.notes += entry.get("notes") or []
     report.pixels += int(np.prod(entry["shape"], dtype=np.int64))
 
 

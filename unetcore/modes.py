@@ -23,10 +23,11 @@ Split = Literal["train", "val", "test"]
 ProbabilityDtype = Literal["float16", "float32"]
 Precision = Literal["auto", "bf16", "fp32"]  # forward passes: auto = bf16 autocast on CUDA, float32 on the CPU
 BlockPath = Literal["numpy", "torch"]  # the block kernel: numpy arrays, or torch ops on the model's device
-ExportKind = Literal["none", "png", "tiff", "nifti", "geojson"]
-"""Label mask export: none; PNG (small images; a volume gets a TIFF stack); tiled BigTIFF (a volume: an ImageJ
-TIFF stack); NIfTI (volumes read from NIfTI or DICOM, with the source's affine); GeoJSON (2-D images with
-instances: the outlines QuPath/QGIS import, and an object table)."""
+ExportKind = Literal["none", "png", "tiff", "nifti", "geojson", "geotiff"]
+"""Label mask export: none; PNG (small images; a volume gets a TIFF stack); tiled TIFF with the pixel size (a
+volume: an ImageJ TIFF stack); NIfTI (volumes read from NIfTI or DICOM, with the source's affine); GeoJSON (2-D images with
+instances: the outlines QuPath/QGIS import, and an object table); GeoTIFF (images read from a GeoTIFF: tiled, with
+overviews and the source's georeferencing tags)."""
 ModelFormat = Literal["onnx", "torchscript"]
 """``unet export``: an ONNX graph (onnxruntime and any ONNX runtime) or a TorchScript module (``torch.jit.load``)."""
 SpatialDims = Literal[2, 3]

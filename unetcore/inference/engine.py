@@ -286,7 +286,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads,
                      cfg.precision, "batch_size" not in cfg.model_fields_set)
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
-                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling, keep)
+                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling, keep,
+                   nodata=(plan.georef or {}).get("nodata"))
     _run_tasks(cluster, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))
     if not complete:
         n_instances = _component_passes(plan, cfg, cluster, job, blocks)

@@ -1,6 +1,6 @@
 """What a finished prediction gives besides its store: the mask export, the preview, the Dice from the records.
 
-An image's mask is exported as a palette PNG, a tiled BigTIFF or (with instances) GeoJSON outlines and an object
+An image's mask is exported as a palette PNG, a tiled BigTIFF with its pixel size, a GeoTIFF (read from a GeoTIFF) or (with instances) GeoJSON outlines and an object
 table (:mod:`unetcore.inference.shapes`); a volume's as NIfTI with the source's affine and qform/sform (from the
 geometry its store keeps) or as an ImageJ TIFF stack with its voxel spacing (``png``, which a volume cannot be,
 falls back to the TIFF stack). A volume's preview shows its three orthogonal mid-slices.
@@ -14,7 +14,6 @@ Every export carries the store's provenance (:mod:`unetcore.inference.provenance
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from unetcore.errors import ConfigError
 from unetcore.inference.layout import INSTANCES_NAME, LABELS_NAME, record_path
 from unetcore.inference.provenance import provenance_json, software_name, stored_provenance
 from unetcore.inference.windows import Block
+from unetcore.io import OME_UNITS, write_geotiff, write_tiff_image
 from unetcore.metrics import dice_from_counts
 from unetcore.modes import ExportKind
 from unetcore.store import omezarr
@@ -107,7 +107,10 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
 
     Raises:
         ConfigError: ``nifti`` for an image that is not a volume with a source affine; ``geojson`` for a volume
-            or a prediction without instances.
+            or a prediction without instances; ``geotiff`` for a volume or an image not read from a GeoTIFF.
+
+    An image's TIFF carries its store's pixel size (OME PhysicalSizeX/Y and XResolution in pixels per cm), a PNG
+    its pHYs; a GeoTIFF the source's georeferencing tags and overviews (:func:`unetcore.io.write_geotiff`).
     """
     if kind == "none":
         return None
@@ -115,6 +118,8 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
     labels = root[f"labels/{LABELS_NAME}/0"]
     if kind == "geojson":
         return export_shapes(root, out_dir, image_id, source, reuse)
+    if kind == "geotiff":
+        return _export_geotiff(root, out_dir, image_id, reuse)
     if labels.ndim == 3:
         return export_volume_mask(root, out_dir, image_id, kind, reuse)
     if kind == "nifti":
@@ -126,35 +131,35 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
     dst = out_dir / f"{image_id}_mask.{'png' if png else 'tif'}"
     if reuse and dst.exists():
         return str(dst)
+    geometry = omezarr.geometry(root)
+    spacing, unit = (geometry["spacing"], geometry["unit"]) if geometry.get("unit") in OME_UNITS else (None, None)
     if png:
         info = png_text(provenance)
         if slide:
             info.add_text("unet", json.dumps(slide))
+        extra = {"dpi": tuple(0.0254 / (s * _METRES[unit]) for s in spacing[::-1])} if spacing else {}
         with replacing(dst) as tmp:
-            label_png(np.asarray(labels[:])).save(tmp, format="PNG", pnginfo=info)
+            label_png(np.asarray(labels[:])).save(tmp, format="PNG", pnginfo=info, **extra)
         return str(dst)
-    import tifffile
+    write_tiff_image(labels, dst, spacing, unit, metadata={"unet": {"provenance": provenance, **(slide or {})}},
+                     software=software_name(provenance))
+    return str(dst)
 
-    tile = 256
 
-    def tiles() -> Iterator[np.ndarray]:
-        for y in range(0, h, tile):
-            band = np.asarray(labels[y:y + tile, :])
-            for x in range(0, w, tile):
-                t = np.zeros((tile, tile), np.uint8)
-                part = band[:, x:x + tile]
-                t[: part.shape[0], : part.shape[1]] = part
-                yield t
+_METRES = {"nanometer": 1e-9, "micrometer": 1e-6, "millimeter": 1e-3, "centimeter": 1e-2, "meter": 1.0}
 
-    place: dict[str, Any] = {}
-    meta: dict[str, Any] = {"provenance": provenance}
-    if slide:  # a slide's mask: its pixel size (pixels per cm, read back as µm) and the transform to level 0
-        my, mx = slide["mpp"]
-        place = {"resolution": (1e4 / mx, 1e4 / my), "resolutionunit": "CENTIMETER"}
-        meta.update(slide)
-    with replacing(dst) as tmp:
-        tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
-                         compression="zlib", metadata={"unet": meta}, software=software_name(provenance), **place)
+
+def _export_geotiff(root: zarr.Group, out_dir: Path, image_id: str, reuse: bool) -> str:
+    """``<id>_mask.tif``: the label pyramid as a tiled GeoTIFF with the source's georeferencing."""
+    georef = omezarr.unet_attrs(root).get("georef")
+    if root[f"labels/{LABELS_NAME}/0"].ndim != 2 or not georef:
+        raise ConfigError("export", f"geotiff needs a 2-D image read from a GeoTIFF; image '{image_id}' has no "
+                                    "georeferencing (use --export tiff)")
+    dst = Path(out_dir) / f"{image_id}_mask.tif"
+    if not (reuse and dst.exists()):
+        group = root[f"labels/{LABELS_NAME}"]
+        levels = [group[str(i)] for i in sorted(int(k) for k in group.array_keys() if k.isdigit())]
+        write_geotiff(levels, dst, georef)
     return str(dst)
 
 

@@ -70,6 +70,8 @@ class ImagePlan:
     resampling: Resampling | None = None  # predicted at the model's spacing, brought back onto the image's grid
     resampling_why: str = ""
     class_names: list[str] | None = None  # the model's task's, when known
+    placement: dict[str, Any] | None = None  # the input's level-0 spacing and unit, the output's too
+    georef: dict[str, Any] | None = None  # a GeoTIFF's georeferencing (unetcore.io.geotiff), copied into the output
 
     @property
     def is_volume(self) -> bool:
@@ -175,10 +177,12 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
     if model_dims > len(shape):
         raise ConfigError("model", f"{model.uri} is a {model_dims}-D model and image '{entry['id']}' is "
                                    f"{len(shape)}-D; predict images with a 2-D model")
-    geometry = omezarr.geometry(root) if len(shape) == 3 else None
-    _check_export(cfg, entry["id"], geometry)
+    where = omezarr.geometry(root)
+    geometry = where if len(shape) == 3 else None
+    georef = omezarr.unet_attrs(root).get("georef")
+    _check_export(cfg, entry["id"], geometry, georef)
     task = TaskSignature.of_model(model_config)
-    place = geometry or omezarr.geometry(root)
+    place = geometry or where
     resampling, resampling_why = resampling_for(shape, place["spacing"], place.get("unit"), task.spacing, task.unit)
     wh = weights_hash(model.directory)
     sig = signature(entry, model_config, wh, cfg)
@@ -195,7 +199,8 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
                      shape=shape, classes=int(model_config["model"]["num_classes"]), chunk=tuple(chunk), signature=sig,
                      weights=wh, resume=resume, model_dims=model_dims, geometry=geometry, resampling=resampling,
                      resampling_why=resampling_why,
-                     class_names=list(task.class_names) if task.class_names is not None else None)
+                     class_names=list(task.class_names) if task.class_names is not None else None,
+                     placement={"spacing": tuple(where["spacing"]), "unit": where.get("unit")}, georef=georef)
 
 
 def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) -> tuple[int, ...]:
@@ -213,9 +218,14 @@ def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) ->
     return tuple(chunk)
 
 
-def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | None) -> None:
-    """A NIfTI export needs a volume that came with an affine (NIfTI or DICOM), a GeoJSON export a 2-D image;
-    refuse either before any work."""
+def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | None,
+                  georef: dict[str, Any] | None = None) -> None:
+    """Refuse, before any work, an export the image cannot have: NIfTI needs a volume that came with an affine
+    (NIfTI or DICOM), GeoTIFF a 2-D image read from a GeoTIFF."""
+    if cfg.export == "geotiff" and (geometry is not None or not georef):
+        what = "a volume" if geometry is not None else "not read from a GeoTIFF (no georeferencing)"
+        raise ConfigError("export", f"geotiff needs a 2-D image read from a GeoTIFF; image '{image_id}' is {what}; "
+                                    "use --export tiff")
     if cfg.export == "geojson" and geometry is not None:
         raise ConfigError("export", f"geojson is 2-D only; image '{image_id}' is a volume: use --export tiff or "
                                     "nifti (labels/instances holds its 3-D instances)")
@@ -229,17 +239,17 @@ def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | No
 def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...], info: dict[str, Any]) -> None:
     """Create the output store and records folder (replacing a different prediction: checked by plan_image).
 
-    A volume's output gets the input's spacing and unit (level 0's scale, and the pyramid they imply) and its
-    geometry in ``attributes.unet`` (:func:`unetcore.store.omezarr.geometry` reads it back); an image's stays in
-    pixels, as before volumes.
+    The output gets the input's spacing and unit (level 0's scale, and the pyramid they imply; an image without a
+    pixel size stays in pixels), a volume's geometry and a GeoTIFF's georeferencing in ``attributes.unet``
+    (:func:`unetcore.store.omezarr.geometry` reads the geometry back).
     """
     if plan.out_path.exists():
         shutil.rmtree(plan.out_path)
     shutil.rmtree(plan.records, ignore_errors=True)
     plan.records.mkdir(parents=True, exist_ok=True)
     place: dict[str, Any] = {}
-    if plan.geometry is not None:
-        place = {"spacing": tuple(plan.geometry["spacing"]), "unit": plan.geometry.get("unit")}
+    if plan.placement is not None:  # the input's spacing and unit (1 per axis and None: pixels, as before)
+        place = {"spacing": tuple(plan.placement["spacing"]), "unit": plan.placement.get("unit")}
     elif info.get("mpp"):  # a slide ingested at an mpp: the prediction has its pixel size
         place = {"spacing": tuple(info["mpp"]), "unit": "micrometer"}
     # Probabilities are the store's image (K, [D,] H, W); left unwritten (empty chunks, one level) when not asked for.
@@ -254,6 +264,8 @@ def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...
              "resampling_why": plan.resampling_why}
     if plan.geometry is not None:
         attrs["geometry"] = plan.geometry
+    if plan.georef is not None:
+        attrs["georef"] = plan.georef
     omezarr.set_unet_attrs(root, attrs)
 
 

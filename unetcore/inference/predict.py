@@ -17,6 +17,7 @@ import torch
 import zarr
 
 from unetcore.config import NormalizationConfig
+from unetcore.inference.background import masked_block_logits
 from unetcore.inference.ondevice import (
     Affine,
     DeviceKernel,
@@ -30,7 +31,6 @@ from unetcore.inference.ondevice import (
     tensor_predictor,
     tta_tensor_predictor,
 )
-from unetcore.inference.background import masked_block_logits
 from unetcore.inference.stitch import (
     Predictor,
     Reader,

@@ -9,7 +9,7 @@ up to float rounding, while memory stays proportional to one block plus one batc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 

@@ -37,6 +37,7 @@ from unetcore.inference.layout import (
 from unetcore.inference.predict import BlockPredictor
 from unetcore.inference.resample import Resampling, block_outputs
 from unetcore.inference.windows import Block
+from unetcore.io import nodata_pixels
 from unetcore.metrics import confusion_counts
 from unetcore.model import load_model
 from unetcore.model.parts import fold_batch_norm
@@ -79,6 +80,7 @@ class ImageJob:
     instances: bool
     resampling: Resampling | None = None  # predicted at the model's spacing (unetcore.inference.resample)
     keep: str = ""  # the background skip's tile keep mask (a .npy the driver wrote), "" = compute every tile
+    nodata: float | None = None  # the source's nodata value (a GeoTIFF's): such pixels are always background
 
 
 def _worker_identity() -> tuple[int, str]:
@@ -148,6 +150,13 @@ def _counts(src: zarr.Group, labels: np.ndarray, block: Block, num_classes: int)
     return [c.tolist() for c in confusion_counts(labels, np.asarray(truth[block.slices]), num_classes)]
 
 
+def _nodata_here(job: ImageJob, image: zarr.Array, block: Block) -> np.ndarray | None:
+    """Where the block's source pixels are nodata on every band (None when the source has no nodata value)."""
+    if job.nodata is None:
+        return None
+    return nodata_pixels(np.asarray(image[(slice(None), *block.slices)]), job.nodata)
+
+
 def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str, with_background: bool,
                     image_shape: tuple[int, ...]) -> None:
     """Label a block's components, write the local ids to the scratch store and their summary beside them."""
@@ -172,6 +181,13 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
         resampled, labels = block_outputs(bp, image, job.stats, block, job.resampling, keep)
         probs = None if stored is None else resampled.astype(stored)
     t_model = time.perf_counter() - t0
+    empty = _nodata_here(job, image, block)
+    if empty is not None:
+        labels[empty] = 0
+        if probs is not None:
+            probs[(slice(None), empty)] = 0.0
+            if bp.num_classes > 1:
+                probs[(0, empty)] = 1.0
     out = zarr.open_group(store=job.output, mode="r+")
     out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
     if probs is not None:
@@ -193,6 +209,9 @@ def postprocess_block(job: ImageJob, block: Block, num_classes: int) -> dict[str
     records = Path(job.records)
     raw = zarr.open_group(store=str(records / SCRATCH), mode="r")["raw"][block.slices]
     labels = np.load(side_path(records, block, "post.npy"))[raw]
+    empty = _nodata_here(job, omezarr.image_array(omezarr.open_root(Path(job.input))), block)
+    if empty is not None:  # filling holes must not fill the source's nodata
+        labels[empty] = 0
     zarr.open_group(store=job.output, mode="r+")[f"labels/{LABELS_NAME}/0"][block.slices] = labels
     if job.instances:
         _label_and_save(job, labels, block, "final", False, _image_shape(job))

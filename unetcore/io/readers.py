@@ -63,6 +63,7 @@ __all__ = [
     "ImageSource",
     "MaskSource",
     "check_finite",
+    "dropped_resolution",
     "find_mask",
     "ignored_inputs",
     "image_stem",
@@ -470,6 +471,7 @@ def open_mask(
             else "a volume's mask is a volume of the same depth, height and width",
         )
     _check_same_affine(path, raw.geometry, image)
+    _check_same_spacing(path, raw.geometry, image)
     if raw.channels not in (1, 3, 4):
         raise InputError(path, f"mask has {raw.channels} channels", "save the mask as a single-channel label image")
     n_classes = max(2, int(num_classes))
@@ -507,6 +509,53 @@ def _check_same_affine(path: Path, geometry: Geometry, image: ImageSource) -> No
         raise InputError(path, f"mask affine differs from image {image.path.name}'s (by up to {worst:.4g}; "
                          f"mask origin {_origin(mine)}, image origin {_origin(theirs)})",
                          "the mask must lie on the image's voxel grid: resample it onto the image")
+
+
+_METRES = {"nanometer": 1e-9, "micrometer": 1e-6, "millimeter": 1e-3, "centimeter": 1e-2, "meter": 1.0}
+
+
+def _check_same_spacing(path: Path, geometry: Geometry, image: ImageSource) -> None:
+    """A mask and its image that both state a pixel size with a unit must state the same one (to 1 ppm)."""
+    mine, theirs = geometry, image.geometry
+    if not (mine.spacing and theirs.spacing and mine.unit in _METRES and theirs.unit in _METRES):
+        return
+    a = np.asarray(mine.spacing, float) * _METRES[mine.unit]
+    b = np.asarray(theirs.spacing, float) * _METRES[theirs.unit]
+    if a.shape != b.shape or not np.allclose(a, b, rtol=1e-6, atol=0):
+        raise InputError(path, f"mask pixel size {_size(mine)} differs from image {image.path.name}'s "
+                         f"{_size(theirs)}", "save the mask with its image's pixel size (or none)")
+
+
+def _size(geometry: Geometry) -> str:
+    return " x ".join(f"{s:g}" for s in geometry.spacing or ()) + f" {geometry.unit}"
+
+
+def dropped_resolution(path: str | Path) -> str | None:
+    """A note when a TIFF states a resolution that is not taken as its pixel size, else None.
+
+    A resolution in inches (``ResolutionUnit`` 2) is the DPI of a photo or a scan, not a microscope's pixel size,
+    so the image stays in pixels; the note says so, naming the file (ingestion keeps it in the manifest and the
+    report). A resolution of 1 per inch (a writer's default) says nothing and gets no note.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".tif", ".tiff"):
+        return None
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if tif.is_ome or tif.is_imagej:
+                return None
+            page = tif.pages[0]
+            unit, x_res = page.tags.get("ResolutionUnit"), page.tags.get("XResolution")
+            if unit is None or int(unit.value) != 2 or x_res is None:
+                return None
+            numerator, denominator = x_res.value
+            dpi = numerator / denominator if denominator else 0.0
+    except (OSError, ValueError, TypeError, tifffile.TiffFileError):
+        return None
+    if dpi in (0.0, 1.0):
+        return None
+    return (f"{path}: TIFF resolution {dpi:g} dpi (ResolutionUnit inch) is not taken as a pixel size (the DPI of "
+            "photos and scans); stored in pixels")
 
 
 def _origin(affine: np.ndarray) -> str:

@@ -1,6 +1,7 @@
-"""Write label volumes for other tools: NIfTI with the source's exact geometry, ImageJ TIFF stacks.
+"""Write label masks for other tools: NIfTI with the source's exact geometry, ImageJ TIFF stacks, tiled 2-D TIFFs
+with their pixel size.
 
-Both writers stream: they read the input (a NumPy or Zarr array, any array-like with ``shape``, ``dtype`` and
+The writers stream: they read the input (a NumPy or Zarr array, any array-like with ``shape``, ``dtype`` and
 slicing) one z-slab at a time, so memory is one slab whatever the volume's size, and write through a temporary
 file renamed into place (:func:`unetcore.atomic.replacing`): a failed export leaves no half-written file.
 
@@ -21,11 +22,14 @@ import numpy as np
 
 from unetcore.atomic import replacing
 
-__all__ = ["write_nifti", "write_tiff_stack"]
+__all__ = ["OME_UNITS", "write_nifti", "write_tiff_image", "write_tiff_stack"]
 
 SLAB_BYTES = 64 << 20  # bytes of one z-slab read from the input
 _NIFTI1_MAX_DIM = 32767  # NIfTI-1 stores dims as int16; bigger volumes are written as NIfTI-2
 _FLOAT32_EXACT = 1 << 24
+OME_UNITS = {"nanometer": "nm", "micrometer": "µm", "millimeter": "mm", "centimeter": "cm", "meter": "m"}
+"""OME-Zarr unit names -> OME-XML ``PhysicalSize*Unit`` symbols (the units a TIFF's pixel size is written in)."""
+_PER_CM = {"nanometer": 1e7, "micrometer": 1e4, "millimeter": 10.0, "centimeter": 1.0, "meter": 0.01}
 
 
 def write_nifti(
@@ -197,4 +201,51 @@ def write_tiff_stack(
     with replacing(path) as tmp:
         tifffile.imwrite(tmp, pages(), shape=(depth, height, width), dtype=dtype, imagej=True,
                          resolution=resolution, metadata=metadata, compression=compression, software=software)
+    return path
+
+
+def write_tiff_image(
+    labels_yx: Any,
+    path: str | Path,
+    spacing_yx: Sequence[float] | None = None,
+    unit: str | None = None,
+    *,
+    tile: int = 256,
+    compression: str | None = "zlib",
+    metadata: dict[str, Any] | None = None,
+    software: str | None = None,
+) -> Path:
+    """Write a ``(H, W)`` uint8 array as a tiled BigTIFF, streamed tile by tile, with its pixel size when known.
+
+    With ``spacing_yx`` in ``unit`` (one of :data:`OME_UNITS`), the pixel size is written twice, so that every
+    reader finds it: as OME-XML ``PhysicalSizeX/Y`` with their unit (exactly the stored floats: QuPath, Fiji's
+    Bio-Formats importer, tifffile) and as ``XResolution``/``YResolution`` in pixels per centimetre (a rational,
+    so rounded: ImageJ, GIS and any TIFF reader). Without them the file holds pixels only, as before, and
+    ``metadata`` (tifffile's JSON ImageDescription, e.g. provenance) goes in the description; ``software`` always
+    goes in the Software tag.
+    """
+    import tifffile
+
+    path = Path(path)
+    h, w = (int(n) for n in labels_yx.shape)
+
+    def tiles() -> Iterator[np.ndarray]:
+        for y in range(0, h, tile):
+            band = np.asarray(labels_yx[y:y + tile, :])
+            for x in range(0, w, tile):
+                out = np.zeros((tile, tile), np.uint8)
+                part = band[:, x:x + tile]
+                out[: part.shape[0], : part.shape[1]] = part
+                yield out
+
+    extra: dict[str, Any] = {"metadata": metadata, "software": software}
+    if spacing_yx is not None and unit in OME_UNITS:
+        sy, sx = (float(s) for s in spacing_yx)
+        symbol = OME_UNITS[unit]
+        extra = {"software": software, "ome": True, "resolution": (_PER_CM[unit] / sx, _PER_CM[unit] / sy), "resolutionunit": "CENTIMETER",
+                 "metadata": {"axes": "YX", "PhysicalSizeX": sx, "PhysicalSizeXUnit": symbol, "PhysicalSizeY": sy,
+                              "PhysicalSizeYUnit": symbol}}
+    with replacing(path) as tmp:
+        tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
+                         compression=compression, **extra)
     return path

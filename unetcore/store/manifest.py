@@ -1,7 +1,8 @@
 """The dataset manifest: one JSON file listing every ingested image, written atomically.
 
 ``<dataset>/manifest.json`` maps image ids to entries (source, content hashes, shape, dtype, channels, mask,
-class values, statistics, split, store path, and where the voxels lie: spatial dims, spacing, unit, affine). An image is listed only after its store is complete. Updates
+class values, statistics, split, store path, and where the voxels lie: spatial dims, spacing, unit, affine, a
+GeoTIFF's georeferencing; and notes on what a source said that its store does not use). An image is listed only after its store is complete. Updates
 hold an exclusive lock on ``manifest.lock`` so two ingestions of one dataset never lose each other's entries.
 """
 
@@ -50,6 +51,9 @@ class ManifestEntry(TypedDict):
     spacing: NotRequired[list[float]]  # per spatial axis ([z,] y, x), from the source; [1, 1(, 1)] if unknown
     unit: NotRequired[str | None]  # unit of spacing (millimeter, micrometer, ...), None if unknown
     affine: NotRequired[list[list[float]] | None]  # a volume's 4x4 voxel (x, y, z) -> world, as nibabel gives it
+    # a GeoTIFF's georeferencing (unetcore.io.geotiff's contract; None or absent: not georeferenced)
+    georef: NotRequired[dict[str, Any] | None]
+    notes: NotRequired[list[str]]  # what the source said but the store does not use (a photo's DPI, a bad CRS)
 
 
 MANIFEST = "manifest.json"

@@ -7,14 +7,17 @@ renamed into place when complete (:func:`atomic_store`), so a store that exists 
 Layout of ``<id>.ome.zarr`` (Zarr v3)::
 
     zarr.json               attributes.ome.multiscales (axes c, [z,] y, x; levels 0..n), attributes.unet (stats,
-                            and for a volume its geometry: spacing, unit, the source's affine and NIfTI header)
+                            for a volume its geometry: spacing, unit, the source's affine and NIfTI header; for a
+                            GeoTIFF its georef: transform, CRS, nodata, raw tags, see unetcore.io.geotiff)
     0, 1, …                 image levels, dtype of the source, chunks (C, chunk...)
     labels/zarr.json        attributes.ome.labels = ["mask"]
     labels/mask/0, 1, …     integer labels ([z,] y, x), attributes.ome.image-label
 
-A 2-D image is scaled in pixels (scale 1 at level 0, no unit), as before volumes existed. A volume's level 0 is
-scaled by its voxel spacing, with the spatial axes' unit (millimeter for NIfTI/DICOM, micrometer for microscopy
-when the file says so). Its chunks hold ``chunk**2`` voxels (>= 1 MB at the default 1024), shaped from the spacing
+A 2-D image whose file states its pixel size with a unit (OME-TIFF ``PhysicalSizeX/Y``, ImageJ calibration, a TIFF
+resolution in centimetres) has that size as level 0's scale and the unit on its spatial axes; one that does not is
+scaled in pixels (scale 1, no unit), as before. A volume's level 0 is scaled by its voxel spacing, with the spatial
+axes' unit (millimeter for NIfTI/DICOM, micrometer for microscopy when the file says so). Each level's scale is
+level 0's times the factors the pyramid halved by. Its chunks hold ``chunk**2`` voxels (>= 1 MB at the default 1024), shaped from the spacing
 into a physical cube (:func:`chunk_shape`); its pyramid halves only the axes that are not already coarse
 (:func:`halving`: never an axis more than 2x coarser than the finest one, as nnU-Net pools), so 5 mm slices are
 not halved while the 0.7 mm plane is.
