@@ -288,7 +288,10 @@ def ingest(
                       chunk_size=chunk_size, num_classes=num_classes, val_fraction=val_fraction,
                       test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
                       pyramid=pyramid, threads=threads, n_workers=n_workers, scheduler_address=scheduler_address)
-        from flows.ingest import ingest as ingest_flow
+        def ingest_flow(c: IngestConfig) -> Any:
+            from flows.ingest import ingest  # Prefect is imported only when it runs the stage
+
+            return ingest(c)
 
         report = _flow_or_library(use_prefect, ingest_flow, lambda c: ingest_folder(c).to_dict(), cfg,
                                   check_ingestable)
@@ -370,9 +373,12 @@ def train(
         check_trainable(cfg)  # a refusal is the one line, before the plan is shown (the flow checks again)
         typer.echo(f"plan of {dataset} (options override their field; `unet plan` writes it to plan.json):\n"
                    f"{plan.table()}\noverridden by options: {', '.join(plan.overridden) or 'none'}")
-        from flows.train import train as train_flow
+        def train_flow(c: TrainConfig) -> Any:
+            from flows.train import train  # Prefect is imported only when it runs the stage
 
-        result = _flow_or_library(use_prefect, lambda c: train_flow(c, plan.to_dict()),
+            return train(c, plan.to_dict())
+
+        result = _flow_or_library(use_prefect, train_flow,
                                   lambda c: train_lib(c, plan=plan).to_dict(), cfg, lambda c: None)
         typer.echo(f"trained in {result['seconds']:.0f} s: best val Dice {result['best_val_dice']:.4f} "
                    f"(epoch {result['best_epoch']}); model {result['model_name']} v{result['model_version']} "
@@ -440,7 +446,10 @@ def predict(
                       threshold=threshold, tta=tta, min_object_size=min_object_size, skip_empty=skip_empty,
                       instances=instances, export=export, scheduler_address=scheduler_address, n_workers=workers,
                       threads_per_worker=threads_per_worker, device=device, overwrite=overwrite)
-        from flows.infer import infer as infer_flow
+        def infer_flow(c: InferConfig) -> Any:
+            from flows.infer import infer  # Prefect is imported only when it runs the stage
+
+            return infer(c)
 
         with _engine_log_to_stderr(not use_prefect):  # flows forward it to the run's log themselves
             results = _flow_or_library(use_prefect, infer_flow, lambda c: results_to_dicts(predict_dataset(c)), cfg,
