@@ -73,7 +73,7 @@ def _normalised(dataset: Path, model_dir: Path) -> np.ndarray:
     from unetcore.store.stats import normalize
 
     raw, entry = _image_and_stats(dataset)
-    return normalize(raw, entry["stats"], NormalizationConfig(**read_config(model_dir).get("normalization", {})))
+    return normalize(raw, entry["stats"], NormalizationConfig(**read_config(model_dir)[1].get("normalization", {})))
 
 
 def _prepared(model: Any) -> Any:
@@ -162,10 +162,11 @@ def run_child(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- the parent
 
 
-def whole_process(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, dict[str, Any], str]:
-    """(wall seconds, the child's RESULT json or {}, its output) of one process."""
+def whole_process(cmd: list[str], env: dict[str, str] | None = None, cwd: Path = REPO
+                  ) -> tuple[float, dict[str, Any], str]:
+    """(wall seconds, the child's RESULT json or {}, its output) of one process run in ``cwd``."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, cwd=cwd, env={**os.environ, **(env or {})}, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -300,10 +301,10 @@ def main_startup(args: argparse.Namespace) -> None:
             shutil.rmtree(out, ignore_errors=True)
             env = {"PYTHONPATH": code}
             cmd = predict_cmd(ds, out, model, [], args.tracking_uri)
-            wall, _, text = whole_process(cmd, env)  # a fresh output: the registry model is fetched into it
+            wall, _, text = whole_process(cmd, env, Path(code))  # fresh output: the model is fetched
             shutil.rmtree(out / "mosaic.ome.zarr")
             shutil.rmtree(out / "mosaic.blocks")
-            cached, _, _ = whole_process(cmd, env)  # a new prediction, the model already in the output's cache
+            cached, _, _ = whole_process(cmd, env, Path(code))  # model already in the cache
             tiles = int(text.split("tiles computed ")[1].split()[0])
             fwds = [whole_process(child_cmd(args, side, ds))[1] for side in ("bare-default", "bare-dense")]
             fwd = next((f for f in fwds if f["tiles"] == tiles), fwds[0])  # the grid that checkout's defaults use
