@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import zarr
 
-from unetcore.cluster import dask_cluster, in_process
-from unetcore.inference import engine, predict_dataset
-from unetcore.tracking.pinned import pin_cached
-from unetcore.tracking.mlflow import pin_model
-
 from tests.test_engine import config, make_dataset, make_model, outputs, random_image
+from unetcore.cluster import in_process
+from unetcore.inference import engine, predict_dataset
+from unetcore.tracking.mlflow import pin_model
+from unetcore.tracking.pinned import pin_cached
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,3 +121,26 @@ def test_predict_imports_neither_prefect_mlflow_nor_dask_for_a_small_job(tmp_pat
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
     assert "no Dask cluster" in out.stderr
     assert np.asarray(outputs(tmp_path / "out")["labels/prediction/0"][:]).shape == (128, 128)
+
+
+def test_a_3d_model_keeps_the_dense_overlap_and_batch_unless_given(tmp_path: Path) -> None:
+    import json as _json
+
+    from unetcore.config import InferConfig, InferOptions
+    from unetcore.inference import with_model_tile
+    from unetcore.tracking import PinnedModel
+
+    for dims, tile in ((3, [8, 32, 32]), (2, None)):
+        folder = tmp_path / f"m{dims}"
+        folder.mkdir()
+        (folder / "config.json").write_text(_json.dumps({"model": {"spatial_dims": dims}, "tile": tile}))
+        pinned = PinnedModel(uri=str(folder), directory=folder)
+        base = InferConfig(dataset="d", output="o", model=str(folder))
+        got = with_model_tile(base, pinned)
+        if dims == 3:
+            assert (got.tile, got.overlap, got.batch_size) == ([8, 32, 32], 0.5, 4)  # the volumes' measured setting
+            given = with_model_tile(InferConfig(dataset="d", output="o", overlap=0.25, batch_size=2), pinned)
+            assert (given.overlap, given.batch_size) == (0.25, 2)  # what a user gives wins
+        else:
+            d = InferOptions()
+            assert (got.tile, got.overlap, got.batch_size) == (d.tile, d.overlap, d.batch_size) == (512, 0.125, 1)
