@@ -1,4 +1,4 @@
-"""The ``unet`` command: ingest, plan, train, predict, pipeline, demo (and serve).
+"""The ``unet`` command: ingest, plan, train, predict, export, pipeline, demo (and serve).
 
 Each command builds the typed config (refusing bad values with the option named), runs quick pre-flight checks
 (folders exist, tracking server reachable) so a user error never costs hours, then runs the Prefect flow (or the
@@ -21,7 +21,14 @@ import typer.rich_utils
 from pydantic import BaseModel
 from rich.markup import escape
 
-from unetcore.config import DEFAULT_TRACKING_URI, InferConfig, IngestConfig, ModelConfig, TrainConfig
+from unetcore.config import (
+    DEFAULT_TRACKING_URI,
+    ExportConfig,
+    InferConfig,
+    IngestConfig,
+    ModelConfig,
+    TrainConfig,
+)
 from unetcore.errors import ConfigError, UnetError
 
 # Help is 120 columns wide when piped (rich's 80 cut option names such as --threads-per-worker); a terminal's own
@@ -271,6 +278,9 @@ def ingest(
     masks: Optional[Path] = typer.Option(None, help="Folder of masks with the same file stems."),
     chunk_size: Optional[int] = option(IngestConfig, "chunk_size"),
     num_classes: Optional[int] = option(IngestConfig, "num_classes"),
+    class_names: Optional[str] = option(IngestConfig, "class_names", help="Comma-separated name per class, "
+                                        "background first (e.g. background,nucleus,membrane); implies "
+                                        "--num-classes; recorded with models and predictions."),
     val_fraction: Optional[float] = option(IngestConfig, "val_fraction"),
     test_fraction: Optional[float] = option(IngestConfig, "test_fraction"),
     channel_axis: Optional[str] = option(IngestConfig, "channel_axis"),
@@ -289,7 +299,8 @@ def ingest(
         from unetcore.ingest import check_ingestable, ingest_folder
 
         cfg = _config(IngestConfig, images=str(images), masks=str(masks) if masks else None, output=str(output),
-                      chunk_size=chunk_size, num_classes=num_classes, val_fraction=val_fraction,
+                      chunk_size=chunk_size, num_classes=num_classes,
+                      class_names=class_names.split(",") if class_names else None, val_fraction=val_fraction,
                       test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
                       pyramid=pyramid, threads=threads, n_workers=n_workers, scheduler_address=scheduler_address)
         def ingest_flow(c: IngestConfig) -> Any:
@@ -327,8 +338,9 @@ def train(
     base_channels: Optional[int] = option(TrainConfig, "model.base_channels"),
     depth: Optional[int] = option(TrainConfig, "model.depth"),
     dims: Optional[int] = option(TrainConfig, "model.spatial_dims", "--dims",
-                                 help="Spatial dimensions of the model; default: the data's (the plan). Forcing 2 on "
-                                 "volumes (a 2-D model on slices) is refused in this build."),
+                                 help="Spatial dimensions of the model; default: the data's (the plan). 2 on volumes "
+                                 "trains nnU-Net's \"2d\" configuration: a 2-D model on z-slices, planned for them, "
+                                 "validated in 3-D and predicting volumes slice by slice."),
     time_budget_s: Optional[float] = option(TrainConfig, "time_budget_s"),
     patience: Optional[int] = option(TrainConfig, "patience"),
     device: Optional[str] = option(TrainConfig, "device"),
@@ -395,13 +407,18 @@ def train(
 
 
 @app.command()
-def plan(dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`.")) -> None:
+def plan(
+    dataset: Path = typer.Argument(..., help="Dataset folder written by `unet ingest`."),
+    dims: Optional[int] = typer.Option(None, "--dims", help="Plan a model of these spatial dimensions; default: the "
+                                       "data's. 2 on volumes: nnU-Net's \"2d\" configuration (a 2-D model on "
+                                       "z-slices), as `unet train --dims 2` trains it."),
+) -> None:
     """Plan a training from the dataset's fingerprint: print each choice and why; write <dataset>/plan.json."""
 
     def body() -> int:
         from unetcore.planning import plan_dataset, write_plan
 
-        planned = plan_dataset(dataset)
+        planned = plan_dataset(dataset, spatial_dims=dims)
         typer.echo(planned.table())
         typer.echo(f"plan written to {write_plan(planned, dataset)}; `unet train {dataset}` trains it (an option "
                    "overrides exactly its field)")
@@ -478,15 +495,66 @@ def _engine_log_to_stderr(enabled: bool) -> Iterator[None]:
         yield
 
 
+def _print_provenance(results: list[dict[str, Any]]) -> None:
+    """The run's provenance, once: model, code and options (each image's input hash is on its own lines)."""
+    from unetcore.inference import provenance_lines
+
+    first = next((r["provenance"] for r in results if r.get("provenance")), None)
+    if first is not None:
+        typer.echo("provenance (kept in each store's attributes and export):")
+        for line in provenance_lines(first):
+            typer.echo(f"  {line}")
+
+
 def _print_predictions(results: list[dict[str, Any]]) -> None:
+    _print_provenance(results)
     for r in results:
         dice = f", Dice {r['dice']:.4f}" if r["dice"] is not None else ""
         typer.echo(f"  {r['id']}: {r['pixels'] / 1e6:.2f} MP in {r['seconds']:.1f} s ({r['megapixels_per_s']:.2f} "
                    f"MP/s{dice})\n    zarr: {r['output']}\n    mask: {r['export']}\n    preview: {r['preview']}")
+        if r.get("objects"):
+            typer.echo(f"    objects: {r['objects']}")
+        source = ((r.get("provenance") or {}).get("input") or {}).get("source_hash")
+        if source:
+            typer.echo(f"    input hash: {source}")
         if r.get("blocks"):
             typer.echo(f"    blocks: {r['blocks']} ({r['blocks_skipped']} already done), tiles computed "
                        f"{r.get('tile_evaluations', 0)} for {r.get('grid_tiles', 0)} in the grid"
                        + (f", {r['instances']} instances" if r.get("instances") is not None else ""))
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="Model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/..., "
+                                "or a local model folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write (e.g. unet.onnx); <file>.json beside it "
+                                "says how to run it."),
+    fmt: Optional[str] = option(ExportConfig, "format", "--format"),
+    tracking_uri: Optional[str] = option(ExportConfig, "tracking_uri"),
+    opset: Optional[int] = option(ExportConfig, "opset"),
+    overwrite: bool = typer.Option(False, help="Replace an existing file at the output."),
+    use_prefect: bool = PREFECT_OPT,
+) -> None:
+    """Export a model as one ONNX or TorchScript file that runs without this package, checked against torch."""
+
+    def body() -> int:
+        from unetcore.model import check_exportable, export_model
+
+        cfg = _config(ExportConfig, model=model, output=str(output), format=fmt, tracking_uri=tracking_uri,
+                      opset=opset, overwrite=overwrite)
+        from flows.export import export as export_flow
+
+        result = _flow_or_library(use_prefect, export_flow, lambda c: export_model(c).as_dict(), cfg,
+                                  check_exportable)
+        diffs = ", ".join(f"{v:.2g} at {k}" for k, v in result["max_abs_diff"].items())
+        typer.echo(f"exported {model} -> {result['path']} ({result['format']})\n"
+                   f"  checked against torch: max |diff| {diffs} (tolerance 1e-4)\n"
+                   f"  how to run it: {result['description']}\n"
+                   + (f"  logged to MLflow: {result['logged']}" if result["logged"]
+                      else f"  not logged to MLflow: {result['not_logged']}"))
+        return 0
+
+    run_command(body, output)
 
 
 @app.command()

@@ -17,7 +17,7 @@ from flows.reporting import (
     table,
 )
 from unetcore.config import InferConfig
-from unetcore.inference import logs_to, predict_dataset, results_to_dicts
+from unetcore.inference import logs_to, predict_dataset, provenance_lines, results_to_dicts
 
 
 @contextlib.contextmanager
@@ -46,9 +46,12 @@ def publish_infer_report(results: list[dict[str, Any]], model: str) -> None:
     seconds = sum(r["seconds"] for r in results)
     dices = [r["dice"] for r in results if r["dice"] is not None]
     dice = f"{sum(dices) / len(dices):.4f}" if dices else "n/a"
+    provenance = next((r["provenance"] for r in results if r.get("provenance")), None)
+    made_by = "".join(f"\n- {line}" for line in provenance_lines(provenance)) if provenance else ""
     markdown("infer-report",
              f"## Inference\n\nModel `{model}`: {len(results)} images, {pixels / 1e6:.1f} MP in {seconds:.1f} s "
-             f"({pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s); mean Dice where ground truth exists: {dice}",
+             f"({pixels / 1e6 / max(seconds, 1e-9):.2f} MP/s); mean Dice where ground truth exists: {dice}"
+             + (f"\n\nProvenance (also in each store and export):{made_by}" if made_by else ""),
              "Summary of the inference run")
     keys = ("id", "pixels", "blocks", "blocks_skipped", "tile_evaluations", "grid_tiles", "instances", "seconds",
             "megapixels_per_s", "dice", "output")

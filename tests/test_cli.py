@@ -19,7 +19,7 @@ runner = CliRunner()
 def test_help_lists_every_command() -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("ingest", "train", "predict", "pipeline", "demo", "serve"):
+    for command in ("ingest", "train", "predict", "export", "pipeline", "demo", "serve"):
         assert command in result.output
 
 

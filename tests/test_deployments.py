@@ -25,6 +25,7 @@ from deployments.serve import (
 from flows import nightly as nightly_flow
 from unetcore.config import NightlyConfig
 from unetcore.errors import ConfigError
+from unetcore.modes import ExportKind
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = {"ingest", "train", "infer", "pipeline", "nightly"}
@@ -116,7 +117,7 @@ def test_nightly_form_is_fully_described_and_runnable_without_input(served) -> N
     form = schema["definitions"]["NightlyConfig"]
     assert all(p.get("description") for p in form["properties"].values())
     predict = schema["definitions"]["InferOptions"]["properties"]  # the nightly's `predict` options
-    assert predict["export"]["enum"] == ["none", "png", "tiff", "nifti"]
+    assert predict["export"]["enum"] == list(typing.get_args(ExportKind))  # every export, as a dropdown
     assert (predict["tile"]["minimum"], predict["tile"]["maximum"]) == (16, 4096)
     assert "inbox" in schema["properties"]["config"]["description"]  # from the flow's docstring
     assert not schema.get("required")  # the schedule can start it with the defaults

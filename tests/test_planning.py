@@ -341,6 +341,30 @@ def test_plan_of_a_thick_slice_ct_volume(ct_ds: Path) -> None:
             plan.train_config()
 
 
+def test_dims_2_on_volumes_plans_the_2d_configuration_on_slices(ct_ds: Path, grey_ds: Path) -> None:
+    """nnU-Net's "2d" configuration: a square patch no larger than the median slice (96 x 96), pooled 2 x 2, a 2-D
+    batch over every slice's pixels, 2-D validation tiles; the same CT normalisation as the 3-D plan."""
+    volume, flat = plan_dataset(ct_ds), plan_dataset(ct_ds, spatial_dims=2)
+    assert flat["model.spatial_dims"] == 2 and "z-slices" in flat.choice("model.spatial_dims").why
+    assert isinstance(flat["patch_size"], int) and 16 <= flat["patch_size"] <= 96
+    assert flat["model.pool"] is None and flat["val_tile"] == flat["patch_size"]
+    assert "training pixels" in flat.choice("batch_size").why  # 5 % of all slices' pixels (2 here)
+    assert flat.choice("normalization_scheme").details == volume.choice("normalization_scheme").details
+    cfg, plan = planned_config(ct_ds, {"model.spatial_dims": 2}, output="o")
+    assert cfg.model.spatial_dims == 2 and cfg.patch_size == flat["patch_size"] and cfg.normalization.mode == "ct"
+    assert "2 (option; planned 3)" in plan.table() and plan.overridden == ["model.spatial_dims"]
+    with pytest.raises(ConfigError, match="--dims 3 on 2-D data"):
+        planned_config(grey_ds, {"model.spatial_dims": 3})
+    with pytest.raises(ConfigError, match="must be one of 2, 3"):
+        plan_dataset(ct_ds, spatial_dims=1)
+    result = runner.invoke(app, ["plan", str(ct_ds), "--dims", "2"])
+    assert result.exit_code == 0 and "z-slices" in result.output, result.output
+    assert json.loads((ct_ds / "plan.json").read_text())["choices"] == flat.to_dict()["choices"]
+    refused = runner.invoke(app, ["plan", str(grey_ds), "--dims", "3"])
+    lines = [line for line in refused.output.splitlines() if line.strip()]
+    assert refused.exit_code == 2 and len(lines) == 1 and "--dims 3 on 2-D data" in lines[0], refused.output
+
+
 def test_overrides_set_exactly_their_field_and_are_marked(grey_ds: Path) -> None:
     cfg, plan = planned_config(grey_ds, {"patch_size": 64, "lr": 1e-3, "model.base_channels": 8}, output="o")
     planned = plan_dataset(grey_ds)
@@ -534,3 +558,71 @@ def test_the_train_flow_reports_the_plan_as_a_table(grey_ds: Path) -> None:
 def test_train_config_keeps_the_library_defaults_when_no_plan_is_used() -> None:
     cfg = TrainConfig(dataset="d")
     assert (cfg.patch_size, cfg.epochs, cfg.time_budget_s) == (256, 10, 0.0)
+
+
+def test_the_pipeline_trains_the_plan_with_exactly_its_given_options_on_top(grey_ds: Path, tmp_path: Path) -> None:
+    from unetcore.config import PipelineConfig, TrainOptions
+    from unetcore.planning import pipeline_training
+
+    (tmp_path / "dataset").symlink_to(grey_ds)  # the pipeline's ingested dataset
+    recipe = ("patch_size", "batch_size", "epochs", "steps_per_epoch", "sampling", "val_tile", "model", "time_budget_s")
+
+    def pipeline(**train) -> tuple[TrainConfig, Plan]:
+        return pipeline_training(PipelineConfig(images="i", masks="m", workdir=str(tmp_path),
+                                                train=TrainOptions(**train)))
+
+    cfg, plan = pipeline()
+    train_cfg, _ = planned_config(grey_ds)  # what `unet train DATASET` trains
+    assert plan.overridden == [] and cfg.patch_size == 128 != TrainConfig(dataset="d").patch_size
+    assert {k: getattr(cfg, k) for k in recipe} == {k: getattr(train_cfg, k) for k in recipe}
+    cfg, plan = pipeline(epochs=2, model=ModelConfig(depth=3))
+    assert sorted(plan.overridden) == ["epochs", "model.depth"]
+    assert (cfg.epochs, cfg.model.depth, cfg.patch_size) == (2, 3, 128)
+    assert cfg.model.base_channels == train_cfg.model.base_channels  # the model's other fields: the plan's
+    assert cfg.output == str(tmp_path / "train") and cfg.dataset == str(tmp_path / "dataset")
+
+
+def test_class_names_given_at_ingestion_travel_with_the_model_and_its_predictions(tracking_uri: str,
+                                                                                   tmp_path: Path) -> None:
+    _write(tmp_path, 3, (64, 64), semantic="boundary")
+    names = "background,nucleus,boundary"
+    ingested = runner.invoke(app, ["ingest", str(tmp_path / "images"), "--masks", str(tmp_path / "masks"), "-o",
+                                   str(tmp_path / "ds"), "--class-names", names, "--no-prefect"])
+    assert ingested.exit_code == 0, ingested.output  # three names imply --num-classes 3
+    assert mf.require(tmp_path / "ds")["class_names"] == names.split(",")
+    plan = plan_dataset(tmp_path / "ds")
+    assert plan["class_names"] == names.split(",") and plan["model.num_classes"] == 3
+    shown = runner.invoke(app, ["plan", str(tmp_path / "ds")]).output
+    assert "class_names" in shown and "background, nucleus, boundary" in shown.replace('", "', ", ")
+    result = _train_cli(tmp_path / "ds", tracking_uri, tmp_path / "out", "--registered-model", "named")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "out" / "best" / "config.json").read_text())
+    assert config["task"]["class_names"] == names.split(",")
+    client = MlflowClient(tracking_uri)
+    version = client.get_model_version_by_alias("named", tracking.CHAMPION)
+    assert version.tags["class_names"] == names
+    assert json.loads(client.get_run(version.run_id).data.params["plan.class_names"]) == names.split(",")
+    predicted = runner.invoke(app, ["predict", str(tmp_path / "ds"), "-o", str(tmp_path / "pred"), "--model",
+                                    str(tmp_path / "out" / "best"), "--no-prefect", "--workers", "1"])
+    assert predicted.exit_code == 0, predicted.output
+    store = next((tmp_path / "pred").glob("*.ome.zarr"))
+    attrs = json.loads((store / "zarr.json").read_text())["attributes"]["unet"]
+    assert attrs["class_names"] == names.split(",") and attrs["resampling"] is None
+
+
+def test_class_names_must_name_every_class_once() -> None:
+    with pytest.raises(ValueError, match="3 class names for num_classes 4"):
+        IngestConfig(images="i", output="o", num_classes=4, class_names=["a", "b", "c"])
+    with pytest.raises(ValueError, match="distinct"):
+        IngestConfig(images="i", output="o", class_names=["a", "a"])
+    assert IngestConfig(images="i", output="o", class_names=["background", "cell"]).num_classes == 1
+
+
+def test_a_model_records_the_spacing_training_saw_and_its_unit(ct_ds: Path) -> None:
+    fp = fingerprint(ct_ds)
+    task = planning.training_task(ModelConfig(spatial_dims=3), fp)
+    seen = np.median([i.spacing for i in fp.training], 0)
+    assert task.spacing == tuple(seen) and task.unit == "millimeter"
+    # the plan's target (nnU-Net's) is recorded in the plan; training samples each volume on its own grid
+    assert "not imposed" in plan_dataset(ct_ds).choice("target_spacing").why
+    assert TaskSignature.from_dict(task.to_dict()) == task and task.tags()["spacing_unit"] == "millimeter"

@@ -28,6 +28,7 @@ from unetcore.training import (
     class_locations,
     load_images,
     patch_shape,
+    slice_patch,
 )
 
 SHAPE = (20, 40, 36)  # (z, y, x) at AFFINE's (2.5, 0.8, 0.75) mm
@@ -174,6 +175,41 @@ def test_class_locations_read_slabs_and_match_the_whole_array() -> None:
             np.testing.assert_array_equal(got[c], whole[c])
         assert max(read) <= max(slab, 90)  # one z slice at least
     assert got[1].shape == (50, 3) and (labels[tuple(got[2].T)] == 2).all()
+
+
+def test_a_2d_model_trains_on_single_z_slices_of_the_volume_stores(volume_ds: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """nnU-Net's "2d" configuration: each patch is one z-slice's region, read as such (never a whole volume),
+    equal to the normalised store at that slice, foreground slots on the blobs (two slices deep here)."""
+    reads: list[tuple[int, ...]] = []
+    original = zarr.Array.__getitem__
+
+    def spy(self: zarr.Array, key: object) -> object:
+        out = original(self, key)
+        reads.append(np.shape(out))
+        return out
+
+    data = _dataset(volume_ds, patch_size=12, spatial_dims=2, cache_bytes=0)
+    assert data.patch == (1, 12, 12)
+    monkeypatch.setattr(zarr.Array, "__getitem__", spy)
+    items = [data[i] for i in range(len(data))]
+    monkeypatch.undo()
+    assert sorted(set(reads)) == [(1, 1, 12, 12), (1, 12, 12)]  # one slice of image and labels per patch
+    assert all(x.shape == (1, 12, 12) and t.shape == (12, 12) for x, t in items)
+    assert all(bool(items[i][1].any()) for i in range(len(data)) if data.is_foreground_slot(i))
+    volumes = [omezarr.open_root(img.store) for img in data.images]
+    raws = [normalize(omezarr.image_array(r)[:], img.stats, NormalizationConfig()) for r, img in zip(volumes, data.images)]
+    labels = [omezarr.label_array(r)[:] for r in volumes]
+    for x, t in items[:9]:  # each patch is a region of one slice of one volume (found by search)
+        x, t = x.numpy(), t.numpy()
+        hits = [(v, z, y, c) for v, raw in enumerate(raws) for z in range(raw.shape[1])
+                for y in range(raw.shape[2] - 11) for c in range(raw.shape[3] - 11)
+                if np.array_equal(raw[:, z, y : y + 12, c : c + 12], x)]
+        assert len(hits) == 1
+        v, z, y, c = hits[0]
+        np.testing.assert_array_equal(labels[v][z, y : y + 12, c : c + 12], t)
+    with pytest.raises(ConfigError, match="3-D model cannot train on 2-D"):
+        slice_patch(12, 2, 3)
 
 
 def test_volumes_smaller_than_the_patch_are_padded(volume_ds: Path) -> None:

@@ -24,6 +24,7 @@ from unetcore.modes import (
     Device,
     ExportKind,
     LossKind,
+    ModelFormat,
     NormalizationMode,
     NormKind,
     OptimizerKind,
@@ -110,7 +111,8 @@ class ModelConfig(_Config):
     upsample: UpsampleKind = Field("transpose", description="Decoder up-sampling.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the bottleneck.")
     spatial_dims: SpatialDims = Field(
-        2, description="2: a 2-D UNet (images; volumes are predicted slice by slice); 3: a 3-D UNet for volumes."
+        2, description="2: a 2-D UNet (images; on volumes it trains on z-slices and predicts slice by slice, nnU-Net's "
+        "\"2d\" configuration); 3: a 3-D UNet for volumes."
     )
     pool: list[list[int]] | None = Field(
         None, description="Pooling factor per stage and axis: depth lists of spatial_dims values, each 1 or 2 "
@@ -151,6 +153,10 @@ class IngestOptions(_Config):
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="Fraction of images in the validation split.")
     test_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Fraction of images in the test split.")
     num_classes: int = Field(1, ge=1, le=255, description="Declared classes; mask values must be < max(2, this).")
+    class_names: list[str] | None = Field(
+        None, description="A name per class, background first (e.g. background,nucleus,membrane); kept in the "
+        "manifest, recorded with models and predictions. Implies num_classes when that is not given (2 names: "
+        "binary).")
     channel_axis: ChannelAxis = Field("auto", description="Channel layout of the inputs.")
     max_pixels: int = Field(
         50_000_000_000, ge=1, description="Refuse images with more pixels than this (decompression-bomb guard)."
@@ -172,6 +178,20 @@ class IngestOptions(_Config):
     def _fractions(self) -> IngestOptions:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+    @model_validator(mode="after")
+    def _names(self) -> IngestOptions:
+        names = self.class_names
+        if names is None:
+            return self
+        if len(names) < 2 or any(not n.strip() or "," in n for n in names) or len(set(names)) != len(names):
+            raise ValueError("class_names needs 2 or more distinct, non-empty names without commas, background first")
+        if "num_classes" not in self.model_fields_set:
+            self.num_classes = 1 if len(names) == 2 else len(names)
+        elif len(names) != max(2, self.num_classes):
+            raise ValueError(f"{len(names)} class names for num_classes {self.num_classes} (a name per class, "
+                             f"background first: {max(2, self.num_classes)})")
         return self
 
 
@@ -332,13 +352,36 @@ class InferOptions(_Config):
     device: Device = Field("auto", description="auto = CUDA if available, else CPU.")
     export: ExportKind = Field("png", description="Also export label masks: png (small images; a volume gets a TIFF "
                                "stack), tiff (tiled BigTIFF; a volume: an ImageJ stack with its spacing), nifti (a "
-                               "volume from NIfTI or DICOM, with its affine), none.")
+                               "volume from NIfTI or DICOM, with its affine), geojson (2-D, with instances: the "
+                               "instance outlines as a GeoJSON FeatureCollection QuPath and QGIS import, and "
+                               "<id>_objects.csv), none.")
+
+    @field_validator("export")
+    @classmethod
+    def _geojson_needs_instances(cls, value: str, info: ValidationInfo) -> str:
+        if value == "geojson" and not info.data.get("instances"):
+            raise ValueError("geojson writes one outline per instance: add --instances")
+        return value
 
 
 class InferConfig(InferOptions, _InferTarget):
     """Options of ``predict``: tiled, blended inference of an ingested image on Dask."""
 
     overwrite: bool = Field(False, description="Replace an existing, different prediction.")
+
+
+class ExportConfig(_Config):
+    """Options of ``export``: one model written as a self-contained ONNX or TorchScript file, checked against torch."""
+
+    model: str = Field(description="Model URI: models:/<name>@<alias>, models:/<name>/<version>, runs:/..., or a "
+                       "local model folder.")
+    output: str = Field(description="File to write (e.g. unet.onnx); its description goes beside it as <file>.json.")
+    format: ModelFormat = Field("onnx", description="onnx: a graph for onnxruntime (or any ONNX runtime); "
+                                "torchscript: a module for torch.jit.load, without this package.")
+    tracking_uri: str = Field(DEFAULT_TRACKING_URI, description="MLflow tracking URI used to resolve models:/ URIs "
+                              "and to log the export to the model's run.")
+    opset: int = Field(17, ge=7, le=23, description="ONNX opset (onnx format); the dynamic padding needs 11 or later.")
+    overwrite: bool = Field(False, description="Replace an existing file at the output.")
 
 
 class PipelineConfig(_Config):
@@ -377,11 +420,23 @@ class PipelineConfig(_Config):
         return self._ingest(self.predict_images, self.predict_masks, f"{self.workdir}/holdout", val_fraction=0.0,
                             test_fraction=0.0)
 
-    def train_config(self) -> TrainConfig:
-        model = self.train.model.model_copy(update={"num_classes": self.num_classes})
-        return TrainConfig(**{**self.train.model_dump(), "model": model}, dataset=f"{self.workdir}/dataset",
-                           output=f"{self.workdir}/train", tracking_uri=self.tracking_uri,
-                           registered_model=self.registered_model)
+    def train_overrides(self) -> dict[str, Any]:
+        """The training options given explicitly, as dotted TrainConfig fields: each overrides exactly its field of
+        the dataset's plan (:func:`unetcore.planning.planned_config`); ``num_classes`` when it was given here."""
+        out: dict[str, Any] = {}
+        for key, value in self.train.model_dump(exclude_unset=True).items():
+            if key in ("model", "normalization") and isinstance(value, dict):
+                out.update({f"{key}.{k}": v for k, v in value.items()})
+            else:
+                out[key] = value
+        if "num_classes" in self.model_fields_set:
+            out["model.num_classes"] = self.num_classes
+        return out
+
+    def train_targets(self) -> dict[str, Any]:
+        """Where the pipeline's training reads and writes (the TrainConfig fields that are not the recipe)."""
+        return {"dataset": f"{self.workdir}/dataset", "output": f"{self.workdir}/train",
+                "tracking_uri": self.tracking_uri, "registered_model": self.registered_model}
 
     def infer_config(self, model_uri: str) -> InferConfig:
         held_out = self.predict_images is not None

@@ -438,6 +438,18 @@ def _ensure_validation(dataset: Path, val_fraction: float) -> None:
             atomic_write_json(Path(dataset) / mf.MANIFEST, data)
 
 
+def _record_class_names(dataset: Path, names: list[str] | None) -> None:
+    """Keep the class names given at ingestion in the manifest (``class_names``); without the option, the names
+    an earlier ingestion recorded stay."""
+    if names is None:
+        return
+    with mf.locked(dataset):
+        data = mf.load(dataset)
+        if data.get("class_names") != list(names):
+            data["class_names"] = list(names)
+            atomic_write_json(Path(dataset) / mf.MANIFEST, data)
+
+
 @contextlib.contextmanager
 def _claimed(dataset: Path) -> Iterator[list[str]]:
     """Hold the dataset's ingestion lock; delete what interrupted runs left (yielded: the names deleted).
@@ -606,6 +618,7 @@ def ingest_folder(cfg: IngestConfig, *, empty_ok: bool = False) -> IngestReport:
             _record(result, dataset, cfg, report)
             progress_bus.report("ingest", done, total)
         _ensure_validation(dataset, cfg.val_fraction)
+        _record_class_names(dataset, cfg.class_names)
         report.seconds = round(time.perf_counter() - start, 3)
         atomic_write_json(dataset / REPORT, report.to_dict())
     return report

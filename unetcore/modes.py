@@ -21,9 +21,12 @@ Device = Literal["auto", "cpu", "cuda"]
 SplitChoice = Literal["all", "train", "val", "test"]
 Split = Literal["train", "val", "test"]
 ProbabilityDtype = Literal["float16", "float32"]
-ExportKind = Literal["none", "png", "tiff", "nifti"]
+ExportKind = Literal["none", "png", "tiff", "nifti", "geojson"]
 """Label mask export: none; PNG (small images; a volume gets a TIFF stack); tiled BigTIFF (a volume: an ImageJ
-TIFF stack); NIfTI (volumes read from NIfTI or DICOM, with the source's affine)."""
+TIFF stack); NIfTI (volumes read from NIfTI or DICOM, with the source's affine); GeoJSON (2-D images with
+instances: the outlines QuPath/QGIS import, and an object table)."""
+ModelFormat = Literal["onnx", "torchscript"]
+"""``unet export``: an ONNX graph (onnxruntime and any ONNX runtime) or a TorchScript module (``torch.jit.load``)."""
 SpatialDims = Literal[2, 3]
 """Spatial axes a model convolves: 2 (images; volumes slice by slice) or 3 (volumes)."""
 

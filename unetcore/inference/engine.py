@@ -52,6 +52,9 @@ from unetcore.inference.plan import (
     plan_image,
 )
 from unetcore.inference.predict import tile_shape
+from unetcore.inference.provenance import prediction_provenance, stored_provenance
+from unetcore.inference.resample import zoom_factor
+from unetcore.inference.shapes import objects_table_path
 from unetcore.inference.tasks import (
     Components,
     ImageJob,
@@ -112,6 +115,8 @@ class ImageResult:
     tile_evaluations: int = 0
     grid_tiles: int = 0
     instances: int | None = None
+    objects: str | None = None  # the object table beside a GeoJSON export
+    provenance: dict[str, Any] | None = None  # what made it (unetcore.inference.provenance), as the store keeps it
 
 
 def results_to_dicts(results: list[ImageResult]) -> list[dict[str, Any]]:
@@ -272,8 +277,12 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         attrs = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r"))
         block_shape, complete = tuple(attrs["block_shape"]), bool(attrs.get("complete"))
     else:
-        block_shape = choose_block_shape(grid, plan.chunk, cfg.block_size**2, cluster.slots)
-        info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri}
+        # a block computes its box of the model's grid: fewer output voxels when that grid is finer
+        budget = max(1, int(cfg.block_size**2 / max(1.0, zoom_factor(plan.resampling))))
+        block_shape = choose_block_shape(grid, plan.chunk, budget, cluster.slots)
+        resampling = plan.resampling.to_dict() if plan.resampling else None
+        info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri,
+                "provenance": prediction_provenance(cfg, model, entry, plan.weights, plan.signature, resampling)}
         create_output(plan, cfg, block_shape, info)
         complete = False
     if not complete:
@@ -286,7 +295,7 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads)
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
-                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances)
+                   cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling)
     _run_tasks(cluster, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))
     if not complete:
         n_instances = _component_passes(plan, cfg, cluster, job, blocks)
@@ -298,7 +307,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     kind = "post" if cfg.min_object_size else ""
     dice = dice_from_records(plan.records, blocks, plan.classes, kind) if entry.get("has_mask") else None
     out_dir = Path(cfg.output)
-    export = export_mask(plan.out_path, out_dir, entry["id"], cfg.export, reuse=complete)
+    export = export_mask(plan.out_path, out_dir, entry["id"], cfg.export, reuse=complete, source=plan.src_path)
+    provenance = stored_provenance(zarr.open_group(store=str(plan.out_path), mode="r"))
     preview = write_preview(plan.src_path, plan.out_path, out_dir / f"{entry['id']}_preview.png")
     seconds = time.perf_counter() - t0
     pixels = math.prod(plan.shape)
@@ -307,7 +317,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
                        megapixels_per_s=round(pixels / 1e6 / max(seconds, 1e-9), 3), dice=dice,
                        export=export, preview=preview, block_shape=list(block_shape),
                        tile_evaluations=tile_evaluations(grid, block_shape), grid_tiles=grid.n_tiles,
-                       instances=n_instances)
+                       instances=n_instances, provenance=provenance,
+                       objects=str(objects_table_path(Path(export))) if cfg.export == "geojson" else None)
 
 
 IN_PROCESS_MAX_PIXELS = 4096 * 4096
@@ -386,16 +397,18 @@ def predict_entries(cfg: InferConfig, entries: list[dict[str, Any]], model: Pinn
 
 
 DENSE_3D = {"overlap": 0.5, "batch_size": 4}
-"""What a 3-D model uses for the options not given: the dense overlap and batch measured for volumes (the 2-D
-defaults, tile 512 with 64 px overlap and one tile a pass, were measured on images only)."""
+"""What a model trained on volumes uses for the options not given: the dense overlap and batch measured for
+volumes (the defaults, tile 512 with 64 px overlap and one tile a pass, were measured on images only)."""
 
 
 def with_model_tile(cfg: InferConfig, model: PinnedModel) -> InferConfig:
-    """``cfg`` with a 3-D model's own tile (``tile`` in its ``config.json``: the patch it was validated with, an
-    edge or one per axis) and :data:`DENSE_3D` for the options ``cfg`` was made without; else ``cfg`` as it is
-    (a 2-D model keeps the defaults, tile 512 and overlap 0.125)."""
+    """``cfg`` for a model trained on volumes (``task.spatial_dims`` 3 in its ``config.json``: a 3-D model, or a
+    2-D one trained on their slices): its own tile (``tile`` there: the tile it was validated with; a 3-D model's
+    patch, an edge or one per axis, or a 2-D model's slice tile) and :data:`DENSE_3D`, for the options ``cfg`` was
+    made without; else ``cfg`` as it is (a model trained on images keeps the defaults, tile 512, overlap 0.125)."""
     config = json.loads((Path(model.directory) / "config.json").read_text())
-    if int(config.get("model", {}).get("spatial_dims", 2)) != 3:
+    model_dims = int(config.get("model", {}).get("spatial_dims", 2))
+    if int(config.get("task", {}).get("spatial_dims", model_dims)) != 3:
         return cfg
     update = {k: v for k, v in DENSE_3D.items() if k not in cfg.model_fields_set}
     if "tile" not in cfg.model_fields_set and config.get("tile") is not None:

@@ -1,8 +1,14 @@
 """What a finished prediction gives besides its store: the mask export, the preview, the Dice from the records.
 
-An image's mask is exported as a palette PNG or a tiled BigTIFF; a volume's as NIfTI with the source's affine and
-qform/sform (from the geometry its store keeps) or as an ImageJ TIFF stack with its voxel spacing (``png``, which a
-volume cannot be, falls back to the TIFF stack). A volume's preview shows its three orthogonal mid-slices.
+An image's mask is exported as a palette PNG, a tiled BigTIFF or (with instances) GeoJSON outlines and an object
+table (:mod:`unetcore.inference.shapes`); a volume's as NIfTI with the source's affine and qform/sform (from the
+geometry its store keeps) or as an ImageJ TIFF stack with its voxel spacing (``png``, which a volume cannot be,
+falls back to the TIFF stack). A volume's preview shows its three orthogonal mid-slices.
+
+Every export carries the store's provenance (:mod:`unetcore.inference.provenance`): the PNG in its text chunks
+(``Description``, ``Software``), the BigTIFF in its Software tag and ImageDescription (tifffile's JSON metadata,
+``{"shape": ..., "unet": {"provenance": ...}}``), the ImageJ stack in its
+``Info``, the NIfTI in a comment extension (and a short ``descrip``), the GeoJSON in its top-level properties.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import zarr
 
 from unetcore.atomic import replacing
 from unetcore.errors import ConfigError
-from unetcore.inference.layout import LABELS_NAME, record_path
+from unetcore.inference.layout import INSTANCES_NAME, LABELS_NAME, record_path
+from unetcore.inference.provenance import provenance_json, software_name, stored_provenance
 from unetcore.inference.windows import Block
 from unetcore.metrics import dice_from_counts
 from unetcore.modes import ExportKind
@@ -43,6 +50,17 @@ LABEL_COLOURS = [(0, 0, 0), (255, 255, 255), (230, 25, 75), (60, 180, 75), (0, 1
 """Palette of exported label PNGs: background black, class 1 white, then distinct colours (repeating)."""
 
 
+def png_text(provenance: dict[str, Any] | None) -> Any:
+    """PNG text chunks naming the writing software and the provenance (PIL ``PngInfo``; None without one)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("Software", software_name(provenance))
+    if provenance is not None:
+        info.add_text("Description", provenance_json(provenance), zip=True)
+    return info
+
+
 def label_png(labels: np.ndarray) -> Any:
     """A palette PNG image of class ids: the pixel values stay the ids (0, 1, ...), viewers show colours."""
     from PIL import Image
@@ -54,24 +72,54 @@ def label_png(labels: np.ndarray) -> Any:
     return image
 
 
-def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, reuse: bool = False) -> str | None:
-    """Export the label mask: an image as PNG (small images) or tiled BigTIFF (any size, streamed by tiles); a
-    volume as NIfTI or a TIFF stack (:func:`export_volume_mask`).
-
-    ``reuse`` keeps an export that already exists (the prediction was complete before this run).
-    Returns the export's path, or None for ``kind="none"``.
+def export_shapes(root: zarr.Group, out_dir: Path, image_id: str, source: Path | None = None,
+                  reuse: bool = False) -> str:
+    """Export an image's instances as ``<id>_mask.geojson`` and ``<id>_objects.csv`` (see
+    :func:`unetcore.inference.shapes.write_shapes`), placed by the source store's georeferencing or pixel size.
 
     Raises:
-        ConfigError: ``nifti`` for an image that is not a volume with a source affine.
+        ConfigError: the prediction has no instance labels, or is a volume.
+    """
+    from unetcore.inference.shapes import objects_table_path, write_shapes
+
+    if INSTANCES_NAME not in root.get("labels", {}):
+        raise ConfigError("export", f"geojson needs instance labels; prediction '{image_id}' has none: re-run with "
+                                    "--instances")
+    if root[f"labels/{INSTANCES_NAME}/0"].ndim != 2:
+        raise ConfigError("export", f"geojson is 2-D only; image '{image_id}' is a volume: use --export tiff")
+    dst = Path(out_dir) / f"{image_id}_mask.geojson"
+    if reuse and dst.exists() and objects_table_path(dst).exists():
+        return str(dst)
+    src = omezarr.open_root(source) if source is not None else None
+    names = omezarr.unet_attrs(root).get("class_names")
+    write_shapes(root, dst, image_id, src, stored_provenance(root), names)
+    return str(dst)
+
+
+def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, reuse: bool = False,
+                source: Path | None = None) -> str | None:
+    """Export the label mask: an image as PNG (small images), tiled BigTIFF (any size, streamed by tiles) or
+    GeoJSON outlines of its instances (:func:`export_shapes`); a volume as NIfTI or a TIFF stack
+    (:func:`export_volume_mask`).
+
+    ``reuse`` keeps an export that already exists (the prediction was complete before this run); ``source`` is
+    the ingested image's store (the GeoJSON's placement). Returns the export's path, or None for ``kind="none"``.
+
+    Raises:
+        ConfigError: ``nifti`` for an image that is not a volume with a source affine; ``geojson`` for a volume
+            or a prediction without instances.
     """
     if kind == "none":
         return None
     root = zarr.open_group(store=str(out_path), mode="r")
     labels = root[f"labels/{LABELS_NAME}/0"]
+    if kind == "geojson":
+        return export_shapes(root, out_dir, image_id, source, reuse)
     if labels.ndim == 3:
         return export_volume_mask(root, out_dir, image_id, kind, reuse)
     if kind == "nifti":
         raise ConfigError("export", f"nifti needs a volume read from NIfTI or DICOM; image '{image_id}' is 2-D")
+    provenance = stored_provenance(root)
     h, w = labels.shape
     png = kind == "png" and h * w <= EXPORT_MAX_PIXELS
     dst = out_dir / f"{image_id}_mask.{'png' if png else 'tif'}"
@@ -79,7 +127,7 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
         return str(dst)
     if png:
         with replacing(dst) as tmp:
-            label_png(np.asarray(labels[:])).save(tmp, format="PNG")
+            label_png(np.asarray(labels[:])).save(tmp, format="PNG", pnginfo=png_text(provenance))
         return str(dst)
     import tifffile
 
@@ -96,7 +144,8 @@ def export_mask(out_path: Path, out_dir: Path, image_id: str, kind: ExportKind, 
 
     with replacing(dst) as tmp:
         tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
-                         compression="zlib")
+                         compression="zlib", metadata={"unet": {"provenance": provenance}},
+                         software=software_name(provenance))
     return str(dst)
 
 
@@ -114,18 +163,23 @@ def export_volume_mask(root: zarr.Group, out_dir: Path, image_id: str, kind: Exp
 
     labels = root[f"labels/{LABELS_NAME}/0"]
     geometry = omezarr.geometry(root)
+    provenance = stored_provenance(root)
+    text, software = provenance_json(provenance), software_name(provenance)
     if kind == "nifti":
         if geometry.get("affine") is None:
             raise ConfigError("export", f"nifti needs a volume read from NIfTI or DICOM; image '{image_id}' has no "
                                         f"source affine (use --export tiff)")
         dst = Path(out_dir) / f"{image_id}_mask.nii.gz"
         if not (reuse and dst.exists()):
-            write_nifti(labels, geometry["affine"], dst, header_source=geometry.get("nifti"))
+            model = (provenance or {}).get("model", {}).get("uri", "")
+            write_nifti(labels, geometry["affine"], dst, header_source=geometry.get("nifti"), description=text,
+                        descrip=f"{software} {model}".strip())
         return str(dst)
     dst = Path(out_dir) / f"{image_id}_mask.tif"
     if not (reuse and dst.exists()):
         unit = geometry.get("unit")
-        write_tiff_stack(labels, dst, geometry["spacing"] if unit else None, unit or "micrometer", compression="zlib")
+        write_tiff_stack(labels, dst, geometry["spacing"] if unit else None, unit or "micrometer", compression="zlib",
+                         description=text, software=software)
     return str(dst)
 
 
@@ -181,13 +235,14 @@ def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 102
     from unetcore.tracking.strips import preview_strip
 
     src = omezarr.open_root(src_path)
-    pred_group = zarr.open_group(store=str(out_path), mode="r")[f"labels/{LABELS_NAME}"]
+    pred_root = zarr.open_group(store=str(out_path), mode="r")
+    pred_group, text = pred_root[f"labels/{LABELS_NAME}"], png_text(stored_provenance(pred_root))
     if omezarr.image_array(src).ndim == 4:
         geometry = omezarr.geometry(src)
         strip = _volume_preview(src, pred_group, geometry["spacing"], omezarr.image_array(src).shape[1:],
                                 max_edge // 2)
         with replacing(dst) as tmp:
-            Image.fromarray(strip).save(tmp, format="PNG", compress_level=1)
+            Image.fromarray(strip).save(tmp, format="PNG", compress_level=1, pnginfo=text)
         return str(dst)
     image = np.asarray(_coarsest(src)[:])
     pred = np.asarray(_coarsest(pred_group)[:])
@@ -199,5 +254,5 @@ def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 102
         pred = resize(pred, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
     strip = preview_strip(image, None, pred)[:, shape[1]:]  # the overlay panel only
     with replacing(dst) as tmp:
-        Image.fromarray(strip).save(tmp, format="PNG", compress_level=1)  # a preview: speed over size
+        Image.fromarray(strip).save(tmp, format="PNG", compress_level=1, pnginfo=text)  # a preview: speed over size
     return str(dst)

@@ -37,6 +37,7 @@ from unetcore.inference.layout import (
     output_store,
     records_dir,
 )
+from unetcore.inference.resample import Resampling, resampling_for
 from unetcore.model.packaging import read_config
 from unetcore.planning import TaskSignature, model_classes
 from unetcore.store import manifest as mf
@@ -66,6 +67,9 @@ class ImagePlan:
     resume: bool
     model_dims: int = 2  # the model's spatial axes (a 2-D model predicts a volume slice by slice)
     geometry: dict[str, Any] | None = None  # a volume's omezarr.geometry, copied into the output; None for images
+    resampling: Resampling | None = None  # predicted at the model's spacing, brought back onto the image's grid
+    resampling_why: str = ""
+    class_names: list[str] | None = None  # the model's task's, when known
 
     @property
     def is_volume(self) -> bool:
@@ -156,7 +160,7 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
     Raises:
         InputError: the image's store is missing or not an OME-Zarr image.
         ConfigError: the model expects another number of channels, or is a 3-D model and the image is 2-D; a
-            NIfTI export of an image that is not a volume read from NIfTI or DICOM.
+            NIfTI export of an image that is not a volume read from NIfTI or DICOM; a GeoJSON export of a volume.
         OutputExistsError: the output holds a different prediction and ``overwrite`` is off.
     """
     src_path = mf.store_path(dataset, entry["id"])
@@ -173,8 +177,14 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
                                    f"{len(shape)}-D; predict images with a 2-D model")
     geometry = omezarr.geometry(root) if len(shape) == 3 else None
     _check_export(cfg, entry["id"], geometry)
+    task = TaskSignature.of_model(model_config)
+    place = geometry or omezarr.geometry(root)
+    resampling, resampling_why = resampling_for(shape, place["spacing"], place.get("unit"), task.spacing, task.unit)
     wh = weights_hash(model.directory)
     sig = signature(entry, model_config, wh, cfg)
+    if resampling is not None:  # the model's grid shapes the result too (unchanged signatures without it)
+        payload = json.dumps([sig, resampling.to_dict()]).encode()
+        sig = hashlib.blake2b(payload, digest_size=16).hexdigest()
     out_path = output_store(Path(cfg.output), entry["id"])
     resume = out_path.exists() and _existing_signature(out_path) == sig
     if out_path.exists() and not resume and not cfg.overwrite:
@@ -183,7 +193,9 @@ def plan_image(entry: dict[str, Any], dataset: Path, cfg: InferConfig, model: Pi
     chunk = volume_chunk(shape, edge, geometry["spacing"]) if geometry else (edge, edge)
     return ImagePlan(entry=entry, src_path=src_path, out_path=out_path, records=records_dir(Path(cfg.output), entry["id"]),
                      shape=shape, classes=int(model_config["model"]["num_classes"]), chunk=tuple(chunk), signature=sig,
-                     weights=wh, resume=resume, model_dims=model_dims, geometry=geometry)
+                     weights=wh, resume=resume, model_dims=model_dims, geometry=geometry, resampling=resampling,
+                     resampling_why=resampling_why,
+                     class_names=list(task.class_names) if task.class_names is not None else None)
 
 
 def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) -> tuple[int, ...]:
@@ -202,7 +214,11 @@ def volume_chunk(shape: tuple[int, ...], edge: int, spacing: Sequence[float]) ->
 
 
 def _check_export(cfg: InferConfig, image_id: str, geometry: dict[str, Any] | None) -> None:
-    """A NIfTI export needs a volume that came with an affine (NIfTI or DICOM); refuse it before any work."""
+    """A NIfTI export needs a volume that came with an affine (NIfTI or DICOM), a GeoJSON export a 2-D image;
+    refuse either before any work."""
+    if cfg.export == "geojson" and geometry is not None:
+        raise ConfigError("export", f"geojson is 2-D only; image '{image_id}' is a volume: use --export tiff or "
+                                    "nifti (labels/instances holds its 3-D instances)")
     if cfg.export != "nifti" or (geometry is not None and geometry.get("affine") is not None):
         return
     what = "a 2-D image" if geometry is None else "a volume without a source affine"
@@ -231,7 +247,9 @@ def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...
     omezarr.create_labels(root, LABELS_NAME, plan.shape, np.uint8, plan.chunk, **place)
     if cfg.instances:
         omezarr.create_labels(root, INSTANCES_NAME, plan.shape, np.uint32, plan.chunk, **place)
-    attrs = {**info, "signature": plan.signature, "block_shape": list(block_shape), "complete": False}
+    attrs = {**info, "signature": plan.signature, "block_shape": list(block_shape), "complete": False,
+             "class_names": plan.class_names, "resampling": plan.resampling.to_dict() if plan.resampling else None,
+             "resampling_why": plan.resampling_why}
     if plan.geometry is not None:
         attrs["geometry"] = plan.geometry
     omezarr.set_unet_attrs(root, attrs)

@@ -33,7 +33,8 @@ from unetcore.inference.layout import (
     record_path,
     side_path,
 )
-from unetcore.inference.predict import BlockPredictor, logits_to_outputs
+from unetcore.inference.predict import BlockPredictor
+from unetcore.inference.resample import Resampling, block_outputs
 from unetcore.inference.windows import Block
 from unetcore.metrics import confusion_counts
 from unetcore.model import load_model
@@ -73,6 +74,7 @@ class ImageJob:
     probability_dtype: str
     components: Components
     instances: bool
+    resampling: Resampling | None = None  # predicted at the model's spacing (unetcore.inference.resample)
 
 
 def _worker_identity() -> tuple[int, str]:
@@ -148,10 +150,8 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     src = omezarr.open_root(Path(job.input))
     image = omezarr.image_array(src)
     shape = image.shape[1:]
-    grid = bp.grid(shape)
-    logits = bp.logits(image, job.stats, grid, block)
+    probs, labels = block_outputs(bp, image, job.stats, block, job.resampling)
     t_model = time.perf_counter() - t0
-    probs, labels = logits_to_outputs(logits, bp.num_classes, bp.threshold)
     out = zarr.open_group(store=job.output, mode="r+")
     out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
     if job.save_probabilities:
@@ -163,7 +163,7 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
               "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
               "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
     atomic_write_json(record_path(Path(job.records), block), record)
-    del logits, probs, labels
+    del probs, labels
     release_free_memory()  # what the block's buffers kept goes back: memory stays flat over many blocks
     return record
 

@@ -33,6 +33,8 @@ def write_nifti(
     affine: Sequence[Sequence[float]] | np.ndarray,
     path: str | Path,
     header_source: str | Path | Mapping[str, Any] | Any | None = None,
+    description: str | None = None,
+    descrip: str | None = None,
 ) -> Path:
     """Write a ``(D, H, W)`` array as a NIfTI file (``.nii`` or ``.nii.gz``) that overlays on its source.
 
@@ -53,6 +55,9 @@ def write_nifti(
         affine: 4x4 voxel ``(x, y, z)`` index to world (RAS+ mm), as nibabel gives it.
         path: the file to write (replaced if it exists).
         header_source: see above.
+        description: text kept in the header as a NIfTI comment extension (e.g. the provenance JSON); nibabel
+            reads it as ``img.header.extensions``.
+        descrip: the header's 80-byte ``descrip`` (cut to fit).
 
     Returns:
         ``path``.
@@ -83,6 +88,10 @@ def write_nifti(
         header.set_sform(wanted, code=1)
         header.set_qform(wanted, code=1)
         header.set_xyzt_units("mm")
+    if descrip:
+        header["descrip"] = descrip.encode("ascii", "replace")[:79]
+    if description:
+        header.extensions.append(nib.nifti1.Nifti1Extension("comment", description.encode()))
     offset = _header_size(header)
     header.set_data_offset(offset)
     on_disk = header.get_data_dtype()
@@ -135,6 +144,8 @@ def write_tiff_stack(
     unit: str = "micrometer",
     *,
     compression: str | None = None,
+    description: str | None = None,
+    software: str | None = None,
 ) -> Path:
     """Write a ``(D, H, W)`` array as an ImageJ hyperstack TIFF (one page per z), streamed page by page.
 
@@ -148,6 +159,8 @@ def write_tiff_stack(
         spacing_zyx: voxel size per axis in ``unit``; None writes no size (ImageJ shows pixels).
         unit: ``micrometer`` (written as ImageJ's ``um``), ``nanometer``, ``millimeter``, or any ImageJ unit.
         compression: None (uncompressed, read by every ImageJ) or a tifffile codec such as ``"zlib"``.
+        description: text kept as ImageJ's ``Info`` (Image > Show Info; e.g. the provenance JSON).
+        software: the TIFF Software tag.
 
     Returns:
         ``path``.
@@ -169,6 +182,8 @@ def write_tiff_stack(
         sz, sy, sx = (float(s) for s in spacing_zyx)
         resolution = (1.0 / sx, 1.0 / sy)
         metadata.update(spacing=sz, unit={"micrometer": "um", "nanometer": "nm", "millimeter": "mm"}.get(unit, unit))
+    if description:
+        metadata["Info"] = description
 
     def pages() -> Iterator[np.ndarray]:
         for slab in _slabs(array_zyx, source_dtype if source_dtype != np.bool_ else np.dtype(np.uint8)):
@@ -181,5 +196,5 @@ def write_tiff_stack(
 
     with replacing(path) as tmp:
         tifffile.imwrite(tmp, pages(), shape=(depth, height, width), dtype=dtype, imagej=True,
-                         resolution=resolution, metadata=metadata, compression=compression)
+                         resolution=resolution, metadata=metadata, compression=compression, software=software)
     return path

@@ -20,9 +20,13 @@ def padded_size(size: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is ``>= size`` and at least ``2 * multiple``.
 
     The floor of two keeps the bottleneck at least 2 along every axis, so batch/instance/group norm always see more
-    than one value per channel (a 1x1 bottleneck makes instance norm fail and the others degenerate).
+    than one value per channel (a 1x1 bottleneck makes instance norm fail and the others degenerate). Written without
+    a comparison (``max(k, 2) == (k + 2 + |k - 2|) // 2``) so that it also works on the traced sizes of an ONNX or
+    TorchScript export (:mod:`unetcore.model.export`), which then keeps the padding symbolic instead of frozen; and
+    with positive operands only, as ONNX's integer division truncates where Python's floors.
     """
-    return max(-(-size // multiple) * multiple, 2 * multiple)
+    k = (size + multiple - 1) // multiple
+    return (k + 2 + abs(k - 2)) // 2 * multiple
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: PerAxis) -> tuple[torch.Tensor, Box]:
@@ -100,6 +104,10 @@ class UNet(nn.Module):
             axes = "H, W" if dims == 2 else "D, H, W"
             raise ValueError(f"expected input (N, {self.config.in_channels}, {axes}), got {tuple(x.shape)}")
         x, box = pad_to_multiple(x, self.multiple)
+        return crop(self.forward_padded(x), box)
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of an input whose spatial sizes are already multiples of ``self.multiple`` (same sizes out)."""
         skips = []
         h = self.stem(x)
         for down in self.downs:
@@ -108,7 +116,7 @@ class UNet(nn.Module):
         h = self.dropout(h)
         for up, skip in zip(self.ups, reversed(skips)):
             h = up(h, skip)
-        return crop(self.head(h), box)
+        return self.head(h)
 
 
 def build_model(config: ModelConfig) -> UNet:

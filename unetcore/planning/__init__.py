@@ -25,6 +25,7 @@ from unetcore.planning.plan import (
     Choice,
     PatchPlan,
     Plan,
+    pipeline_training,
     plan_batch,
     plan_dataset,
     plan_from_fingerprint,
@@ -36,7 +37,7 @@ from unetcore.planning.plan import (
     training_bytes,
     write_plan,
 )
-from unetcore.planning.task import TaskSignature, dataset_model_name, training_task
+from unetcore.planning.task import TaskSignature, dataset_model_name, trained_spacing, training_task
 
 __all__ = [
     "MEMORY_BUDGET_BYTES",
@@ -58,6 +59,7 @@ __all__ = [
     "fingerprint",
     "modality_hint",
     "model_classes",
+    "pipeline_training",
     "plan_batch",
     "plan_dataset",
     "plan_from_fingerprint",
@@ -69,6 +71,7 @@ __all__ = [
     "pool_channels",
     "pooled_percentile",
     "target_spacing",
+    "trained_spacing",
     "training_bytes",
     "training_task",
     "write_plan",

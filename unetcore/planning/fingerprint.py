@@ -107,6 +107,7 @@ class DatasetFingerprint:
     foreground_measured: int  # images whose foreground statistics ingestion measured
     modality: str  # "ct" or "other"
     modality_why: str
+    class_names: tuple[str, ...] | None = None  # given at ingestion (``--class-names``), background first
 
     @property
     def training(self) -> tuple[ImageFingerprint, ...]:
@@ -244,4 +245,5 @@ def fingerprint(dataset: Path, manifest: dict[str, Any] | None = None) -> Datase
         intensity=pool_channels([i.stats for i in images]),
         foreground=pool_channels(with_foreground) if with_foreground else None,
         foreground_measured=len(with_foreground), modality=modality, modality_why=why,
+        class_names=tuple(manifest["class_names"]) if manifest.get("class_names") else None,
     )

@@ -2,7 +2,8 @@
 
 Rules (nnU-Net's where it has one, sized for a CPU):
 
-* channels and classes from the data; 2-D or 3-D from the data;
+* channels and classes from the data; 2-D or 3-D from the data (or 2-D on volumes when asked: nnU-Net's "2d"
+  configuration, a 2-D model on z-slices);
 * target spacing: 2-D images keep their pixel grid; volumes take the median spacing, except that an axis much
   coarser than the others (anisotropic: > 3x in spacing and < 1/3 in voxels) takes its 10th percentile;
 * patch: the largest that is no larger than the median (resampled) image, shaped like it (square in 2-D, where
@@ -26,14 +27,15 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 
 from unetcore.atomic import atomic_write_json
-from unetcore.config import ModelConfig, NormalizationConfig, TrainConfig, validated
+from unetcore.config import ModelConfig, NormalizationConfig, PipelineConfig, TrainConfig, validated
 from unetcore.errors import ConfigError, InputError
 from unetcore.model import PoolingPlan, deepest, plan_pooling
+from unetcore.modes import SpatialDims
 from unetcore.planning.fingerprint import DatasetFingerprint, ImageFingerprint, fingerprint
 
 PLAN_FILE = "plan.json"
@@ -84,8 +86,9 @@ class Choice:
                 "why": self.why, **({"details": self.details} if self.details else {})}
 
 
-PLAN_ONLY = frozenset({"target_spacing", "normalization_scheme", "steps"})
-"""Choices that fill no TrainConfig field: they explain (the work) or wait for a consumer (resampling, CT)."""
+PLAN_ONLY = frozenset({"target_spacing", "normalization_scheme", "steps", "class_names"})
+"""Choices that fill no TrainConfig field: they explain (the work) or go with the model's task (the spacing
+inference resamples to, the class names)."""
 _MODEL_ONLY_IF_DECLARED = ("model.spatial_dims", "model.pool", "model.kernels")  # fields of the N-D model
 
 
@@ -268,7 +271,8 @@ def working_spacing(fp: DatasetFingerprint) -> tuple[tuple[float, ...], str]:
     if fp.spatial_dims == 2:
         shown = " x ".join(f"{s:g}" for s in fp.spacing.median)
         return fp.spacing.median, f"2-D images are trained on their own pixel grid (median pixel size {shown})"
-    return target_spacing([i.spacing for i in fp.images], [i.shape for i in fp.images])
+    spacing, why = target_spacing([i.spacing for i in fp.images], [i.shape for i in fp.images])
+    return spacing, why + "; recorded, not imposed: training samples each volume on its own grid"
 
 
 def training_bytes(patch: Sequence[int], batch: int, base_channels: int, pool: Sequence[Sequence[int]]) -> int:
@@ -419,25 +423,49 @@ def _classes(fp: DatasetFingerprint) -> Choice:
     return Choice("model.num_classes", num, f"mask values {shown}{declared}: {what}")
 
 
-def plan_from_fingerprint(fp: DatasetFingerprint, *, budget: int = MEMORY_BUDGET_BYTES) -> Plan:
+def _class_names(fp: DatasetFingerprint) -> Choice:
+    names, expected = fp.class_names, max(2, fp.num_classes)
+    if names is None:
+        return Choice("class_names", None, "not given: classes are numbered (ingest --class-names to name them)")
+    if len(names) != expected:
+        return Choice("class_names", None, f"ingestion named {len(names)} classes ({', '.join(names)}), the masks "
+                                           f"hold {expected}: not recorded (re-ingest with {expected} names)")
+    return Choice("class_names", list(names), "given at ingestion (--class-names); recorded with the model and "
+                                              "its predictions")
+
+
+def plan_from_fingerprint(fp: DatasetFingerprint, *, budget: int = MEMORY_BUDGET_BYTES,
+                          spatial_dims: int | None = None) -> Plan:
     """The plan of a fingerprinted dataset (see the module docstring for the rules).
+
+    ``spatial_dims`` 2 on volumes plans nnU-Net's "2d" configuration: a 2-D model trained on z-slices, its square
+    patch no larger than the median slice, its batch over the slices' pixels; None plans the data's own dims.
 
     Raises:
         InputError: the images are too small to train on.
+        ConfigError: ``spatial_dims`` 3 on 2-D images.
     """
-    dims = fp.spatial_dims
+    data_dims = fp.spatial_dims
+    dims = data_dims if spatial_dims is None else int(spatial_dims)
+    if dims not in get_args(SpatialDims):
+        raise ConfigError("model.spatial_dims", f"--dims {dims}: must be one of {', '.join(map(str, get_args(SpatialDims)))}")
+    if dims > data_dims:
+        raise ConfigError("model.spatial_dims", f"--dims {dims} on {data_dims}-D data: a {dims}-D model needs "
+                          f"{dims}-D images; leave the dimension to the plan")
     base = ModelConfig().base_channels
-    choices = [Choice("model.spatial_dims", dims, f"the labelled images are {dims}-D")]
+    dims_why = (f"the labelled images are {dims}-D" if dims == data_dims else
+                "a 2-D model on the volumes' z-slices (nnU-Net's \"2d\" configuration; the volumes are 3-D)")
+    choices = [Choice("model.spatial_dims", dims, dims_why)]
     spacing, spacing_why = working_spacing(fp)
     if dims == 2:
         grid: tuple[float, ...] = (1.0, 1.0)  # pooling and voxel counts on the pixel grid
-        median = fp.shape.median
+        median = fp.shape.median[data_dims - 2:]  # a volume's slice: (y, x)
     else:
         grid = spacing
         median = tuple(float(v) for v in np.median([resampled_shape(i, spacing) for i in fp.training], 0))
     choices.append(Choice("target_spacing", list(spacing), spacing_why))
     channels_why = f"every labelled image has {fp.channels} channel{'s' if fp.channels != 1 else ''}"
-    choices += [Choice("model.in_channels", fp.channels, channels_why), _classes(fp)]
+    choices += [Choice("model.in_channels", fp.channels, channels_why), _classes(fp), _class_names(fp)]
     try:
         patch = plan_patch(median, grid, square=dims == 2, base_channels=base, budget=budget)
     except ValueError as exc:
@@ -457,6 +485,7 @@ def plan_from_fingerprint(fp: DatasetFingerprint, *, budget: int = MEMORY_BUDGET
                details={"kernels": patch.pooling.kernels}),
     ]
     training_voxels = sum(math.prod(i.shape if dims == 2 else resampled_shape(i, spacing)) for i in fp.training)
+    # (a 2-D model on volumes: every slice's pixels, no resampling)
     batch, batch_why = plan_batch(patch.patch, patch.pooling.pool, training_voxels, dims, base, budget)
     choices.append(Choice("batch_size", batch, batch_why))
     choices += _normalization(fp)
@@ -483,13 +512,14 @@ def plan_from_fingerprint(fp: DatasetFingerprint, *, budget: int = MEMORY_BUDGET
 
 
 def plan_dataset(dataset: Path, manifest: dict[str, Any] | None = None, *,
-                 budget: int = MEMORY_BUDGET_BYTES) -> Plan:
-    """Fingerprint ``dataset`` and plan its training.
+                 budget: int = MEMORY_BUDGET_BYTES, spatial_dims: int | None = None) -> Plan:
+    """Fingerprint ``dataset`` and plan its training (``spatial_dims``: see :func:`plan_from_fingerprint`).
 
     Raises:
         InputError: no manifest, no labelled image, mixed channels or dims, images too small.
+        ConfigError: ``spatial_dims`` 3 on 2-D images.
     """
-    return plan_from_fingerprint(fingerprint(dataset, manifest), budget=budget)
+    return plan_from_fingerprint(fingerprint(dataset, manifest), budget=budget, spatial_dims=spatial_dims)
 
 
 def write_plan(plan: Plan, dataset: Path | None = None) -> Path:
@@ -508,10 +538,22 @@ def planned_config(dataset: Path, overrides: Mapping[str, Any] | None = None, **
         InputError: the dataset cannot be planned; ConfigError: an override is out of range.
     """
     overrides = dict(overrides or {})
-    plan = plan_dataset(dataset)
     dims = overrides.get("model.spatial_dims")
-    if dims is not None and dims != plan["model.spatial_dims"]:
-        raise ConfigError("model.spatial_dims", f"--dims {dims} on {plan['model.spatial_dims']}-D data is not built "
-                          "(a 2-D model trained on volume slices); leave the dimension to the plan")
+    plan = plan_dataset(dataset, spatial_dims=dims)  # --dims 2 on volumes: the "2d" configuration's own plan
+    data_dims = int(plan.fingerprint.get("spatial_dims", plan["model.spatial_dims"]))
     plan = plan.with_overrides(overrides)
+    if dims is not None and dims != data_dims:  # shown as "2 (option; planned 3)": the data's own configuration
+        plan = replace(plan, choices=tuple(replace(c, planned=data_dims) if c.field == "model.spatial_dims" else c
+                                           for c in plan.choices))
     return plan.train_config(overrides, dataset=str(dataset), **targets), plan
+
+
+def pipeline_training(config: PipelineConfig) -> tuple[TrainConfig, Plan]:
+    """The pipeline's training (once its dataset is ingested): the dataset's plan with the options given in
+    ``config.train`` (and ``num_classes``, when given) on top, exactly as ``unet train`` with those options.
+
+    Raises:
+        InputError: the dataset cannot be planned; ConfigError: an option is out of range.
+    """
+    targets = config.train_targets()
+    return planned_config(Path(targets.pop("dataset")), config.train_overrides(), **targets)

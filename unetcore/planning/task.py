@@ -13,9 +13,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
+
 from unetcore.config import ModelConfig
 from unetcore.planning.fingerprint import DatasetFingerprint
-from unetcore.planning.plan import working_spacing
 from unetcore.store.manifest import image_id
 
 
@@ -29,6 +30,7 @@ class TaskSignature:
         spatial_dims: 2 (images) or 3 (volumes): the dims of the data it was trained on.
         spacing: the pixel / voxel spacing it works at ([z,] y, x); None if unknown.
         class_names: a name per class (background first) when the dataset gives them; None if unknown.
+        unit: the unit of ``spacing`` (an OME-NGFF unit such as ``millimeter``); None for pixels or unknown.
     """
 
     in_channels: int
@@ -36,6 +38,7 @@ class TaskSignature:
     spatial_dims: int = 2
     spacing: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
+    unit: str | None = None
 
     COMPARED: ClassVar[tuple[str, ...]] = ("in_channels", "num_classes", "spatial_dims", "class_names")
 
@@ -48,7 +51,8 @@ class TaskSignature:
         return cls(in_channels=int(data["in_channels"]), num_classes=int(data["num_classes"]),
                    spatial_dims=int(data.get("spatial_dims", 2)),
                    spacing=tuple(float(s) for s in spacing) if spacing is not None else None,
-                   class_names=tuple(str(n) for n in names) if names is not None else None)
+                   class_names=tuple(str(n) for n in names) if names is not None else None,
+                   unit=data.get("unit"))
 
     @classmethod
     def of_model(cls, config: Mapping[str, Any]) -> TaskSignature:
@@ -65,7 +69,7 @@ class TaskSignature:
         return cls(in_channels=int(tags.get("in_channels", 1)), num_classes=int(tags.get("num_classes", 1)),
                    spatial_dims=int(tags.get("spatial_dims", 2)),
                    spacing=tuple(float(s) for s in spacing.split(",")) if spacing else None,
-                   class_names=tuple(names.split(",")) if names else None)
+                   class_names=tuple(names.split(",")) if names else None, unit=tags.get("spacing_unit"))
 
     def tags(self) -> dict[str, str]:
         """The task as registry version tags (unknown parts left out)."""
@@ -75,6 +79,8 @@ class TaskSignature:
             out["spacing"] = ",".join(f"{s:g}" for s in self.spacing)
         if self.class_names is not None:
             out["class_names"] = ",".join(self.class_names)
+        if self.unit is not None:
+            out["spacing_unit"] = self.unit
         return out
 
     def differences(self, tags: Mapping[str, str]) -> list[tuple[str, str, str]]:
@@ -94,11 +100,23 @@ class TaskSignature:
         return f"{classes}, {channels}, {self.spatial_dims}-D"
 
 
-def training_task(model: ModelConfig, fp: DatasetFingerprint, class_names: tuple[str, ...] | None = None
-                  ) -> TaskSignature:
-    """The task of a model with architecture ``model`` trained on the dataset ``fp`` (at the plan's spacing)."""
+def trained_spacing(fp: DatasetFingerprint) -> tuple[float, ...]:
+    """The spacing a model trained on ``fp`` has seen: the median spacing of the training images.
+
+    Training does not resample (each image is sampled on its own grid), so this, not the plan's target spacing
+    (which differs for mixed, anisotropic spacings: nnU-Net's 10th percentile), is what inference resamples to;
+    for a dataset of one spacing the two agree.
+    """
+    return tuple(float(v) for v in np.median([i.spacing for i in fp.training], 0))
+
+
+def training_task(model: ModelConfig, fp: DatasetFingerprint) -> TaskSignature:
+    """The task of a model with architecture ``model`` trained on the dataset ``fp`` (at the spacing it has seen,
+    :func:`trained_spacing`, in the dataset's unit; with the class names ingestion recorded when they name the
+    model's classes)."""
+    names = fp.class_names if fp.class_names is not None and len(fp.class_names) == max(2, model.num_classes) else None
     return TaskSignature(in_channels=model.in_channels, num_classes=model.num_classes, spatial_dims=fp.spatial_dims,
-                         spacing=working_spacing(fp)[0], class_names=class_names)
+                         spacing=trained_spacing(fp), class_names=names, unit=fp.unit)
 
 
 def dataset_model_name(name: str, dataset: Path) -> str:

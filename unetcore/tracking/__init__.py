@@ -12,7 +12,8 @@ from unetcore.tracking.pinned import PinnedModel, pin_cached
 _LAZY = {
     **dict.fromkeys(("CHALLENGER", "CHAMPION", "ML_VIEW_QUERY", "MODEL_ARTIFACT", "PREVIEW_KEY", "UI_PORT",
                      "browse_hint", "check_same_task", "check_tracking_uri", "code_version_tags", "configure",
-                     "download_model", "log_preview", "pin_model", "preview_strip", "register", "run_page_url",
+                     "download_model", "log_export", "log_preview", "pin_model", "preview_strip", "register",
+                     "run_page_url",
                      "sqlite_path", "ui_command", "use_experiment"), "unetcore.tracking.mlflow"),
     **dict.fromkeys(("log_volume_preview", "orthogonal_slices", "volume_preview_strip"), "unetcore.tracking.previews"),
 }
@@ -42,6 +43,7 @@ __all__ = [
     "code_version_tags",
     "configure",
     "download_model",
+    "log_export",
     "log_preview",
     "log_volume_preview",
     "mlflow",

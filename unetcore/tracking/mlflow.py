@@ -383,3 +383,26 @@ def pin_model(uri: str, tracking_uri: str, cache: Path) -> PinnedModel:
     directory = _cached_download(uri, source, Path(cache) / cache_name(name, version, source), tracking_uri)
     return PinnedModel(uri=pinned, directory=directory, name=name, alias=alias, version=version, run_id=run_id,
                        source=source)
+
+
+def log_export(tracking_uri: str, run_id: str, files: list[Path], folder: str, name: str | None,
+               version: int | None, fmt: str) -> str:
+    """Log an exported model's ``files`` to the run ``run_id`` under ``folder``; tag the model version with it.
+
+    Returns:
+        The artifact folder as ``runs:/<run_id>/<folder>`` (the version's ``export.<fmt>`` tag holds the same).
+
+    Raises:
+        ServiceError: the tracking store or its artifact store refused the upload.
+    """
+    client = MlflowClient(tracking_uri)
+    location = f"runs:/{run_id}/{folder}"
+    try:
+        for path in files:
+            client.log_artifact(run_id, str(path), folder)
+        if name is not None and version is not None:
+            client.set_model_version_tag(name, str(version), f"export.{fmt}", location)
+    except (MlflowException, OSError) as exc:
+        raise ServiceError(tracking_uri, f"logging the export to run {run_id} failed ({str(exc).splitlines()[0][:160]})",
+                           "the exported files are written; re-run with --overwrite to log them") from None
+    return location

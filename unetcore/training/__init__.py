@@ -32,6 +32,7 @@ from unetcore.training.sampler import (
     load_images,
     pad_to,
     patch_shape,
+    slice_patch,
 )
 from unetcore.training.validation import Validation, evaluate
 
@@ -61,6 +62,7 @@ __all__ = [
     "make_scheduler",
     "pad_to",
     "patch_shape",
+    "slice_patch",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",

@@ -138,25 +138,26 @@ def training_patch(cfg: TrainConfig) -> int | list[int]:
 
 
 def _check_training_split(cfg: TrainConfig, train_items: list[dict[str, Any]]) -> None:
-    """The training split has labelled images of the model's dimension, and one at least as large as a patch
-    along every axis."""
+    """The training split has labelled images the model can train on (a 2-D model trains on volumes' z-slices,
+    a 3-D one on volumes only), and one at least as large as a patch along every axis the model sees."""
     if not train_items:
         raise InputError(cfg.dataset, "the training split has no image with a mask", "ingest more labelled images")
     ndim = len(train_items[0]["shape"])
-    if cfg.model.spatial_dims != ndim:
-        raise ConfigError("model.spatial_dims", f"a {cfg.model.spatial_dims}-D model on {ndim}-D training images is "
-                          "not trainable in this build (2-D models on volume slices are not built); leave --dims "
+    dims = cfg.model.spatial_dims
+    if dims > ndim:
+        raise ConfigError("model.spatial_dims", f"a {dims}-D model cannot train on {ndim}-D images; leave --dims "
                           "to the plan")
+    seen = [e["shape"][ndim - dims:] for e in train_items]  # a slice's (y, x) for a 2-D model on volumes
     patch = training_patch(cfg)
     field = "patch_shape" if cfg.patch_shape else "patch_size"
     if isinstance(patch, int):
-        if all(min(e["shape"]) < patch for e in train_items):
-            largest = max(min(e["shape"]) for e in train_items)
+        if all(min(s) < patch for s in seen):
+            largest = max(min(s) for s in seen)
             raise ConfigError(field, f"{patch} is larger than every training image (≤ {largest} px)")
         return
-    if any(len(e["shape"]) != len(patch) for e in train_items):
-        raise ConfigError(field, f"{patch} has {len(patch)} axes, the images {ndim}")
-    if all(any(n < p for n, p in zip(e["shape"], patch)) for e in train_items):
+    if len(patch) != dims:
+        raise ConfigError(field, f"{patch} has {len(patch)} axes, the model {dims}")
+    if all(any(n < p for n, p in zip(s, patch)) for s in seen):
         raise ConfigError(field, f"{patch} is larger than every training image along some axis")
 
 
@@ -415,7 +416,7 @@ def make_loader(cfg: TrainConfig, dataset: Path, normalization: NormalizationCon
     data = PatchDataset(
         load_images(dataset, "train", cfg.ignore_index), training_patch(cfg), cfg.batch_size, cfg.steps_per_epoch,
         normalization, cfg.foreground_fraction, AugmentConfig() if cfg.augment else None, seed=cfg.seed,
-        sampling=cfg.sampling,
+        sampling=cfg.sampling, spatial_dims=cfg.model.spatial_dims,
     )
     sampler = EpochSampler(len(data))
     workers = cfg.num_workers

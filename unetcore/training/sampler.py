@@ -230,6 +230,20 @@ def patch_shape(patch_size: int | Sequence[int], spatial_dims: int) -> tuple[int
     return shape
 
 
+def slice_patch(patch_size: int | Sequence[int], image_dims: int, model_dims: int | None = None) -> tuple[int, ...]:
+    """The region a patch reads from an image of ``image_dims`` spatial axes for a model of ``model_dims`` (None:
+    the image's): :func:`patch_shape` of the model, one voxel deep along the axes the model does not see (a 2-D
+    model on a volume reads ``(1, py, px)``, one z-slice).
+
+    Raises:
+        ConfigError: a model of more axes than the images, or a patch shape of another number of axes.
+    """
+    model_dims = image_dims if model_dims is None else int(model_dims)
+    if model_dims > image_dims:
+        raise ConfigError("model.spatial_dims", f"a {model_dims}-D model cannot train on {image_dims}-D images")
+    return (1,) * (image_dims - model_dims) + patch_shape(patch_size, model_dims)
+
+
 def pad_to(arr: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     """Zero-pad the last ``len(shape)`` axes of ``arr`` up to ``shape`` (for images smaller than the patch)."""
     lead = arr.ndim - len(shape)
@@ -261,7 +275,9 @@ class PatchDataset(Dataset):
     """``len = steps * batch`` random patches per epoch; item ``i`` is ``(image (C, *patch), target (*patch))``.
 
     ``patch`` is ``(p, p)`` for images, ``(pz, py, px)`` for volumes (``patch_size`` an int: the same on every
-    axis); only the chunks under the patch are read. Within each batch the last
+    axis); only the chunks under the patch are read. ``spatial_dims`` is the model's (None: the images'): 2 on
+    volumes draws 2-D patches ``(C, py, px)`` from single z-slices (nnU-Net's "2d" configuration), each read as
+    a ``(1, py, px)`` region of the volume's store, oversampled around the same foreground locations. Within each batch the last
     ``round(batch * foreground_fraction)`` items are centred on a labelled voxel (nnU-Net's oversampling): in
     ``foreground`` mode on any foreground voxel of a random image, in ``class_balanced`` mode on a voxel of a
     class drawn uniformly from the foreground classes present (so rare classes are seen as often as common
@@ -282,9 +298,11 @@ class PatchDataset(Dataset):
         seed: int = 0,
         sampling: SamplingKind = "foreground",
         cache_bytes: int = CHUNK_CACHE_BYTES,
+        spatial_dims: int | None = None,
     ) -> None:
         self.images = images
-        self.patch = patch_shape(patch_size, len(images[0].shape))
+        self.patch = slice_patch(patch_size, len(images[0].shape), spatial_dims)
+        self.spatial_dims = len(images[0].shape) if spatial_dims is None else int(spatial_dims)
         self.batch = batch_size
         self.steps = steps
         self.recipe = normalization
@@ -345,6 +363,8 @@ class PatchDataset(Dataset):
         image = normalize(raw, img.stats, self.recipe)
         target = self.cache.read((img.store, "labels"), label_arr, region).astype(np.int64)
         image, target = pad_to(image, self.patch), pad_to(target, self.patch)
+        model_patch = self.patch[len(self.patch) - self.spatial_dims:]  # a slice's (py, px) for a 2-D model
+        image, target = image.reshape(image.shape[0], *model_patch), target.reshape(model_patch)
         if self.augment is not None:
             image, target = augment_pair(image, target, rng, self.augment)
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(np.ascontiguousarray(target))

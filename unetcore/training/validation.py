@@ -122,8 +122,16 @@ class Validation:
         return cls(Path(cfg.dataset), entries, device, tile, cfg.batch_size, cfg.ignore_index, cfg.hd95)
 
     def predictor(self, model: torch.nn.Module, config: dict[str, Any]) -> BlockPredictor:
-        """Sliding-window predictor of ``model`` (config as saved with it) at the validation tile, 50 % overlap."""
-        return BlockPredictor.from_model(model, config, self.device, tile=self.tile, overlap=0.5,
+        """Sliding-window predictor of ``model`` (config as saved with it) at the validation tile, 50 % overlap.
+
+        A model with other axes than the tile (a 3-D champion scored on a 2-D model's validation, or the reverse:
+        the "2d" and "3d" configurations of one volume dataset) uses its own saved tile instead."""
+        tile = self.tile
+        dims = int(config["model"].get("spatial_dims", 2))
+        if (2 if isinstance(tile, int) else len(tile)) != dims:  # a 2-D model validates with an edge
+            saved = config.get("tile", 256)
+            tile = saved if isinstance(saved, int) else tuple(int(t) for t in saved)
+        return BlockPredictor.from_model(model, config, self.device, tile=tile, overlap=0.5,
                                          batch_size=self.batch_size)
 
     def score(self, model: torch.nn.Module, config: dict[str, Any]) -> dict[str, float]:
