@@ -203,16 +203,20 @@ def check_prefect_api(required: bool = False, timeout_s: float = 3.0) -> str | N
 
 
 def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: Callable[[Any], Any], cfg: Any,
-                     check: Callable[[Any], Any]) -> Any:
+                     check: Callable[[Any], Any], flow_module: str | None = None) -> Any:
     """Run a stage through its one front door.
 
     ``--no-prefect``: the library's entry point, which runs the stage's checks once. Prefect: the stage's checks
     run here first, so a user error costs no server start-up, then the flow, whose entry point checks again (a
-    run started from the UI or a schedule is checked too).
+    run started from the UI or a schedule is checked too). ``flow_module`` is imported only then (Prefect's import
+    costs seconds a ``--no-prefect`` run does not pay), before the hold on Prefect's console lines.
     """
     if not use_prefect:
         with _progress_bar():
             return lib_fn(cfg)
+    import importlib
+
+    importlib.import_module(flow_module or "prefect")  # sets up the console handlers that the hold below holds
     check(cfg)
     check_prefect_api()
     with _progress_bar(), _user_errors_told_once():
@@ -301,10 +305,13 @@ def ingest(
                       test_fraction=test_fraction, channel_axis=channel_axis, max_pixels=max_pixels, force=force,
                       pyramid=pyramid, mpp=mpp, threads=threads, n_workers=n_workers,
                       scheduler_address=scheduler_address)
-        from flows.ingest import ingest as ingest_flow
+        def ingest_flow(c: IngestConfig) -> Any:
+            from flows.ingest import ingest  # Prefect is imported only when it runs the stage
+
+            return ingest(c)
 
         report = _flow_or_library(use_prefect, ingest_flow, lambda c: ingest_folder(c).to_dict(), cfg,
-                                  check_ingestable)
+                                  check_ingestable, "flows.ingest")
         for failure in report["failed"]:
             typer.echo(f"skipped: {failure['error']}", err=True)
         for warning in report["warnings"]:
@@ -384,10 +391,13 @@ def train(
         check_trainable(cfg)  # a refusal is the one line, before the plan is shown (the flow checks again)
         typer.echo(f"plan of {dataset} (options override their field; `unet plan` writes it to plan.json):\n"
                    f"{plan.table()}\noverridden by options: {', '.join(plan.overridden) or 'none'}")
-        from flows.train import train as train_flow
+        def train_flow(c: TrainConfig) -> Any:
+            from flows.train import train  # Prefect is imported only when it runs the stage
 
-        result = _flow_or_library(use_prefect, lambda c: train_flow(c, plan.to_dict()),
-                                  lambda c: train_lib(c, plan=plan).to_dict(), cfg, lambda c: None)
+            return train(c, plan.to_dict())
+
+        result = _flow_or_library(use_prefect, train_flow,
+                                  lambda c: train_lib(c, plan=plan).to_dict(), cfg, lambda c: None, "flows.train")
         typer.echo(f"trained in {result['seconds']:.0f} s: best val Dice {result['best_val_dice']:.4f} "
                    f"(epoch {result['best_epoch']}); model {result['model_name']} v{result['model_version']} "
                    f"-> alias '{result['alias']}'; MLflow run {result['run_id']} in {cfg.tracking_uri}\n"
@@ -465,11 +475,14 @@ def predict(
                       skip_background=skip_background, instances=instances, export=export,
                       scheduler_address=scheduler_address, n_workers=workers, threads_per_worker=threads_per_worker,
                       device=device, precision=precision, overwrite=overwrite)
-        from flows.infer import infer as infer_flow
+        def infer_flow(c: InferConfig) -> Any:
+            from flows.infer import infer  # Prefect is imported only when it runs the stage
+
+            return infer(c)
 
         with _engine_log_to_stderr(not use_prefect):  # flows forward it to the run's log themselves
             results = _flow_or_library(use_prefect, infer_flow, lambda c: results_to_dicts(predict_dataset(c)), cfg,
-                                       check_predictable)
+                                       check_predictable, "flows.infer")
         _print_predictions(results)
         return 0
 

@@ -109,7 +109,7 @@ def test_help_shows_each_default_and_choices_with_whole_option_names() -> None:
     assert "--epochs" in text and "[default: (10)]" in text
     assert "Choices: dice_ce, ce, dice, focal." in text
     predict_help = runner.invoke(app, ["predict", "--help"]).output
-    assert "--threads-per-worker" in predict_help and "[default: (256)]" in " ".join(predict_help.split())
+    assert "--threads-per-worker" in predict_help and "[default: (512)]" in " ".join(predict_help.split())
 
 
 def test_a_bad_nested_value_names_the_flag_not_the_field(tmp_path: Path) -> None:

@@ -92,7 +92,12 @@ def normalised(dataset: Path, model_dir: Path) -> np.ndarray:
 
 
 def oracle_probabilities(dataset: Path, model_dir: Path, cfg: InferConfig) -> np.ndarray:
-    """Whole-volume sliding window (K, D, H, W) with the engine's predictor, in this process."""
+    """Whole-volume sliding window (K, D, H, W) with the engine's predictor, in this process, with the options the
+    engine uses (a 3-D model's own tile and dense overlap where ``cfg`` leaves them unset)."""
+    from unetcore.inference import with_model_tile
+    from unetcore.tracking import PinnedModel
+
+    cfg = with_model_tile(cfg, PinnedModel(uri=str(model_dir), directory=model_dir))
     model, config_json = load_model(model_dir)
     bp = BlockPredictor.from_model(model, config_json, torch.device("cpu"), tile=cfg.tile, overlap=cfg.overlap,
                                    batch_size=cfg.batch_size, skip_empty=cfg.skip_empty)
@@ -331,7 +336,7 @@ def test_orthogonal_mid_slices_read_the_three_planes() -> None:
 def test_a_2d_model_predicts_a_volume_slice_by_slice(tmp_path: Path, cluster: Cluster) -> None:
     dataset = nifti_dataset(tmp_path, smooth_volume((5, 30, 35)))
     model = make_model(tmp_path / "model", spatial_dims=2, classes=2)
-    cfg = config(dataset, tmp_path / "out", model, skip_empty=False)
+    cfg = config(dataset, tmp_path / "out", model, skip_empty=False, overlap=0.5, batch_size=4)  # the oracle's
     [result] = predict_dataset(cfg, cluster=cluster)
     net, _ = load_model(model)
     plain = torch_predictor(net, torch.device("cpu"))

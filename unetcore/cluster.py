@@ -43,13 +43,27 @@ class Cluster:
     torch_threads: int = 1
 
     @property
+    def in_process(self) -> bool:
+        """True for :func:`in_process`: no Dask at all, tasks run one after the other in this process."""
+        return self.client is None
+
+    @property
     def slots(self) -> int:
-        """Tasks the cluster runs at once now (the sum of its workers' threads)."""
+        """Tasks the cluster runs at once now (the sum of its workers' threads; 1 in process)."""
+        if self.client is None:
+            return 1
         return max(1, sum(w.get("nthreads", 1) for w in self.client.scheduler_info()["workers"].values()))
 
 
 GPU_TASKS = 2
 """Block tasks a GPU worker runs at once: one block's reads and writes overlap the other's compute on the GPU."""
+
+
+def in_process(threads: int = 0) -> Cluster:
+    """A :class:`Cluster` without Dask: the caller runs its tasks itself, one at a time, each with ``threads``
+    torch threads (0: every core). For jobs of a few blocks a local cluster's start (seconds) costs more than it
+    saves; see :func:`unetcore.inference.engine.runs_in_process`."""
+    return Cluster(None, threads or max(1, os.cpu_count() or 1))
 
 
 def local_cluster_shape(cores: int, gpus: int, n_workers: int = 0, threads: int = 0) -> tuple[int, int]:

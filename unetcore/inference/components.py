@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from unetcore.inference.windows import Block, Shape, plan_blocks
 
@@ -210,6 +208,9 @@ def merge_faces(plan: Sequence[Block], load: Callable[[int], BlockComponents]) -
     pairs = np.unique(np.concatenate(edges).astype(np.int64), axis=0)
     nodes, inv = np.unique(pairs, return_inverse=True)
     inv = inv.reshape(pairs.shape)
+    from scipy.sparse import coo_matrix  # here: a prediction without components never imports scipy.sparse
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(pairs), np.int8), (inv[:, 0], inv[:, 1])), shape=(len(nodes), len(nodes)))
     n_sets, set_of = connected_components(graph, directed=False)
     set_rep = np.full(n_sets, np.iinfo(np.int64).max, np.int64)

@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 
 from unetcore import progress as progress_bus
-from unetcore.cluster import Cluster, dask_cluster, probe_scheduler
+from unetcore.cluster import Cluster, dask_cluster, in_process, probe_scheduler
 from unetcore.config import InferConfig
 from unetcore.devices import check_device
 from unetcore.fs import check_writable
@@ -75,7 +75,7 @@ from unetcore.locks import exclusive, lock_path
 from unetcore.store import omezarr
 
 if TYPE_CHECKING:
-    from unetcore.tracking.mlflow import PinnedModel
+    from unetcore.tracking.pinned import PinnedModel
 
 log = logging.getLogger("unetcore.inference")
 OnError = Callable[[dict[str, Any], Exception], None]
@@ -143,10 +143,19 @@ class PredictionCheck:
 
 
 def _pinned(cfg: InferConfig) -> PinnedModel:
-    """The run's model, resolved once (an alias pinned to its version), downloaded into the output's cache."""
+    """The run's model, resolved once (an alias pinned to its version), downloaded into the output's cache.
+
+    A version already in that cache, of a local sqlite registry, is found without importing MLflow (seconds).
+    """
+    from unetcore.tracking import pin_cached
+
+    cache = Path(cfg.output) / MODEL_CACHE
+    cached = pin_cached(cfg.model, cfg.tracking_uri, cache)
+    if cached is not None:
+        return cached
     from unetcore.tracking.mlflow import pin_model
 
-    return pin_model(cfg.model, cfg.tracking_uri, Path(cfg.output) / MODEL_CACHE)
+    return pin_model(cfg.model, cfg.tracking_uri, cache)
 
 
 @contextlib.contextmanager
@@ -207,12 +216,19 @@ def check_predictable(cfg: InferConfig) -> PredictionCheck:
 
 def _run_tasks(cluster: Cluster, fn: Callable[..., Any], job: ImageJob, blocks: list[Block], stage: str, done: int,
                total: int, *extra: Any) -> None:
-    """Run ``fn(job, block, *extra)`` for every block on the cluster, reporting progress as tasks finish."""
-    from distributed import as_completed
-
+    """Run ``fn(job, block, *extra)`` for every block on the cluster (in this process, one after the other, for
+    :func:`~unetcore.cluster.in_process`), reporting progress as tasks finish."""
     progress_bus.report(stage, done, total)
     if not blocks:
         return
+    if cluster.in_process:
+        for block in blocks:
+            fn(job, block, *extra)
+            done += 1
+            progress_bus.report(stage, done, total)
+        return
+    from distributed import as_completed
+
     futures = cluster.client.map(fn, [job] * len(blocks), blocks, *[[e] * len(blocks) for e in extra], pure=False,
                                  retries=2)
     for future in as_completed(futures):
@@ -337,14 +353,36 @@ def _keep_mask(plan: ImagePlan, grid: TileGrid, block_shape: tuple[int, ...]) ->
     return str(path), saved
 
 
+IN_PROCESS_MAX_PIXELS = 4096 * 4096
+"""A job of at most this many pixels (voxels), summed over its images, runs in this process when no scheduler
+and no worker count is given: a local cluster's start (processes, imports, model loads: 4-5 s on 2 cores) costs
+more than its parallel workers save on it (BENCHMARKS.md, inference start-up)."""
+
+
+def runs_in_process(cfg: InferConfig, plans: list[ImagePlan]) -> bool:
+    """Whether ``predict_entries`` runs the job's blocks in this process instead of on a local Dask cluster.
+
+    Only a small job (:data:`IN_PROCESS_MAX_PIXELS`) with neither ``scheduler_address`` nor ``n_workers`` set; the
+    output is the same either way (blocks are computed alike wherever they run).
+    """
+    small = sum(math.prod(p.shape) for p in plans) <= IN_PROCESS_MAX_PIXELS
+    return small and not cfg.scheduler_address and cfg.n_workers == 0
+
+
 def _run_plans(plans: list[ImagePlan], cfg: InferConfig, model: PinnedModel, cluster: Cluster | None,
                on_error: OnError | None, on_result: OnResult | None) -> list[ImageResult]:
-    """Predict the planned images one after the other, on ``cluster`` or on one started for them."""
+    """Predict the planned images one after the other, on ``cluster``, in this process for a small job, or on a
+    cluster started for them."""
     if not plans:
         return []
     results: list[ImageResult] = []
-    own = dask_cluster(cfg.scheduler_address, cfg.n_workers, cfg.threads_per_worker, cfg.device)
-    with contextlib.nullcontext(cluster) if cluster is not None else own as active:
+    if cluster is None and runs_in_process(cfg, plans):
+        cluster = in_process(cfg.threads_per_worker)
+        log.info("small job (%d image(s), %.1f MP): blocks run in this process with %d torch threads, no Dask "
+                 "cluster (--workers N starts one)", len(plans), sum(math.prod(p.shape) for p in plans) / 1e6,
+                 cluster.torch_threads)
+    with (contextlib.nullcontext(cluster) if cluster is not None else
+          dask_cluster(cfg.scheduler_address, cfg.n_workers, cfg.threads_per_worker, cfg.device)) as active:
         for plan in plans:
             try:
                 result = predict_image(plan, cfg, active, model)
@@ -390,17 +428,24 @@ def predict_entries(cfg: InferConfig, entries: list[dict[str, Any]], model: Pinn
         return _run_plans(plans, cfg, model, cluster, on_error, on_result)
 
 
+DENSE_3D = {"overlap": 0.5, "batch_size": 4}
+"""What a model trained on volumes uses for the options not given: the dense overlap and batch measured for
+volumes (the defaults, tile 512 with 64 px overlap and one tile a pass, were measured on images only)."""
+
+
 def with_model_tile(cfg: InferConfig, model: PinnedModel) -> InferConfig:
-    """``cfg`` with the own tile of a model trained on volumes (``tile`` in its ``config.json``: the tile it was
-    validated with; a 3-D model's patch, an edge or one per axis, or a 2-D model's slice tile) when ``cfg`` was
-    made without a tile; else ``cfg`` as it is (a 2-D model trained on images keeps the default, 256)."""
-    if "tile" in cfg.model_fields_set:
-        return cfg
+    """``cfg`` for a model trained on volumes (``task.spatial_dims`` 3 in its ``config.json``: a 3-D model, or a
+    2-D one trained on their slices): its own tile (``tile`` there: the tile it was validated with; a 3-D model's
+    patch, an edge or one per axis, or a 2-D model's slice tile) and :data:`DENSE_3D`, for the options ``cfg`` was
+    made without; else ``cfg`` as it is (a model trained on images keeps the defaults, tile 512, overlap 0.125)."""
     config = json.loads((Path(model.directory) / "config.json").read_text())
     model_dims = int(config.get("model", {}).get("spatial_dims", 2))
-    data_dims = int(config.get("task", {}).get("spatial_dims", model_dims))
-    tile = config.get("tile") if data_dims == 3 else None
-    return cfg if tile is None else cfg.model_copy(update={"tile": tile})
+    if int(config.get("task", {}).get("spatial_dims", model_dims)) != 3:
+        return cfg
+    update = {k: v for k, v in DENSE_3D.items() if k not in cfg.model_fields_set}
+    if "tile" not in cfg.model_fields_set and config.get("tile") is not None:
+        update["tile"] = config["tile"]
+    return cfg.model_copy(update=update) if update else cfg
 
 
 def predict_dataset(cfg: InferConfig, cluster: Cluster | None = None) -> list[ImageResult]:

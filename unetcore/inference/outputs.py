@@ -224,7 +224,7 @@ def _volume_preview(src: zarr.Group, pred_group: zarr.Group, spacing: Any, shape
     """Three overlay panels (mid-slices across z, y, x) side by side, each at the volume's physical aspect."""
     from skimage.transform import resize
 
-    from unetcore.tracking.mlflow import preview_strip
+    from unetcore.tracking.strips import preview_strip
 
     extent = [n * float(s) for n, s in zip(shape, spacing)]  # physical size per axis (z, y, x)
     # at most level 0's finest resolution, and the largest side within max_edge
@@ -252,7 +252,7 @@ def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 102
     from PIL import Image
     from skimage.transform import resize
 
-    from unetcore.tracking.mlflow import preview_strip
+    from unetcore.tracking.strips import preview_strip
 
     src = omezarr.open_root(src_path)
     pred_root = zarr.open_group(store=str(out_path), mode="r")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -85,6 +86,8 @@ class ImageJob:
 
 def _worker_identity() -> tuple[int, str]:
     """(index, host) of the Dask worker running this code; (0, "") outside a worker."""
+    if "distributed" not in sys.modules:
+        return 0, ""  # not imported: not a worker (and an in-process run does not pay its import)
     try:
         from distributed import get_worker
 

@@ -7,10 +7,8 @@ no code is ever unpickled from an artifact.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +16,6 @@ import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -31,6 +28,8 @@ from mlflow.exceptions import MlflowException
 from unetcore.errors import ConfigError, InputError, ServiceError
 from unetcore.fs import os_error_reason
 from unetcore.planning.task import TaskSignature
+from unetcore.tracking.pinned import PinnedModel, cache_name, is_complete, is_local, sqlite_path
+from unetcore.tracking.strips import preview_strip
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -61,11 +60,6 @@ def check_tracking_uri(uri: str, timeout_s: float = 3.0) -> None:
             db.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise InputError(db.parent, f"cannot create the MLflow database folder ({exc.strerror})") from None
-
-
-def sqlite_path(uri: str) -> Path:
-    """The file of a ``sqlite:///relative`` or ``sqlite:////absolute`` URI."""
-    return Path(re.sub(r"^sqlite:///", "", uri))
 
 
 def configure(uri: str, experiment: str) -> str:
@@ -108,42 +102,6 @@ def log_preview(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray, s
     ``images/`` in the run's artifacts).
     """
     mlflow.log_image(preview_strip(image, truth, pred), key=key, step=step)
-
-
-def preview_strip(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
-    """Side-by-side uint8 RGB strip: the image, the truth overlay (green), the prediction overlay (magenta).
-
-    Args:
-        image: (C, H, W) or (H, W). Three channels are shown as RGB, one as grey, any other count by its first
-            channel in grey; each channel is stretched between its 1st and 99th percentiles.
-        truth: (H, W) labels, or None (no truth panel).
-        pred: (H, W) labels.
-
-    Returns:
-        (H, k·W, 3) uint8, k = 3 with truth, 2 without.
-    """
-    channels = image[None] if image.ndim == 2 else (image if image.shape[0] == 3 else image[:1])
-    base = np.stack([_stretch(c) for c in channels], -1)
-    if base.shape[-1] == 1:
-        base = np.repeat(base, 3, -1)
-
-    def overlay(labels: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-        out = base.copy()
-        sel = labels > 0
-        out[sel] = (0.5 * out[sel] + 0.5 * np.array(colour)).astype(np.uint8)
-        return out
-
-    panels = [base]
-    if truth is not None:
-        panels.append(overlay(truth, (0, 255, 0)))
-    panels.append(overlay(pred, (255, 0, 255)))
-    return np.concatenate(panels, axis=1)
-
-
-def _stretch(channel: np.ndarray) -> np.ndarray:
-    """(H, W) values to uint8, linearly between their 1st and 99th percentiles."""
-    lo, hi = np.percentile(channel, [1, 99])
-    return (np.clip((channel - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
 def run_page_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
@@ -306,30 +264,6 @@ REGISTRY_PREFIXES = ("models:/", "runs:/")
 _UNRESOLVED_HINT = "train a model first or check the name/alias"
 
 
-@dataclass(frozen=True)
-class PinnedModel:
-    """A model URI resolved once for a whole run: the version it means now, and the local folder of that version.
-
-    Attributes:
-        uri: ``models:/<name>/<version>`` for a registry URI (an alias is pinned to its version), else as given.
-        directory: the local folder holding ``config.json`` and ``weights.pt``.
-        name, alias, version, run_id: the registered model's facts (None where the URI has none).
-        source: where the weights were downloaded from (None for a local folder).
-    """
-
-    uri: str
-    directory: Path
-    name: str | None = None
-    alias: str | None = None
-    version: int | None = None
-    run_id: str | None = None
-    source: str | None = None
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri and ":/" not in uri
-
-
 def _local_model(uri: str) -> Path:
     local = Path(uri)
     if not (local / "config.json").exists():
@@ -384,7 +318,7 @@ def download_model(uri: str, tracking_uri: str | None = None, dst: Path | None =
     Raises:
         InputError: the URI does not resolve (no such model, alias, version or folder).
     """
-    if _is_local(uri):
+    if is_local(uri):
         return _local_model(uri)
     if tracking_uri:
         check_tracking_uri(tracking_uri)
@@ -393,13 +327,9 @@ def download_model(uri: str, tracking_uri: str | None = None, dst: Path | None =
     return _fetch(uri, source, dst, tracking_uri)
 
 
-def _complete(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "weights.pt").is_file()
-
-
 def _cached_download(uri: str, source: str, dst: Path, tracking_uri: str) -> Path:
     """``dst`` holding the model at ``source``: downloaded once, beside it, then renamed into place whole."""
-    if _complete(dst):
+    if is_complete(dst):
         return dst
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -413,17 +343,11 @@ def _cached_download(uri: str, source: str, dst: Path, tracking_uri: str) -> Pat
         try:
             os.replace(got, dst)
         except OSError:
-            if not _complete(dst):  # else another run renamed the same version into place first
+            if not is_complete(dst):  # else another run renamed the same version into place first
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dst
-
-
-def _cache_name(name: str | None, version: int | None, source: str) -> str:
-    """A cache folder per source (a re-registered version with another source never reuses the old weights)."""
-    key = hashlib.blake2b(source.encode(), digest_size=8).hexdigest()
-    return f"{name}-v{version}-{key}" if name else key
 
 
 def pin_model(uri: str, tracking_uri: str, cache: Path) -> PinnedModel:
@@ -441,7 +365,7 @@ def pin_model(uri: str, tracking_uri: str, cache: Path) -> PinnedModel:
         InputError: the URI does not resolve (no MLflow database, no such model, alias, version or folder) or
             the cache cannot be written; ServiceError: the tracking server does not answer.
     """
-    if _is_local(uri):
+    if is_local(uri):
         return PinnedModel(uri=uri, directory=_local_model(uri))
     registry = uri.startswith(REGISTRY_PREFIXES)
     if registry and tracking_uri.startswith("sqlite:") and not sqlite_path(tracking_uri).exists():
@@ -456,7 +380,7 @@ def pin_model(uri: str, tracking_uri: str, cache: Path) -> PinnedModel:
         pinned = f"models:/{name}/{version}"
     elif uri.startswith("runs:/"):
         run_id = uri[len("runs:/"):].split("/", 1)[0] or None
-    directory = _cached_download(uri, source, Path(cache) / _cache_name(name, version, source), tracking_uri)
+    directory = _cached_download(uri, source, Path(cache) / cache_name(name, version, source), tracking_uri)
     return PinnedModel(uri=pinned, directory=directory, name=name, alias=alias, version=version, run_id=run_id,
                        source=source)
 
