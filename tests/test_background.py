@@ -117,7 +117,8 @@ def test_masked_block_equals_full_block_where_only_kept_tiles_cover_and_is_exact
         full = predict_block(read, (150, 190), classes, predictor, grid, block, 4)
         masked = masked_block_logits(read, (150, 190), classes, predictor, grid, block, 4, keep, classes)
         inside = covered_only_by_kept[block.slices]
-        np.testing.assert_array_equal(masked[:, inside], full[:, inside])
+        # the full block sums its Gaussian weights per axis, the masked one tile by tile: equal to float rounding
+        np.testing.assert_allclose(masked[:, inside], full[:, inside], rtol=1e-6, atol=1e-6)
         outside = ~covered_by_kept[block.slices]
         np.testing.assert_array_equal(masked[:, outside], exact_background_logits(classes, (int(outside.sum()),)))
         probs, labels = logits_to_outputs(masked, classes)

@@ -79,14 +79,14 @@ def cluster() -> Cluster:
 def test_the_store_names_model_code_input_hash_and_options(tmp_path: Path, cluster: Cluster) -> None:
     dataset = image_dataset(tmp_path)
     model = make_model(tmp_path / "model")
-    predict_dataset(config(dataset, tmp_path / "out", model, export="none", tta=True), cluster=cluster)
+    predict_dataset(config(dataset, tmp_path / "out", model, export="none", tta=True, overlap=0.25), cluster=cluster)
     record = stored(tmp_path / "out", "img")
     [entry] = mf.entries(mf.require(dataset))
     assert record["input"] == {"id": "img", "source_hash": entry["source_hash"]}
     assert record["model"]["uri"] == str(model) and len(record["model"]["weights_hash"]) == 32
     assert record["model"]["run_id"] is None  # a local folder has no MLflow run
     options = record["options"]
-    assert (options["tile"], options["overlap"], options["tta"], options["threshold"]) == (64, 0.5, True, 0.5)
+    assert (options["tile"], options["overlap"], options["tta"], options["threshold"]) == (64, 0.25, True, 0.5)
     assert (options["device"], options["device_used"], options["compute_dtype"]) == ("auto", "cpu", "float32")
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
     assert record["code"]["git_commit"] == head.strip()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -201,5 +202,8 @@ def test_a_slide_prediction_and_its_export_carry_the_mpp_and_the_level0_transfor
     exported = open_image(result.export)  # our reader: the pixel size comes back from the resolution tags
     assert exported.spatial_shape == (128, 96)
     np.testing.assert_allclose(exported.geometry.spacing, (1.008, 1.008), rtol=1e-6)
-    with tifffile.TiffFile(result.export) as tif:  # and tifffile sees the transform to level 0
-        assert tif.shaped_metadata[0]["unet"]["level0"] == level0
+    with tifffile.TiffFile(result.export) as tif:  # and the OME Image's Description holds the transform to level 0
+        description = next(e for e in ET.fromstring(tif.ome_metadata).iter() if e.tag.endswith("Description"))
+        meta = json.loads(description.text)
+        assert meta["unet"]["level0"] == level0
+        assert meta["unet"]["provenance"]["input"]["source_hash"]

@@ -31,6 +31,7 @@ import numpy as np
 
 from unetcore.atomic import replacing
 from unetcore.errors import reading
+from unetcore.io.writers import label_tiles
 
 __all__ = ["GEO_TAGS", "nodata_pixels", "read_georef", "same_placement", "write_geotiff"]
 
@@ -183,18 +184,6 @@ def _extratags(georef: dict[str, Any]) -> list[tuple[int, int, int, Any, bool]]:
     return out
 
 
-def _tiles(level: Any, tile: int) -> Iterator[np.ndarray]:
-    """Tiles of a 2-D array-like in row-major order, padded with 0 to ``tile`` x ``tile``; one band read at a time."""
-    h, w = level.shape
-    for y in range(0, h, tile):
-        band = np.asarray(level[y:y + tile, :])
-        for x in range(0, w, tile):
-            out = np.zeros((tile, tile), np.uint8)
-            part = band[:, x:x + tile]
-            out[: part.shape[0], : part.shape[1]] = part
-            yield out
-
-
 def _coarser(level: Any) -> np.ndarray:
     """The next overview of a (small) label level: every second pixel (labels are never averaged)."""
     return np.asarray(level[:])[::2, ::2]
@@ -224,7 +213,7 @@ def write_geotiff(levels: Sequence[Any], path: str | Path, georef: dict[str, Any
     bigtiff = h * w * 4 // 3 > 2**31  # uncompressed size with overviews: classic TIFF reads everywhere
     with replacing(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as writer:
         for index, level in enumerate(pages):
-            writer.write(_tiles(level, tile), shape=tuple(level.shape), dtype=np.uint8, tile=(tile, tile),
+            writer.write(label_tiles(level, tile), shape=tuple(level.shape), dtype=np.uint8, tile=(tile, tile),
                          compression=compression, photometric="minisblack", subfiletype=1 if index else 0,
                          extratags=_extratags(georef) if index == 0 else (), metadata=None)
     return path

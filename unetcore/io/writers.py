@@ -14,6 +14,7 @@ Typical use, from a store written by ingestion::
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from unetcore.atomic import replacing
 
-__all__ = ["OME_UNITS", "write_nifti", "write_tiff_image", "write_tiff_stack"]
+__all__ = ["OME_UNITS", "label_tiles", "write_nifti", "write_tiff_image", "write_tiff_stack"]
 
 SLAB_BYTES = 64 << 20  # bytes of one z-slab read from the input
 _NIFTI1_MAX_DIM = 32767  # NIfTI-1 stores dims as int16; bigger volumes are written as NIfTI-2
@@ -204,6 +205,19 @@ def write_tiff_stack(
     return path
 
 
+def label_tiles(level: Any, tile: int) -> Iterator[np.ndarray]:
+    """Tiles of a 2-D uint8 array-like in row-major order, padded with 0 to ``tile`` x ``tile``; one band read at a
+    time (what tifffile's tiled writer takes)."""
+    h, w = level.shape
+    for y in range(0, h, tile):
+        band = np.asarray(level[y:y + tile, :])
+        for x in range(0, w, tile):
+            out = np.zeros((tile, tile), np.uint8)
+            part = band[:, x:x + tile]
+            out[: part.shape[0], : part.shape[1]] = part
+            yield out
+
+
 def write_tiff_image(
     labels_yx: Any,
     path: str | Path,
@@ -220,23 +234,14 @@ def write_tiff_image(
     With ``spacing_yx`` in ``unit`` (one of :data:`OME_UNITS`), the pixel size is written twice, so that every
     reader finds it: as OME-XML ``PhysicalSizeX/Y`` with their unit (exactly the stored floats: QuPath, Fiji's
     Bio-Formats importer, tifffile) and as ``XResolution``/``YResolution`` in pixels per centimetre (a rational,
-    so rounded: ImageJ, GIS and any TIFF reader). Without them the file holds pixels only, as before, and
-    ``metadata`` (tifffile's JSON ImageDescription, e.g. provenance) goes in the description; ``software`` always
-    goes in the Software tag.
+    so rounded: ImageJ, GIS and any TIFF reader), and ``metadata`` (e.g. provenance) as JSON in the OME Image's
+    ``Description``. Without them the file holds pixels only, as before, and ``metadata`` is tifffile's JSON
+    ImageDescription; ``software`` always goes in the Software tag.
     """
     import tifffile
 
     path = Path(path)
     h, w = (int(n) for n in labels_yx.shape)
-
-    def tiles() -> Iterator[np.ndarray]:
-        for y in range(0, h, tile):
-            band = np.asarray(labels_yx[y:y + tile, :])
-            for x in range(0, w, tile):
-                out = np.zeros((tile, tile), np.uint8)
-                part = band[:, x:x + tile]
-                out[: part.shape[0], : part.shape[1]] = part
-                yield out
 
     extra: dict[str, Any] = {"metadata": metadata, "software": software}
     if spacing_yx is not None and unit in OME_UNITS:
@@ -245,7 +250,9 @@ def write_tiff_image(
         extra = {"software": software, "ome": True, "resolution": (_PER_CM[unit] / sx, _PER_CM[unit] / sy), "resolutionunit": "CENTIMETER",
                  "metadata": {"axes": "YX", "PhysicalSizeX": sx, "PhysicalSizeXUnit": symbol, "PhysicalSizeY": sy,
                               "PhysicalSizeYUnit": symbol}}
+        if metadata:  # the OME-XML is the description: ``metadata`` goes in as the OME Image's Description (JSON)
+            extra["metadata"]["Description"] = json.dumps(metadata, sort_keys=True)
     with replacing(path) as tmp:
-        tifffile.imwrite(tmp, tiles(), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
+        tifffile.imwrite(tmp, label_tiles(labels_yx, tile), shape=(h, w), dtype=np.uint8, tile=(tile, tile), bigtiff=True,
                          compression=compression, **extra)
     return path
