@@ -109,8 +109,8 @@ def tune_local_threshold(tiles: list[tuple[np.ndarray, np.ndarray]]) -> dict[str
     return best
 
 
-def unet_fold(root: Path, k: int, image: np.ndarray, mask: np.ndarray, options: dict[str, Any]) -> dict[str, Any]:
-    """Train on the tiles outside quadrant ``k``; return the test counts and the training summary."""
+def ingest_fold(root: Path, k: int, image: np.ndarray, mask: np.ndarray) -> tuple[Path, Path]:
+    """Ingest fold ``k``: the tiles outside quadrant ``k`` as ``root/ds``, the quadrant as ``root/test_ds``."""
     for i, (ys, xs) in enumerate(training_tiles(k)):
         _write(root / "train", f"tile_{i:02d}", image[ys, xs], mask[ys, xs])
     ys, xs = quadrant(k)
@@ -119,6 +119,13 @@ def unet_fold(root: Path, k: int, image: np.ndarray, mask: np.ndarray, options: 
                                output=str(root / "ds"), chunk_size=128))
     ingest_folder(IngestConfig(images=str(root / "test/images"), masks=str(root / "test/masks"),
                                output=str(root / "test_ds"), chunk_size=256, val_fraction=0.0))
+    return root / "ds", root / "test_ds"
+
+
+def unet_fold(root: Path, k: int, image: np.ndarray, mask: np.ndarray, options: dict[str, Any]) -> dict[str, Any]:
+    """Train on the tiles outside quadrant ``k``; return the test counts and the training summary."""
+    ingest_fold(root, k, image, mask)
+    ys, xs = quadrant(k)
     model = ModelConfig(**options.pop("model", {}))
     cfg = TrainConfig(dataset=str(root / "ds"), model=model, output=str(root / "run"),
                       tracking_uri=f"sqlite:///{root / 'mlflow.db'}", **options)

@@ -54,12 +54,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
-from bench_real_data import _write, counts, dice, load_stardist_sample, quadrant, training_tiles  # noqa: E402
+from bench_real_data import counts, dice, ingest_fold, load_stardist_sample, quadrant  # noqa: E402
 
 from unetcore import training  # noqa: E402
-from unetcore.config import IngestConfig, ModelConfig, TrainConfig  # noqa: E402
+from unetcore.config import ModelConfig, TrainConfig  # noqa: E402
 from unetcore.inference import BlockPredictor  # noqa: E402
-from unetcore.ingest import ingest_folder  # noqa: E402
 from unetcore.model import load_model  # noqa: E402
 from unetcore.planning import planned_config  # noqa: E402
 from unetcore.store import manifest as mf  # noqa: E402
@@ -89,18 +88,6 @@ def otsu_watershed(image: np.ndarray) -> np.ndarray:
     markers = np.zeros(fg.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     return watershed(-distance, markers, mask=fg, watershed_line=True) > 0
-
-
-def ingest_fold(root: Path, k: int, image: np.ndarray, mask: np.ndarray) -> tuple[Path, Path]:
-    for i, (ys, xs) in enumerate(training_tiles(k)):
-        _write(root / "train", f"tile_{i:02d}", image[ys, xs], mask[ys, xs])
-    ys, xs = quadrant(k)
-    _write(root / "test", f"quadrant_{k}", image[ys, xs], mask[ys, xs])
-    ingest_folder(IngestConfig(images=str(root / "train/images"), masks=str(root / "train/masks"),
-                               output=str(root / "ds"), chunk_size=128))
-    ingest_folder(IngestConfig(images=str(root / "test/images"), masks=str(root / "test/masks"),
-                               output=str(root / "test_ds"), chunk_size=256, val_fraction=0.0))
-    return root / "ds", root / "test_ds"
 
 
 def predict(model_dir: Path, test_ds: Path, tile: int, tta: bool = False) -> np.ndarray:
