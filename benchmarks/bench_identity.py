@@ -7,13 +7,15 @@ with compression, completion records, pyramid. Its throughput is the ceiling tha
 
 1. ``engine``: ``predict_dataset`` end to end on a synthetic ``--size``² uint8 image (ingested like ``unet ingest``
    writes it, chunk 1024), a local cluster of the default shape (2 single-thread workers on 2 cores), float16
-   probabilities saved, ``--export none``; for each block kernel (``numpy``, ``torch``: the device kernel on CPU
+   probabilities saved, ``--export none``, the tile grid of ``unet predict``'s defaults (``--tile`` and
+   ``--overlap`` to change it: 256 and 0.5 is the dense setting); for each block kernel (``numpy``, ``torch``: the device kernel on CPU
    tensors). MP/s whole (cluster start excluded; pyramid included) and per worker-second from the records.
 2. ``stages``: one block of the engine's block shape, in this process with 1 torch thread, each stage timed
    alone (best of ``--repeats``) for both kernels, reading the same source store and writing the output store's
    own arrays (same chunks and codecs).
 
-Usage: ``flock /tmp/bench.lock .venv/bin/python benchmarks/bench_identity.py [--size 8192] [--repeats 3]``
+Usage: ``flock /tmp/bench.lock .venv/bin/python benchmarks/bench_identity.py [--size 8192] [--repeats 3]
+[--tile 512 --overlap 0.125]``
 Writes ``benchmarks/results/bench_identity.json``.
 """
 
@@ -82,9 +84,9 @@ def install(kernel: str) -> None:
     set_worker_predictor_factory(identity_predictor(kernel))
 
 
-def engine(tmp: Path, dataset: Path, model_dir: Path, kernel: str, size: int) -> dict[str, Any]:
+def engine(tmp: Path, dataset: Path, model_dir: Path, kernel: str, size: int, grid: dict[str, Any]) -> dict[str, Any]:
     out = tmp / f"out-{kernel}"
-    cfg = InferConfig(dataset=str(dataset), output=str(out), model=str(model_dir), export="none")
+    cfg = InferConfig(dataset=str(dataset), output=str(out), model=str(model_dir), export="none", **grid)
     with dask_cluster(None) as cluster:
         cluster.client.run(install, kernel)
         start = time.perf_counter()
@@ -108,14 +110,15 @@ def best(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return min(times), out
 
 
-def stages(dataset: Path, output: str, block_shape: list[int], repeats: int) -> dict[str, dict[str, float]]:
-    """Each stage of one block alone, numpy and torch kernels; milliseconds."""
+def stages(dataset: Path, output: str, block_shape: list[int], repeats: int,
+           options: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Each stage of one block alone, numpy and torch kernels, on the engine's tile grid; milliseconds."""
     torch.set_num_threads(1)
     entry = mf.entries(mf.require(dataset))[0]
     image = omezarr.image_array(omezarr.open_root(mf.store_path(dataset, entry["id"])))
     stats, recipe = entry["stats"], NormalizationConfig()
     shape = tuple(image.shape[1:])
-    grid = TileGrid.build(shape, (256, 256), 0.5)
+    grid = TileGrid.build(shape, (options["tile"],) * 2, options["overlap"])
     blocks = plan_blocks(shape, tuple(block_shape))
     block = blocks[len(blocks) // 2 + 1] if len(blocks) > 2 else blocks[0]  # an interior block: halo on all sides
     out = zarr.open_group(store=output, mode="r+")
@@ -173,8 +176,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS))
+    parser.add_argument("--tile", type=int, default=InferConfig.model_fields["tile"].default,
+                        help="tile edge (default: unet predict's; 256 with --overlap 0.5 is the dense setting)")
+    parser.add_argument("--overlap", type=float, default=InferConfig.model_fields["overlap"].default)
     args = parser.parse_args()
-    result: dict[str, Any] = {"size": args.size, "engine": []}
+    options = {"tile": args.tile, "overlap": args.overlap}
+    result: dict[str, Any] = {"size": args.size, **options, "engine": []}
     with tempfile.TemporaryDirectory(prefix="bench-identity-") as tmp_name:
         tmp = Path(tmp_name)
         dataset = tmp / "ds"
@@ -183,11 +190,11 @@ def main() -> None:
         save_model(model_dir, build_model(ModelConfig(depth=1, base_channels=4)),
                    {"normalization": NormalizationConfig().model_dump()})
         for kernel in args.kernels:
-            row = engine(tmp, dataset, model_dir, kernel, args.size)
+            row = engine(tmp, dataset, model_dir, kernel, args.size, options)
             result["engine"].append(row)
             print(json.dumps(row), flush=True)
         result["stages_ms"] = stages(dataset, result["engine"][0]["output"], result["engine"][0]["block_shape"],
-                                     args.repeats)
+                                     args.repeats, options)
     print(json.dumps(result["stages_ms"], indent=1))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "bench_identity.json").write_text(json.dumps(result, indent=2) + "\n")

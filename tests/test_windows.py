@@ -16,6 +16,7 @@ from unetcore.inference.windows import (
     padded_shape,
     plan_blocks,
     region_for_tiles,
+    tile_alignment,
     tile_starts,
     tiles_for_block,
 )
@@ -29,13 +30,29 @@ from unetcore.inference.windows import (
         (100, 256, 0.5, [0]),  # smaller than the tile: one padded tile
         (256, 256, 0.5, [0]),
         (257, 256, 0.5, [0, 1]),
-        (1000, 256, 0.0, [0, 248, 496, 744]),  # ceil(744/256)+1 = 4 tiles, step 248
-        (1000, 256, 0.25, [0, 186, 372, 558, 744]),  # ceil(744/192)+1 = 5 tiles, step 186
+        (1000, 256, 0.0, [0, 256, 512, 744]),  # 4 tiles, inner starts on multiples of 32 (the tile's alignment)
+        # 5 evenly spread tiles (step 186) snap to steps of up to 200 > 192: one more tile, all steps <= 192
+        (1000, 256, 0.25, [0, 160, 288, 448, 608, 744]),
+        (8192, 512, 0.125, [0, 416, 864, 1280, 1696, 2144, 2560, 2976, 3424, 3840, 4256, 4704, 5120, 5536, 5984,
+                            6400, 6816, 7264, 7680]),  # the default grid at 8192²: step 426.7 snapped to 32
         (10, 4, 0.9, [0, 1, 2, 3, 4, 5, 6]),  # step 0.4 is raised to 1 px
     ],
 )
 def test_tile_starts_table(size: int, tile: int, overlap: float, expected: list[int]) -> None:
     assert tile_starts(size, tile, overlap) == expected
+
+
+@pytest.mark.parametrize(("size", "tile", "overlap"), [(8192, 512, 0.125), (3000, 512, 0.125), (5000, 256, 0.5),
+                                                       (777, 96, 0.25), (130, 48, 0.5)])
+def test_tile_starts_inner_starts_on_the_tile_alignment(size: int, tile: int, overlap: float) -> None:
+    starts = tile_starts(size, tile, overlap)
+    align = tile_alignment(tile)
+    assert all(s % align == 0 for s in starts[:-1]) and starts[-1] == size - tile
+    assert max(np.diff(starts)) <= tile * (1 - overlap)  # never a longer step than asked: overlap kept
+
+
+def test_tile_alignment_is_the_tile_power_of_two_up_to_32() -> None:
+    assert [tile_alignment(t) for t in (512, 256, 96, 48, 40, 7)] == [32, 32, 32, 16, 8, 1]
 
 
 @pytest.mark.parametrize("overlap", [-0.1, 1.0, 1.5])

@@ -255,7 +255,7 @@ def create_output(plan: ImagePlan, cfg: InferConfig, block_shape: tuple[int, ...
     # Probabilities are the store's image (K, [D,] H, W); left unwritten (empty chunks, one level) when not asked for.
     levels = None if cfg.save_probabilities else 1
     root = omezarr.create_image(plan.out_path, (plan.classes, *plan.shape), cfg.probability_dtype, plan.chunk,
-                                name=f"{info['id']}-probabilities", n_levels=levels, **place)
+                                name=f"{info['id']}-probabilities", n_levels=levels, codec="lz4", **place)
     omezarr.create_labels(root, LABELS_NAME, plan.shape, np.uint8, plan.chunk, **place)
     if cfg.instances:
         omezarr.create_labels(root, INSTANCES_NAME, plan.shape, np.uint32, plan.chunk, **place)

@@ -39,13 +39,28 @@ def _check_same_ndim(**shapes: Sequence[int]) -> None:
         raise ValueError(f"{listed}: every shape needs the same number of spatial axes")
 
 
+ALIGN_MAX = 32
+
+
+def tile_alignment(tile: int) -> int:
+    """The step inner tile starts snap to: the largest power of two dividing ``tile``, at most :data:`ALIGN_MAX`.
+
+    A UNet is equivariant only to shifts by its total pooling (16 at depth 4, 32 at depth 5), and its tile is a
+    multiple of that pooling; tiles that start on this step see the image at the same phase, so their blended
+    labels agree with the dense grid's (BENCHMARKS.md, Inference (i)).
+    """
+    return max(1, min(tile & -tile, ALIGN_MAX))
+
+
 def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of the tiles along one axis (nnU-Net's ``compute_steps_for_sliding_window``).
+    """Start offsets of the tiles along one axis (nnU-Net's ``compute_steps_for_sliding_window``, phase-aligned).
 
     The target step is ``tile * (1 - overlap)`` (at least 1 px); ``n = ceil((size - tile) / step) + 1``
-    starts are spread evenly between 0 and ``size - tile`` and rounded, so the first tile starts at 0
-    and the last is flush with the border. The actual step never exceeds the target, so tiles cover
-    every pixel. An axis no longer than the tile gets one tile at 0 (the image is padded to the tile).
+    starts are spread evenly between 0 and ``size - tile``, so the first tile starts at 0 and the last is flush
+    with the border. The inner starts are then rounded to multiples of :func:`tile_alignment`; where that would
+    make a step longer than the target, one more tile is spread (twice at most), else the evenly rounded starts
+    are kept. The actual step never exceeds the target, so tiles cover every pixel. An axis no longer than the
+    tile gets one tile at 0 (the image is padded to the tile).
     """
     if tile < 1 or size < 1:
         raise ValueError(f"size and tile must be >= 1, got size={size}, tile={tile}")
@@ -55,6 +70,13 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
         return [0]
     step = max(tile * (1.0 - overlap), 1.0)
     n = math.ceil((size - tile) / step) + 1
+    align = tile_alignment(tile)
+    for count in range(n, n + 3):
+        even = np.linspace(0, size - tile, count)
+        snapped = [0, *(align * int(round(v / align)) for v in even[1:-1]), size - tile]
+        gaps = np.diff(snapped)
+        if gaps.min() >= 1 and gaps.max() <= step:
+            return snapped
     return [int(v) for v in np.round(np.linspace(0, size - tile, n))]
 
 
