@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 
 def _as_labels(labels: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -139,6 +138,8 @@ def _as_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     """Boundary pixels of a boolean mask (pixels on the image edge count as boundary)."""
+    from scipy import ndimage  # imported here: only HD95 needs scipy (unet predict's start-up does not)
+
     return mask & ~ndimage.binary_erosion(mask, border_value=0)
 
 
@@ -158,6 +159,8 @@ def hd95(pred_mask: np.ndarray, target_mask: np.ndarray, spacing: Sequence[float
             raise ValueError(f"spacing {spacing} has {len(spacing)} values for {pred_mask.ndim} axes")
     if not pred_mask.any() or not target_mask.any():
         return float("nan")
+    from scipy import ndimage
+
     pred_surface, target_surface = _surface(pred_mask), _surface(target_mask)
     to_target = ndimage.distance_transform_edt(~target_surface, sampling=spacing)[pred_surface]
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[target_surface]

@@ -25,8 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from scipy import ndimage
-from skimage.filters import threshold_otsu
 
 from unetcore.inference.stitch import Predictor, Reader, predict_block
 from unetcore.inference.windows import Block, Shape, TileGrid, plan_blocks
@@ -104,6 +102,8 @@ def tissue_mask(root: zarr.Group, tile: Shape, max_pixels: int = MASK_LEVEL_PIXE
     values = low.ravel()
     if values.size < 2 or float(values.min()) == float(values.max()):
         return None, "the image is constant"
+    from skimage.filters import threshold_otsu  # imported here: only a slide's mask needs it (start-up)
+
     threshold = float(threshold_otsu(values))
     bright = low > threshold
     share = float(bright.mean())
@@ -122,6 +122,8 @@ def tissue_mask(root: zarr.Group, tile: Shape, max_pixels: int = MASK_LEVEL_PIXE
         return None, f"no class is clearly the flat background (separations {spread[0]:.3g}, {spread[1]:.3g})"
     tissue = ~bright if dark_tissue else bright
     radius = [max(1, math.ceil(t / f)) for t, f in zip(tile, factors)]
+    from scipy import ndimage  # imported here, as threshold_otsu
+
     dilated = ndimage.maximum_filter(tissue, size=[2 * r + 1 for r in radius], mode="constant", cval=False)
     return TissueMask(dilated, factors, level, threshold, separation, dark_tissue), (
         f"Otsu on level {level} {'x'.join(map(str, low.shape))}, separation {separation:.2f}, "

@@ -219,11 +219,25 @@ def orthogonal_mid_slices(volume: Any) -> list[np.ndarray]:
             np.asarray(volume[(*keep, slice(None), slice(None), w // 2)])]
 
 
+def _resized(image: np.ndarray, pred: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (C, H, W) and labels ``pred`` (H, W) at ``size`` (rows, columns): Pillow's bilinear filter (it
+    antialiases when shrinking) for the image, nearest for the labels (no class that is not there). Pillow, not
+    scikit-image, keeps scipy out of a prediction's start-up."""
+    from PIL import Image
+
+    if tuple(image.shape[1:]) == size and tuple(pred.shape) == size:
+        return image, pred
+    columns_rows = (size[1], size[0])
+    image = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(ch, dtype=np.float32))
+                                 .resize(columns_rows, Image.Resampling.BILINEAR)) for ch in image])
+    pred = np.asarray(Image.fromarray(np.ascontiguousarray(pred, dtype=np.uint8))
+                      .resize(columns_rows, Image.Resampling.NEAREST))
+    return image, pred
+
+
 def _volume_preview(src: zarr.Group, pred_group: zarr.Group, spacing: Any, shape: tuple[int, ...],
                     max_edge: int) -> np.ndarray:
     """Three overlay panels (mid-slices across z, y, x) side by side, each at the volume's physical aspect."""
-    from skimage.transform import resize
-
     from unetcore.tracking.strips import preview_strip
 
     extent = [n * float(s) for n, s in zip(shape, spacing)]  # physical size per axis (z, y, x)
@@ -234,9 +248,8 @@ def _volume_preview(src: zarr.Group, pred_group: zarr.Group, spacing: Any, shape
     preds = orthogonal_mid_slices(_coarsest(pred_group))
     panels = []
     for axes, image, pred in zip(planes, images, preds):
-        size = tuple(max(1, round(extent[a] * scale)) for a in axes)
-        image = np.stack([resize(ch.astype(np.float32), size, preserve_range=True) for ch in image])
-        pred = resize(pred, size, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+        size = (max(1, round(extent[axes[0]] * scale)), max(1, round(extent[axes[1]] * scale)))
+        image, pred = _resized(image, pred, size)
         panels.append(preview_strip(image, None, pred)[:, size[1]:])  # the overlay panel only
     height = max(p.shape[0] for p in panels)
     padded = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0))) for p in panels]
@@ -250,7 +263,6 @@ def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 102
     at the volume's physical aspect ratio, the largest side at most ``max_edge // 2``.
     """
     from PIL import Image
-    from skimage.transform import resize
 
     from unetcore.tracking.strips import preview_strip
 
@@ -268,10 +280,7 @@ def write_preview(src_path: Path, out_path: Path, dst: Path, max_edge: int = 102
     pred = np.asarray(_coarsest(pred_group)[:])
     scale = min(1.0, max_edge / max(image.shape[1:]))
     shape = (max(1, int(image.shape[1] * scale)), max(1, int(image.shape[2] * scale)))
-    if shape != image.shape[1:]:
-        image = np.stack([resize(ch.astype(np.float32), shape, preserve_range=True) for ch in image])
-    if shape != pred.shape:
-        pred = resize(pred, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+    image, pred = _resized(image, pred, shape)
     strip = preview_strip(image, None, pred)[:, shape[1]:]  # the overlay panel only
     with replacing(dst) as tmp:
         Image.fromarray(strip).save(tmp, format="PNG", compress_level=1, pnginfo=text)  # a preview: speed over size

@@ -19,15 +19,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import sparse
 
 from unetcore.errors import InputError
 from unetcore.io import readers
 from unetcore.io.volumes import Geometry
 from unetcore.modes import ChannelAxis
+
+if TYPE_CHECKING:
+    from scipy import sparse
 
 __all__ = ["MPP_TOLERANCE", "ResampledSource", "SlidePlacement", "area_weights", "choose_level", "open_at_mpp"]
 
@@ -87,6 +89,8 @@ def area_weights(n_in: int, factor: float, start: int, stop: int) -> tuple[spars
     of its overlap, divided by ``factor``. Returns the ``(stop - start, n)`` matrix and the first source index
     ``s0`` it applies to (columns are source pixels ``s0 .. s0 + n - 1``, all inside ``[0, n_in)``).
     """
+    from scipy import sparse  # imported here: only --mpp resampling needs it (unet predict's start-up does not)
+
     lo = np.arange(start, stop, dtype=np.float64) * factor
     hi = lo + factor
     s0, s1 = int(math.floor(lo[0])), min(n_in, int(math.ceil(hi[-1])))
