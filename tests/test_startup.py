@@ -15,6 +15,7 @@ import zarr
 
 from tests.test_engine import config, make_dataset, make_model, outputs, random_image
 from unetcore.cluster import in_process
+from unetcore.config import InferConfig
 from unetcore.inference import engine, predict_dataset
 from unetcore.tracking.mlflow import pin_model
 from unetcore.tracking.pinned import pin_cached
@@ -49,6 +50,21 @@ def test_a_small_job_runs_in_process_with_the_same_output_as_on_a_cluster(tmp_pa
     assert a.keys() == b.keys() and {"0", "labels/prediction/0", "labels/instances/0"} <= set(a)
     for key in a:
         assert a[key] == b[key], key  # bit for bit: blocks are computed alike wherever they run
+
+
+def test_a_small_job_in_process_is_one_block_per_image_unless_a_block_size_is_given(tmp_path: Path) -> None:
+    dataset = make_dataset(tmp_path, random_image((300, 420), seed=4), 64)
+    model = make_model(tmp_path / "model", depth=2)
+    one_cfg = InferConfig(dataset=str(dataset), output=str(tmp_path / "one"), model=str(model), tile=64,
+                          export="none")
+    [one] = predict_dataset(one_cfg)
+    [split] = predict_dataset(config(dataset, tmp_path / "split", model, block_size=128, export="none"))
+    assert one.blocks == 1 < split.blocks  # blocks of at most 128² when a block size is given
+    assert one.tile_evaluations == one.grid_tiles < split.tile_evaluations  # no tile computed twice
+    a, b = outputs(tmp_path / "one"), outputs(tmp_path / "split")
+    np.testing.assert_allclose(np.asarray(a["0"][:], np.float32), np.asarray(b["0"][:], np.float32), atol=2e-3)
+    agree = np.mean(np.asarray(a["labels/prediction/0"][:]) == np.asarray(b["labels/prediction/0"][:]))
+    assert agree > 0.999  # block-wise == one block (to float16 rounding at the threshold)
 
 
 def test_in_process_only_for_a_small_job_without_a_scheduler_or_worker_count(tmp_path: Path) -> None:
@@ -107,13 +123,13 @@ def test_a_registry_model_pins_without_mlflow_as_mlflow_pins_it(tmp_path: Path) 
     assert not (tmp_path / "none.db").exists()
 
 
-def test_predict_imports_neither_prefect_mlflow_nor_dask_for_a_small_job(tmp_path: Path) -> None:
+def test_predict_imports_neither_prefect_mlflow_dask_nor_scipy_for_a_small_job(tmp_path: Path) -> None:
     dataset = make_dataset(tmp_path, random_image((128, 128)), 64)
     model = make_model(tmp_path / "model")
     code = ("import sys, runpy; sys.argv = ['unet', 'predict', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('app.cli', run_name='__main__')\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\n"
-            "print(__import__('json').dumps(sorted(m for m in ('prefect', 'mlflow', 'distributed', 'dask') "
+            "print(__import__('json').dumps(sorted(m for m in ('prefect', 'mlflow', 'distributed', 'dask', 'scipy', 'skimage') "
             "if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code, str(dataset), "-o", str(tmp_path / "out"), "--model", str(model),
                           "--no-prefect", "--export", "none"], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -280,7 +280,10 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         block_shape, complete = tuple(attrs["block_shape"]), bool(attrs.get("complete"))
     else:
         # a block computes its box of the model's grid: fewer output voxels when that grid is finer
-        budget = max(1, int(cfg.block_size**2 / max(1.0, zoom_factor(plan.resampling))))
+        budget = cfg.block_size**2
+        if cluster.in_process and "block_size" not in cfg.model_fields_set:
+            budget = max(budget, IN_PROCESS_MAX_PIXELS)  # a small job's image in one block: no tile computed twice
+        budget = max(1, int(budget / max(1.0, zoom_factor(plan.resampling))))
         block_shape = choose_block_shape(grid, plan.chunk, budget, cluster.slots)
         resampling = plan.resampling.to_dict() if plan.resampling else None
         info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri,
@@ -356,7 +359,8 @@ def _keep_mask(plan: ImagePlan, grid: TileGrid, block_shape: tuple[int, ...]) ->
 IN_PROCESS_MAX_PIXELS = 4096 * 4096
 """A job of at most this many pixels (voxels), summed over its images, runs in this process when no scheduler
 and no worker count is given: a local cluster's start (processes, imports, model loads: 4-5 s on 2 cores) costs
-more than its parallel workers save on it (BENCHMARKS.md, inference start-up)."""
+more than its parallel workers save on it (BENCHMARKS.md, inference start-up). Without ``--block-size`` such a job's
+images are each one block (at most this many pixels: a few hundred MB of arrays), so no tile is computed twice."""
 
 
 def runs_in_process(cfg: InferConfig, plans: list[ImagePlan]) -> bool:
