@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -145,3 +146,38 @@ def test_pooled_mean_std_and_mixture_percentile_of_two_images() -> None:
     assert mixture_percentile(channels, [100, 300], 100.0) == 399.0
     assert mixture_percentile(channels, [100, 300], 12.5) == pytest.approx(49.5)
     assert mixture_percentile(channels[:1], [100], 50.0) == 49.5  # one image: its own stored percentile
+
+
+@pytest.mark.parametrize(("kind", "dtype", "spatial", "spacing"), [
+    ("image", np.float16, (300, 212), None),
+    ("label", np.uint8, (300, 212), None),
+    ("image", np.float16, (20, 72, 88), (4.0, 1.0, 1.0)),  # a volume whose coarse z is not halved
+])
+def test_level_one_written_block_by_block_equals_the_driver_pyramid(tmp_path: Path, kind: str, dtype: type,
+                                                                   spatial: tuple[int, ...],
+                                                                   spacing: tuple[float, ...] | None) -> None:
+    rng = np.random.default_rng(5)
+    values = (rng.random((2, *spatial)) if kind == "image" else rng.integers(0, 4, (1, *spatial))).astype(dtype)
+
+    def store(name: str) -> zarr.Group:
+        root = omezarr.create_image(tmp_path / f"{name}.ome.zarr", values.shape, dtype, 32, n_levels=3,
+                                    spacing=spacing)
+        return root if kind == "image" else omezarr.create_labels(root, "m", spatial, dtype, 32, n_levels=3,
+                                                                   spacing=spacing)
+
+    whole, blocked = store("whole"), store("blocked")
+    data = values if kind == "image" else values[0]
+    whole["0"][:] = data
+    omezarr.build_pyramid(whole, kind)
+    edges = [range(0, n, 64) for n in spatial]  # blocks of two 32-chunks per axis: whole level-1 chunks
+    for origin in itertools.product(*edges):
+        box = tuple(slice(o, min(o + 64, n)) for o, n in zip(origin, spatial))
+        part = data[(Ellipsis, *box)]
+        blocked["0"][(Ellipsis, *box)] = part
+        assert omezarr.write_halved(blocked, kind, box, part)
+    omezarr.build_pyramid(blocked, kind, first=2)
+    for level in ("0", "1", "2"):
+        assert blocked[level][:].tobytes() == whole[level][:].tobytes(), level
+    # a block that covers half a level-1 chunk would share it with a neighbour: nothing written
+    box = tuple(slice(0, 32) for _ in spatial)
+    assert not omezarr.write_halved(blocked, kind, box, data[(Ellipsis, *box)])

@@ -35,9 +35,11 @@ from unetcore.inference.layout import (
     LABELS_NAME,
     SCRATCH,
     output_store,
+    record_path,
     records_dir,
 )
 from unetcore.inference.resample import Resampling, resampling_for
+from unetcore.inference.windows import Block
 from unetcore.model.packaging import read_config
 from unetcore.planning import TaskSignature, model_classes
 from unetcore.store import manifest as mf
@@ -283,13 +285,26 @@ def ensure_scratch(plan: ImagePlan, cfg: InferConfig) -> None:
                              compressors=omezarr.compressor(), fill_value=0)
 
 
-def finish_output(plan: ImagePlan, cfg: InferConfig) -> None:
-    """Build the asked pyramids, mark the output complete and drop the scratch store."""
+def _first_level_to_build(records: Path, blocks: list[Block], name: str) -> int:
+    """2 when every block's record says its task wrote its part of level 1 of ``name``'s pyramid, else 1."""
+    for block in blocks:
+        try:
+            if not json.loads(record_path(records, block).read_text()).get("level1", {}).get(name):
+                return 1
+        except (OSError, ValueError):
+            return 1
+    return 2
+
+
+def finish_output(plan: ImagePlan, cfg: InferConfig, blocks: list[Block]) -> None:
+    """Build the asked pyramids (from level 2 where the block tasks wrote level 1), mark the output complete and
+    drop the scratch store."""
     root = zarr.open_group(store=str(plan.out_path), mode="r+")
-    omezarr.build_pyramid(root[f"labels/{LABELS_NAME}"], "label")
+    omezarr.build_pyramid(root[f"labels/{LABELS_NAME}"], "label",
+                          first=_first_level_to_build(plan.records, blocks, "labels"))
     if cfg.instances:
         omezarr.build_pyramid(root[f"labels/{INSTANCES_NAME}"], "label")
     if cfg.save_probabilities:
-        omezarr.build_pyramid(root, "image")
+        omezarr.build_pyramid(root, "image", first=_first_level_to_build(plan.records, blocks, "probabilities"))
     omezarr.set_unet_attrs(root, {"complete": True})
     shutil.rmtree(plan.records / SCRATCH, ignore_errors=True)

@@ -193,12 +193,16 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
                 probs[(0, empty)] = 1.0
     out = zarr.open_group(store=job.output, mode="r+")
     out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
+    # level 1 of the pyramids while other blocks run; labels only when no later pass rewrites them
+    halved = {"labels": job.components != "all" and omezarr.write_halved(out[f"labels/{LABELS_NAME}"], "label",
+                                                                          block.slices, labels)}
     if probs is not None:
         out["0"][(slice(None), *block.slices)] = probs
+        halved["probabilities"] = omezarr.write_halved(out, "image", block.slices, probs)
     if job.components != "none":
         stage = "raw" if job.components == "all" else "final"
         _label_and_save(job, labels, block, stage, job.components == "all", shape)
-    record = {"block": list(block.bounds), "counts": _counts(src, labels, block, bp.num_classes),
+    record = {"block": list(block.bounds), "counts": _counts(src, labels, block, bp.num_classes), "level1": halved,
               "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
               "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
     atomic_write_json(record_path(Path(job.records), block), record)

@@ -305,6 +305,29 @@ def level_factors(src: zarr.Array, dst: zarr.Array, spatial_dims: int) -> tuple[
     return tuple(2 if d < s else 1 for s, d in zip(src.shape[-spatial_dims:], dst.shape[-spatial_dims:]))
 
 
+def write_halved(group: zarr.Group, kind: Literal["image", "label"], box: Sequence[slice], values: np.ndarray) -> bool:
+    """Write ``values``, level 0 of ``group`` at the spatial ``box``, halved (:func:`halve`) into level 1, when every
+    level-1 chunk that the halved box touches lies inside it (one writer per chunk: a block of whole chunks of both
+    levels). Returns whether it wrote; nothing is written when it cannot, or when ``group`` has one level.
+
+    Bytes as :func:`build_pyramid` writes them (the same function of the same values), so a block task can build its
+    part of level 1 while other blocks run, and the driver starts at level 2.
+    """
+    if "1" not in group:
+        return False
+    src, dst = group["0"], group["1"]
+    dims = len(box)
+    factors = level_factors(src, dst, dims)
+    region = []
+    for cut, f, c, n in zip(box, factors, dst.chunks[-dims:], dst.shape[-dims:]):
+        start, stop = int(cut.start) // f, min(int(cut.stop) // f, n)
+        if int(cut.start) % f or start % c or (stop % c and stop != n):
+            return False
+        region.append(slice(start, stop))
+    dst[(Ellipsis, *region)] = halve(np.asarray(values), kind, factors)
+    return True
+
+
 def build_pyramid(
     group: zarr.Group, kind: Literal["image", "label"], threads: int = 0, *, first: int = 1,
     pool: ThreadPoolExecutor | None = None,
