@@ -30,11 +30,11 @@ from unetcore.inference.windows import (
         (100, 256, 0.5, [0]),  # smaller than the tile: one padded tile
         (256, 256, 0.5, [0]),
         (257, 256, 0.5, [0, 1]),
-        (1000, 256, 0.0, [0, 256, 512, 744]),  # 4 tiles, inner starts on multiples of 32 (the tile's alignment)
-        # 5 evenly spread tiles (step 186) snap to steps of up to 200 > 192: one more tile, all steps <= 192
-        (1000, 256, 0.25, [0, 160, 288, 448, 608, 744]),
-        (8192, 512, 0.125, [0, 416, 864, 1280, 1696, 2144, 2560, 2976, 3424, 3840, 4256, 4704, 5120, 5536, 5984,
-                            6400, 6816, 7264, 7680]),  # the default grid at 8192²: step 426.7 snapped to 32
+        (1000, 256, 0.0, [0, 256, 512, 744]),  # 4 tiles: a regular grid of stride 256, the last flush
+        (1000, 256, 0.25, [0, 192, 384, 576, 744]),  # 5 tiles, as nnU-Net's evenly spread 0, 186, ..., 744
+        (1000, 64, 0.25, [0, 48, 96, 144, 192, 240, 288, 336, 384, 432, 480, 528, 576, 624, 672, 720, 768, 816, 864,
+                          912, 936]),  # step 48: aligned to 16, not 32 (no more tiles than the target step needs)
+        (8192, 512, 0.125, [*range(0, 7680, 448), 7680]),  # the default grid at 8192²: 19 tiles on multiples of 32
         (10, 4, 0.9, [0, 1, 2, 3, 4, 5, 6]),  # step 0.4 is raised to 1 px
     ],
 )
@@ -43,16 +43,20 @@ def test_tile_starts_table(size: int, tile: int, overlap: float, expected: list[
 
 
 @pytest.mark.parametrize(("size", "tile", "overlap"), [(8192, 512, 0.125), (3000, 512, 0.125), (5000, 256, 0.5),
-                                                       (777, 96, 0.25), (130, 48, 0.5)])
-def test_tile_starts_inner_starts_on_the_tile_alignment(size: int, tile: int, overlap: float) -> None:
+                                                       (777, 96, 0.25), (130, 48, 0.5), (2000, 384, 0.167)])
+def test_tile_starts_stay_on_the_alignment_with_no_more_tiles_than_spread_evenly(size: int, tile: int,
+                                                                                 overlap: float) -> None:
     starts = tile_starts(size, tile, overlap)
-    align = tile_alignment(tile)
+    step = tile * (1 - overlap)
+    align = tile_alignment(tile, step)
     assert all(s % align == 0 for s in starts[:-1]) and starts[-1] == size - tile
-    assert max(np.diff(starts)) <= tile * (1 - overlap)  # never a longer step than asked: overlap kept
+    assert max(np.diff(starts)) <= step  # never a longer step than asked: the overlap is kept
+    assert len(starts) == math.ceil((size - tile) / step) + 1  # nnU-Net's count of tiles
 
 
-def test_tile_alignment_is_the_tile_power_of_two_up_to_32() -> None:
-    assert [tile_alignment(t) for t in (512, 256, 96, 48, 40, 7)] == [32, 32, 32, 16, 8, 1]
+def test_tile_alignment_divides_tile_and_step_up_to_32() -> None:
+    assert [tile_alignment(t, s) for t, s in ((512, 448), (256, 128), (96, 72), (48, 24), (64, 48), (7, 3.5))] == [
+        32, 32, 8, 8, 16, 1]
 
 
 @pytest.mark.parametrize("overlap", [-0.1, 1.0, 1.5])

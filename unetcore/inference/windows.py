@@ -42,25 +42,29 @@ def _check_same_ndim(**shapes: Sequence[int]) -> None:
 ALIGN_MAX = 32
 
 
-def tile_alignment(tile: int) -> int:
-    """The step inner tile starts snap to: the largest power of two dividing ``tile``, at most :data:`ALIGN_MAX`.
+def tile_alignment(tile: int, step: float) -> int:
+    """The multiple that tile starts keep: the largest power of two dividing both ``tile`` and the whole step
+    ``floor(step)``, at most :data:`ALIGN_MAX`.
 
     A UNet is equivariant only to shifts by its total pooling (16 at depth 4, 32 at depth 5), and its tile is a
-    multiple of that pooling; tiles that start on this step see the image at the same phase, so their blended
-    labels agree with the dense grid's (BENCHMARKS.md, Inference (i)).
+    multiple of that pooling; tiles that start on such a multiple see the image at the same phase, so their blended
+    labels agree with the dense grid's at every image size (BENCHMARKS.md, Inference (i)). Dividing the step too
+    means the aligned grid has no more tiles than the evenly spread one.
     """
-    return max(1, min(tile & -tile, ALIGN_MAX))
+    whole = max(1, int(step))
+    return max(1, min(tile & -tile, whole & -whole, ALIGN_MAX))
 
 
 def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of the tiles along one axis (nnU-Net's ``compute_steps_for_sliding_window``, phase-aligned).
+    """Start offsets of the tiles along one axis, on the phase of :func:`tile_alignment`.
 
-    The target step is ``tile * (1 - overlap)`` (at least 1 px); ``n = ceil((size - tile) / step) + 1``
-    starts are spread evenly between 0 and ``size - tile``, so the first tile starts at 0 and the last is flush
-    with the border. The inner starts are then rounded to multiples of :func:`tile_alignment`; where that would
-    make a step longer than the target, one more tile is spread (twice at most), else the evenly rounded starts
-    are kept. The actual step never exceeds the target, so tiles cover every pixel. An axis no longer than the
-    tile gets one tile at 0 (the image is padded to the tile).
+    The target step is ``tile * (1 - overlap)`` (at least 1 px). nnU-Net's ``compute_steps_for_sliding_window``
+    spreads ``n = ceil((size - tile) / step) + 1`` starts evenly from 0 to ``size - tile`` (flush with the far
+    border); those are kept when every start but the last is a multiple of the alignment. Otherwise the grid is
+    regular: the step rounded down to a multiple of the alignment (the stride), starts ``0, stride, 2 * stride,
+    ...`` and one flush with the far border (nnU-Net's count of tiles when the step is a multiple of the alignment,
+    as at the defaults). Either way tiles cover every pixel and no step exceeds the target. An axis no longer than
+    the tile gets one tile at 0 (the image is padded to the tile).
     """
     if tile < 1 or size < 1:
         raise ValueError(f"size and tile must be >= 1, got size={size}, tile={tile}")
@@ -69,15 +73,14 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
     if size <= tile:
         return [0]
     step = max(tile * (1.0 - overlap), 1.0)
+    align = tile_alignment(tile, step)
     n = math.ceil((size - tile) / step) + 1
-    align = tile_alignment(tile)
-    for count in range(n, n + 3):
-        even = np.linspace(0, size - tile, count)
-        snapped = [0, *(align * int(round(v / align)) for v in even[1:-1]), size - tile]
-        gaps = np.diff(snapped)
-        if gaps.min() >= 1 and gaps.max() <= step:
-            return snapped
-    return [int(v) for v in np.round(np.linspace(0, size - tile, n))]
+    spread = [int(v) for v in np.round(np.linspace(0, size - tile, n))]
+    if all(s % align == 0 for s in spread[:-1]):
+        return spread  # nnU-Net's evenly spread starts, already on the phase
+    stride = max(align, int(step) // align * align)
+    n = math.ceil((size - tile) / stride) + 1
+    return [k * stride for k in range(n - 1)] + [size - tile]
 
 
 def padded_shape(shape: Shape, tile: Shape) -> Shape:
