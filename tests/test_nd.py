@@ -106,13 +106,14 @@ def tiny_unet(spatial_dims: int, **overrides: object) -> torch.nn.Module:
 
 def test_tile_grid_3d_has_starts_per_axis_in_c_order() -> None:
     # z: 20 / 8 / 0.5: step 4, ceil(12 / 4) + 1 = 4 starts, linspace(0, 12, 4) = 0 4 8 12
-    # y: 33 / 16 / 0.5: step 8, ceil(17 / 8) + 1 = 4 starts, linspace(0, 17, 4) = 0 5.67 11.33 17
+    # y: 33 / 16 / 0.5: step 8, ceil(17 / 8) + 1 = 4 starts; spread 0 5.67 11.33 17 is off the alignment (8), so
+    #    a regular grid of stride 8 and one tile flush with the border: 0 8 16 17
     # x: 7 <= 8: one padded tile
     grid = TileGrid.build((20, 33, 7), (8, 16, 8), 0.5)
-    assert grid.starts == ((0, 4, 8, 12), (0, 6, 11, 17), (0,))
+    assert grid.starts == ((0, 4, 8, 12), (0, 8, 16, 17), (0,))
     assert grid.ndim == 3 and grid.n_tiles == 16
-    assert grid.ys == (0, 6, 11, 17) and grid.xs == (0,)
-    assert list(grid.tiles())[:5] == [(0, 0, 0), (0, 6, 0), (0, 11, 0), (0, 17, 0), (4, 0, 0)]
+    assert grid.ys == (0, 8, 16, 17) and grid.xs == (0,)
+    assert list(grid.tiles())[:5] == [(0, 0, 0), (0, 8, 0), (0, 16, 0), (0, 17, 0), (4, 0, 0)]
 
 
 @pytest.mark.parametrize(("shape", "tile"), [((10, 10, 10), (4, 4)), ((10, 10), (4, 4, 4)), ((5,), (5,)),

@@ -68,13 +68,15 @@ def _blend_by_hand(shape: tuple[int, int], tile: tuple[int, int], ys: list[int],
     return num[:h, :w] / den[:h, :w]
 
 
-# Tile starts by hand (nnU-Net: n = ceil((size - tile) / step) + 1 starts, evenly spread, rounded half to even):
-# 100 / 32 / 0.5: step 16, n 6, linspace(0, 68, 6) = 0 13.6 27.2 40.8 54.4 68
-# 130 / 48 / 0.5: step 24, n 5, linspace(0, 82, 5) = 0 20.5 41 61.5 82
-# 20 / 32: one tile at 0 (the image is padded); 90 / 32 / 0.25: step 24, n 4, linspace(0, 58, 4) = 0 19.3 38.7 58
+# Tile starts by hand (n = ceil((size - tile) / step) + 1 starts; nnU-Net's evenly spread ones when they fall on the
+# alignment, the largest power of two dividing tile and step (<= 32), else a regular grid of that stride, the last
+# tile flush with the border):
+# 100 / 32 / 0.5: step 16, alignment 16, spread 0 13.6 ... not on it: 0 16 32 48 64, then 68
+# 130 / 48 / 0.5: step 24, alignment 8, spread 0 20.5 41 ... not on it: 0 24 48 72, then 82
+# 20 / 32: one tile at 0 (the image is padded); 90 / 32 / 0.25: step 24, alignment 8: 0 24 48, then 58
 BLEND_CASES = [
-    ((100, 130), (32, 48), 0.5, [0, 14, 27, 41, 54, 68], [0, 20, 41, 62, 82]),
-    ((20, 90), (32, 32), 0.25, [0], [0, 19, 39, 58]),
+    ((100, 130), (32, 48), 0.5, [0, 16, 32, 48, 64, 68], [0, 24, 48, 72, 82]),
+    ((20, 90), (32, 32), 0.25, [0], [0, 24, 48, 58]),
 ]
 
 
@@ -134,9 +136,9 @@ def test_gaussian_weights_3d_follow_the_formula(tile: tuple[int, int, int]) -> N
 
 
 def test_every_blended_voxel_is_the_gaussian_weighted_mean_of_its_tiles() -> None:
-    # Starts by hand: z 20 / 8 / 0.5: step 4, n 4, linspace(0, 12, 4) = 0 4 8 12; y 26 / 16: step 8, n 3,
-    # linspace(0, 10, 3) = 0 5 10; x 9 / 8: step 4, n 2, linspace(0, 1, 2) = 0 1.
-    shape, tile, starts = (20, 26, 9), (8, 16, 8), ([0, 4, 8, 12], [0, 5, 10], [0, 1])
+    # Starts by hand: z 20 / 8 / 0.5: step 4, n 4, spread 0 4 8 12 (on the alignment 4); y 26 / 16: step 8, n 3,
+    # spread 0 5 10 is off the alignment 8: 0 8, then 10; x 9 / 8: step 4, n 2: 0 1.
+    shape, tile, starts = (20, 26, 9), (8, 16, 8), ([0, 4, 8, 12], [0, 8, 10], [0, 1])
     weight = np.multiply.outer(np.outer(_gaussian_1d(8), _gaussian_1d(16)), _gaussian_1d(8))
     num, den, uniform_num, uniform_den = (np.zeros((28, 32, 16)) for _ in range(4))
     for z0 in starts[0]:
