@@ -8,7 +8,7 @@ from prefect import flow, task
 
 from flows.reporting import flow_run_id, link, log_failure, markdown, progress_artifact
 from unetcore.config import TrainConfig
-from unetcore.planning import Plan
+from unetcore.planning import Plan, planned_training
 from unetcore.tracking import run_page_url, ui_command
 from unetcore.training import train as train_model
 
@@ -19,6 +19,13 @@ def train_task(config: TrainConfig, prefect_flow_run: str, plan: dict[str, Any] 
     with progress_artifact("train-progress", f"Training on {config.dataset}"):
         return train_model(config, tags={"prefect_flow_run_id": prefect_flow_run},
                            plan=Plan.from_dict(plan) if plan else None).to_dict()
+
+
+@task(name="plan-training", on_failure=[log_failure])
+def plan_task(config: TrainConfig) -> tuple[TrainConfig, dict[str, Any]]:
+    """Plan a run started without ``unet train`` (the UI, a schedule, the API): its given fields over the plan."""
+    planned, plan = planned_training(config)
+    return planned, plan.to_dict()
 
 
 def plan_markdown(plan: Plan) -> str:
@@ -33,9 +40,12 @@ def train(config: TrainConfig, plan: dict[str, Any] | None = None) -> dict[str, 
     """Train a UNet on an ingested dataset and register it in MLflow.
 
     ``plan``: the dataset's plan that ``config`` was made from (``unet train`` passes it), logged with the run.
+    Without it (a run from the UI, a schedule or the API), the dataset is planned here and the fields given in
+    ``config`` override their choice, as ``unet train``'s options do.
     """
-    if plan:
-        markdown("train-plan", plan_markdown(Plan.from_dict(plan)), "The training plan and why each choice was made")
+    if not plan:
+        config, plan = plan_task(config)
+    markdown("train-plan", plan_markdown(Plan.from_dict(plan)), "The training plan and why each choice was made")
     result = train_task(config, flow_run_id(), plan)
     markdown("train-report",
              f"## Training\n\n| run | best val Dice | epoch | epochs run | stopped | model | alias | seconds |\n"

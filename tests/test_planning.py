@@ -626,3 +626,20 @@ def test_a_model_records_the_spacing_training_saw_and_its_unit(ct_ds: Path) -> N
     # the plan's target (nnU-Net's) is recorded in the plan; training samples each volume on its own grid
     assert "not imposed" in plan_dataset(ct_ds).choice("target_spacing").why
     assert TaskSignature.from_dict(task.to_dict()) == task and task.tags()["spacing_unit"] == "millimeter"
+
+
+def test_a_train_run_from_the_ui_or_the_api_is_planned_with_its_given_fields_on_top(grey_ds: Path,
+                                                                                   tmp_path: Path) -> None:
+    from unetcore.planning import planned_training
+
+    out = str(tmp_path / "run")
+    # what Prefect validates from a run's parameters (the UI leaves out the values equal to a default)
+    bare = TrainConfig.model_validate({"dataset": str(grey_ds), "output": out})
+    cfg, plan = planned_training(bare)
+    cli_cfg, _ = planned_config(grey_ds, {"output": out})  # what `unet train DATASET --output …` trains
+    assert plan.overridden == [] and cfg == cli_cfg
+    assert cfg.patch_size == 128 != TrainConfig(dataset="d").patch_size  # the plan's, not the library default
+    given = TrainConfig.model_validate({"dataset": str(grey_ds), "output": out, "epochs": 2, "model": {"depth": 3}})
+    cfg, plan = planned_training(given)
+    assert sorted(plan.overridden) == ["epochs", "model.depth"]
+    assert (cfg.epochs, cfg.model.depth, cfg.patch_size, cfg.output) == (2, 3, 128, out)

@@ -400,6 +400,18 @@ class ExportConfig(_Config):
     overwrite: bool = Field(False, description="Replace an existing file at the output.")
 
 
+def given_options(options: TrainOptions) -> dict[str, Any]:
+    """The training options set explicitly in ``options`` (not left at their defaults), as dotted TrainConfig
+    fields (``model.depth``, ``patch_size``): what overrides the dataset's plan, field by field."""
+    out: dict[str, Any] = {}
+    for key, value in options.model_dump(exclude_unset=True).items():
+        if key in ("model", "normalization") and isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
 class PipelineConfig(_Config):
     """Options of ``pipeline``: ingest a labelled folder, train on it, predict held-out images.
 
@@ -439,12 +451,7 @@ class PipelineConfig(_Config):
     def train_overrides(self) -> dict[str, Any]:
         """The training options given explicitly, as dotted TrainConfig fields: each overrides exactly its field of
         the dataset's plan (:func:`unetcore.planning.planned_config`); ``num_classes`` when it was given here."""
-        out: dict[str, Any] = {}
-        for key, value in self.train.model_dump(exclude_unset=True).items():
-            if key in ("model", "normalization") and isinstance(value, dict):
-                out.update({f"{key}.{k}": v for k, v in value.items()})
-            else:
-                out[key] = value
+        out = given_options(self.train)
         if "num_classes" in self.model_fields_set:
             out["model.num_classes"] = self.num_classes
         return out

@@ -32,7 +32,14 @@ from typing import Any, get_args
 import numpy as np
 
 from unetcore.atomic import atomic_write_json
-from unetcore.config import ModelConfig, NormalizationConfig, PipelineConfig, TrainConfig, validated
+from unetcore.config import (
+    ModelConfig,
+    NormalizationConfig,
+    PipelineConfig,
+    TrainConfig,
+    given_options,
+    validated,
+)
 from unetcore.errors import ConfigError, InputError
 from unetcore.model import PoolingPlan, deepest, plan_pooling
 from unetcore.modes import SpatialDims
@@ -546,6 +553,18 @@ def planned_config(dataset: Path, overrides: Mapping[str, Any] | None = None, **
         plan = replace(plan, choices=tuple(replace(c, planned=data_dims) if c.field == "model.spatial_dims" else c
                                            for c in plan.choices))
     return plan.train_config(overrides, dataset=str(dataset), **targets), plan
+
+
+def planned_training(config: TrainConfig) -> tuple[TrainConfig, Plan]:
+    """A TrainConfig made without ``unet train`` (a deployment run from the Prefect UI, a schedule, the API) planned
+    as ``unet train`` plans its options: the fields set explicitly override the dataset's plan, each its own field;
+    the rest is the plan's.
+
+    Raises:
+        InputError: the dataset cannot be planned; ConfigError: an option is out of range.
+    """
+    given = given_options(config)
+    return planned_config(Path(given.pop("dataset")), given)
 
 
 def pipeline_training(config: PipelineConfig) -> tuple[TrainConfig, Plan]:
