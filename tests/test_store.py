@@ -181,3 +181,27 @@ def test_level_one_written_block_by_block_equals_the_driver_pyramid(tmp_path: Pa
     # a block that covers half a level-1 chunk would share it with a neighbour: nothing written
     box = tuple(slice(0, 32) for _ in spatial)
     assert not omezarr.write_halved(blocked, kind, box, data[(Ellipsis, *box)])
+
+
+@pytest.mark.parametrize("kind", ["image", "label"])
+def test_a_pyramid_read_in_slabs_is_the_pyramid_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           kind: str) -> None:
+    rng = np.random.default_rng(9)
+    spatial = (37, 300, 212)  # odd sizes: the last slab and the far edges are partial
+    values = (rng.random((2, *spatial)) if kind == "image" else rng.integers(0, 4, (1, *spatial))).astype(
+        np.float16 if kind == "image" else np.uint8)
+    data = values if kind == "image" else values[0]
+
+    def built(name: str) -> zarr.Group:
+        root = omezarr.create_image(tmp_path / f"{name}.ome.zarr", values.shape, data.dtype, 64, n_levels=3)
+        group = root if kind == "image" else omezarr.create_labels(root, "m", spatial, data.dtype, 64, n_levels=3)
+        group["0"][:] = data
+        omezarr.build_pyramid(group, kind)
+        return group
+
+    whole = built("whole")
+    monkeypatch.setattr(omezarr, "PYRAMID_SLAB_VALUES", 1000)  # a few rows of the level above at a time
+    slabs = built("slabs")
+    for level in ("1", "2"):
+        assert slabs[level][:].tobytes() == whole[level][:].tobytes(), level
+    np.testing.assert_array_equal(whole["1"][:], omezarr.halve(data, kind, (2, 2, 2)))

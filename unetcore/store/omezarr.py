@@ -45,6 +45,8 @@ from unetcore.errors import InputError
 OME_VERSION = "0.5"
 LABELS_GROUP = "labels"
 PYRAMID_MIN_SIZE = 1024
+PYRAMID_SLAB_VALUES = 1 << 22
+"""Values of the level above that one pyramid job reads at a time (4 M: 8 MB of float16 probabilities)."""
 _SPATIAL_NAMES = ("z", "y", "x")
 
 
@@ -352,8 +354,20 @@ def build_pyramid(
                     factors: tuple[int, ...] = factors, steps: tuple[int, ...] = steps,
                     sizes: tuple[int, ...] = sizes) -> None:
                 region = tuple(slice(o, min(o + c, n)) for o, c, n in zip(origin, steps, sizes))
-                above = tuple(slice(r.start * f, r.stop * f) for r, f in zip(region, factors))
-                dst[(Ellipsis, *region)] = halve(np.asarray(src[(Ellipsis, *above)]), kind, factors)
+                lead = dst.shape[: dst.ndim - len(region)]
+                out = np.empty((*lead, *(r.stop - r.start for r in region)), dtype=dst.dtype)
+                # the source is read in slabs along the first axis: a job's memory stays a few MB per thread
+                # whatever the chunk (a volume's chunks reach 4 M voxels, their source region 8x that)
+                per_row = math.prod(lead) * factors[0] * math.prod((r.stop - r.start) * f
+                                                                   for r, f in zip(region[1:], factors[1:]))
+                rows = max(1, PYRAMID_SLAB_VALUES // max(1, per_row))
+                for r0 in range(region[0].start, region[0].stop, rows):
+                    r1 = min(r0 + rows, region[0].stop)
+                    above = (slice(r0 * factors[0], r1 * factors[0]),
+                             *(slice(r.start * f, r.stop * f) for r, f in zip(region[1:], factors[1:])))
+                    out[(*(slice(None),) * len(lead), slice(r0 - region[0].start, r1 - region[0].start))] = halve(
+                        np.asarray(src[(Ellipsis, *above)]), kind, factors)
+                dst[(Ellipsis, *region)] = out
 
             origins = itertools.product(*(range(0, n, c) for n, c in zip(sizes, steps)))
             list(workers.map(job, list(origins)))
