@@ -168,7 +168,8 @@ def blend_block(
     summed = weight_sum is not None
     norm = weight_sum.to(acc_device) if weight_sum is not None else torch.zeros(block.shape, device=acc_device)
     for batch in tile_batches(tiles_for_block(grid, block), batch_size):
-        inputs = torch.stack([data[(slice(None), *tile_window(o, region.start, grid.tile))] for o in batch])
+        windows = [data[(slice(None), *tile_window(o, region.start, grid.tile))] for o in batch]
+        inputs = windows[0].unsqueeze(0) if len(windows) == 1 else torch.stack(windows)  # one tile: a view, no copy
         out = _checked(predictor, inputs).to(acc_device)
         if acc is None:
             acc = torch.zeros((out.shape[1], *block.shape), dtype=torch.float32, device=acc_device)
