@@ -80,7 +80,8 @@ def labels_for(model: torch.nn.Module, config: dict[str, Any], image: zarr.Array
     return labels, time.perf_counter() - start, bp.grid(shape).n_tiles
 
 
-def measure(name: str, dataset: Path, model: torch.nn.Module, config: dict[str, Any], batch: int) -> list[dict]:
+def measure(name: str, dataset: Path, model: torch.nn.Module, config: dict[str, Any], batch: int,
+            settings: list[tuple[int, int]]) -> list[dict]:
     """One row per setting (dense first) for the first image of ``dataset``."""
     entry = mf.entries(mf.require(dataset))[0]
     src = omezarr.open_root(mf.store_path(dataset, entry["id"]))
@@ -88,7 +89,7 @@ def measure(name: str, dataset: Path, model: torch.nn.Module, config: dict[str, 
     truth = None if truth is None else np.asarray(truth[:]) > 0
     ref, ref_s, ref_tiles = labels_for(model, config, image, entry["stats"], *DENSE, batch)
     rows = []
-    for tile, px in [(DENSE[0], int(DENSE[0] * DENSE[1])), *SETTINGS]:
+    for tile, px in [(DENSE[0], int(DENSE[0] * DENSE[1])), *settings]:
         if (tile, px) == (DENSE[0], int(DENSE[0] * DENSE[1])):
             labels, seconds, tiles = ref, ref_s, ref_tiles
         else:
@@ -111,7 +112,11 @@ def main() -> None:
     parser.add_argument("--dataset", action="append", default=[], help="Also measure this ingested dataset.")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--settings", nargs="*", default=None, metavar="TILE/PX",
+                        help="only these (tile edge / overlap px) settings, e.g. 512/64 (default: the whole table)")
+    parser.add_argument("--out", default="bench_overlap.json", help="JSON file name in benchmarks/results")
     args = parser.parse_args()
+    settings = SETTINGS if args.settings is None else [tuple(int(v) for v in s.split("/")) for s in args.settings]
     torch.set_num_threads(args.threads)
     tune_for_blocks()
     model, config = load_model(Path(args.model))
@@ -123,11 +128,11 @@ def main() -> None:
         tmp = Path(tmp_str)
         images, masks = write_mosaic(args.size, sample_folder(args.sample), tmp / "src")
         ingest_folder(IngestConfig(images=str(images), masks=str(masks), output=str(tmp / "ds"), val_fraction=0.0))
-        rows += measure(f"nuclei mosaic {args.size}²", tmp / "ds", model, config, args.batch)
+        rows += measure(f"nuclei mosaic {args.size}²", tmp / "ds", model, config, args.batch, settings)
     for ds in args.dataset:
-        rows += measure(ds, Path(ds), model, config, args.batch)
+        rows += measure(ds, Path(ds), model, config, args.batch, settings)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bench_overlap.json").write_text(json.dumps(
+    (RESULTS / args.out).write_text(json.dumps(
         {"model": args.model, "receptive_field_px": rf, "dense": {"tile": DENSE[0], "overlap": DENSE[1]},
          "batch": args.batch, "threads": args.threads, "rows": rows, "load_avg": os.getloadavg()}, indent=2))
 
