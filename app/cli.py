@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
 
 import typer
-import typer.rich_utils
 from pydantic import BaseModel
 from rich.markup import escape
 
@@ -32,8 +31,10 @@ from unetcore.config import (
 from unetcore.errors import ConfigError, UnetError
 
 # Help is 120 columns wide when piped (rich's 80 cut option names such as --threads-per-worker); a terminal's own
-# width otherwise.
-typer.rich_utils.MAX_WIDTH = None if sys.stdout.isatty() else 120
+# width otherwise. Said through typer's TERMINAL_WIDTH: typer.rich_utils (and rich's markdown, ~0.3 s) is then
+# imported only when help or an error is shown, not on every command's start.
+if not sys.stdout.isatty():
+    os.environ.setdefault("TERMINAL_WIDTH", "120")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="UNet segmentation for images of any size: ingest → train → predict.")
 
