@@ -8,8 +8,8 @@ with compression, completion records, pyramid. Its throughput is the ceiling tha
 1. ``engine``: ``predict_dataset`` end to end on a synthetic ``--size``² uint8 image (ingested like ``unet ingest``
    writes it, chunk 1024), a local cluster of the default shape (2 single-thread workers on 2 cores), float16
    probabilities saved, ``--export none``, the tile grid of ``unet predict``'s defaults (``--tile`` and
-   ``--overlap`` to change it: 256 and 0.5 is the dense setting); for each block kernel (``numpy``, ``torch``: the device kernel on CPU
-   tensors). MP/s whole (cluster start excluded; pyramid included) and per worker-second from the records.
+   ``--overlap`` to change it: 256 and 0.5 is the dense setting); for each block kernel (``numpy``, ``torch``:
+   the device kernel on CPU tensors). MP/s whole (cluster start excluded; pyramid included) and per worker-second from the records.
 2. ``stages``: one block of the engine's block shape, in this process with 1 torch thread, each stage timed
    alone (best of ``--repeats``) for both kernels, reading the same source store and writing the output store's
    own arrays (same chunks and codecs).

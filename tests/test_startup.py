@@ -129,7 +129,8 @@ def test_predict_imports_neither_prefect_mlflow_dask_nor_scipy_for_a_small_job(t
     code = ("import sys, runpy; sys.argv = ['unet', 'predict', *sys.argv[1:]]\n"
             "try:\n    runpy.run_module('app.cli', run_name='__main__')\nexcept SystemExit as e:\n"
             "    assert not e.code, e.code\n"
-            "print(__import__('json').dumps(sorted(m for m in ('prefect', 'mlflow', 'distributed', 'dask', 'scipy', 'skimage') "
+            "print(__import__('json').dumps(sorted(m for m in ('prefect', 'mlflow', 'distributed', 'dask', 'scipy', "
+            "'skimage') "
             "if m in sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code, str(dataset), "-o", str(tmp_path / "out"), "--model", str(model),
                           "--no-prefect", "--export", "none"], cwd=REPO, capture_output=True, text=True, timeout=300)

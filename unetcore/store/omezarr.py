@@ -272,8 +272,8 @@ def halve(block: np.ndarray, kind: Literal["image", "label"], factors: Sequence[
     dtype; ``(..., h, w) -> (..., h // 2, w // 2)`` by default.
 
     Images: the mean over each 2x2 (or 2x2x2, 1x2x2, …) cell (integers rounded half to even, computed as a
-    wide-integer sum: exact and ~10x faster than a float mean; floats as a float32 sum of strided views); labels: the first sample of each cell (never a
-    class that is not there).
+    wide-integer sum: exact and ~10x faster than a float mean; floats as a float32 sum of strided views); labels:
+    the first sample of each cell (never a class that is not there).
     """
     factors = tuple(int(f) for f in factors)
     dims = block.shape[-len(factors):]
