@@ -184,24 +184,38 @@ def test_level_one_written_block_by_block_equals_the_driver_pyramid(tmp_path: Pa
 
 
 @pytest.mark.parametrize("kind", ["image", "label"])
-def test_a_pyramid_read_in_slabs_is_the_pyramid_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                           kind: str) -> None:
+def test_a_pyramid_built_chunk_by_chunk_is_each_whole_level_halved(tmp_path: Path, kind: str) -> None:
     rng = np.random.default_rng(9)
-    spatial = (37, 300, 212)  # odd sizes: the last slab and the far edges are partial
+    spatial = (37, 300, 212)  # odd sizes: the last chunks and the far edges are partial
     values = (rng.random((2, *spatial)) if kind == "image" else rng.integers(0, 4, (1, *spatial))).astype(
         np.float16 if kind == "image" else np.uint8)
     data = values if kind == "image" else values[0]
+    root = omezarr.create_image(tmp_path / "p.ome.zarr", values.shape, data.dtype, 64, n_levels=3)
+    group = root if kind == "image" else omezarr.create_labels(root, "m", spatial, data.dtype, 64, n_levels=3)
+    group["0"][:] = data
+    omezarr.build_pyramid(group, kind)
+    level1 = omezarr.halve(data, kind, (2, 2, 2))
+    assert group["1"][:].tobytes() == level1.tobytes()
+    assert group["2"][:].tobytes() == omezarr.halve(level1, kind, (2, 2, 2)).tobytes()
 
-    def built(name: str) -> zarr.Group:
-        root = omezarr.create_image(tmp_path / f"{name}.ome.zarr", values.shape, data.dtype, 64, n_levels=3)
-        group = root if kind == "image" else omezarr.create_labels(root, "m", spatial, data.dtype, 64, n_levels=3)
-        group["0"][:] = data
-        omezarr.build_pyramid(group, kind)
-        return group
 
-    whole = built("whole")
-    monkeypatch.setattr(omezarr, "PYRAMID_SLAB_VALUES", 1000)  # a few rows of the level above at a time
-    slabs = built("slabs")
-    for level in ("1", "2"):
-        assert slabs[level][:].tobytes() == whole[level][:].tobytes(), level
-    np.testing.assert_array_equal(whole["1"][:], omezarr.halve(data, kind, (2, 2, 2)))
+def test_pyramid_pieces_lie_in_one_chunk_start_on_the_factor_and_tile_the_region(tmp_path: Path) -> None:
+    """Odd chunk sizes (5 and 9 along halved axes) take two chunks per piece; the level is still the whole one
+    halved, and a region's pieces cover exactly its 2x-sized source."""
+    rng = np.random.default_rng(4)
+    root = zarr.open_group(str(tmp_path / "odd.zarr"), mode="w")
+    values = rng.integers(0, 255, (1, 37, 45, 51)).astype(np.uint16)
+    src = root.create_array("0", shape=values.shape, chunks=(1, 5, 8, 9), dtype="uint16")
+    dst = root.create_array("1", shape=(1, 18, 22, 25), chunks=(1, 4, 8, 6), dtype="uint16")
+    src[:] = values
+    omezarr.build_pyramid(root, "image")
+    np.testing.assert_array_equal(dst[:], omezarr.halve(values, "image", (2, 2, 2)))
+    region = (slice(4, 8), slice(16, 22), slice(18, 24))
+    pieces = omezarr.source_pieces(src, region, (2, 2, 2))
+    covered = np.zeros(values.shape[1:], np.int32)
+    for piece in pieces:
+        covered[piece] += 1
+        for p, chunk in zip(piece, (10, 8, 18)):  # a piece lies inside one (doubled odd) chunk per axis
+            assert p.start % 2 == 0 and p.start // chunk == (p.stop - 1) // chunk
+    inside = (slice(8, 16), slice(32, 44), slice(36, 48))
+    assert covered[inside].min() == 1 and covered.sum() == covered[inside].size

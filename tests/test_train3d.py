@@ -259,6 +259,88 @@ def test_a_split_of_images_and_volumes_is_refused(tmp_path: Path) -> None:
         load_images(tmp_path / "ds", "train")
 
 
+# --- volumes of mixed spacings --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mixed_ds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1 mm volume (20, 16, 16) and a 2 mm-slice one (10, 16, 16) of the same extent, each with a blob."""
+    root = tmp_path_factory.mktemp("mixed")
+    images, masks = root / "img", root / "msk"
+    images.mkdir()
+    masks.mkdir()
+    for name, depth, z_mm, seed in (("fine", 20, 1.0, 0), ("coarse", 10, 2.0, 1)):
+        data, labels = ramp((depth, 16, 16), "int16", seed=seed), np.zeros((depth, 16, 16), np.uint8)
+        labels[depth // 2 - 1 : depth // 2 + 1, 4:8, 6:10] = 1
+        data[labels == 1] = 2500
+        affine = np.diag([1.0, 1.0, z_mm, 1.0])  # nibabel's (x, y, z)
+        save_nifti(images / f"{name}.nii.gz", data, affine)
+        save_nifti(masks / f"{name}.nii.gz", labels, affine)
+    cfg = IngestConfig(images=str(images), masks=str(masks), output=str(root / "ds"), chunk_size=64,
+                       val_fraction=0.0)
+    assert ingest_folder(cfg).status == "ok"
+    return root / "ds"
+
+
+def test_a_volume_of_another_spacing_is_sampled_at_the_models_spacing(mixed_ds: Path) -> None:
+    """At 1 mm the 2 mm volume is sampled on its (20, 16, 16) grid: its patches equal the whole volume resampled
+    by scikit-image (linear, edge-aligned) for the image and every slice twice for the labels; the 1 mm one is
+    read as it is."""
+    from skimage.transform import resize
+
+    images = {img.store.name.split(".")[0]: img for img in load_images(mixed_ds, "train", None, (1.0, 1.0, 1.0),
+                                                                       "millimeter")}
+    coarse, fine = images["coarse"], images["fine"]
+    assert fine.resampling is None and coarse.grid == (20, 16, 16) and coarse.shape == (10, 16, 16)
+    data = PatchDataset(list(images.values()), (8, 12, 12), 2, 20, NormalizationConfig(), 0.5, None, seed=3)
+    root = omezarr.open_root(coarse.store)
+    whole = normalize(np.asarray(omezarr.image_array(root)[:]), coarse.stats, NormalizationConfig())
+    expected = resize(whole, (1, 20, 16, 16), order=1, mode="edge", anti_aliasing=False)
+    truth = np.repeat(np.asarray(omezarr.label_array(root)[:]), 2, axis=0)
+    for origin in ((0, 0, 0), (5, 2, 3), (12, 4, 4), (7, 1, 0)):
+        image, target = data.read_patch(coarse, origin)
+        box = tuple(slice(o, o + 8 if a == 0 else o + 12) for a, o in enumerate(origin))
+        np.testing.assert_allclose(image, expected[(slice(None), *box)], atol=1e-5)
+        np.testing.assert_array_equal(target, truth[box])
+    raw, labels = data.read_patch(fine, (3, 2, 1))
+    fine_root = omezarr.open_root(fine.store)
+    np.testing.assert_array_equal(labels, np.asarray(omezarr.label_array(fine_root)[3:11, 2:14, 1:13]))
+    # foreground slots centre on the blob, which spans 4 slices of the resampled grid
+    assert all(bool(data[i][1].any()) for i in range(len(data)) if data.is_foreground_slot(i))
+    # without a spacing (or at the coarse one's own) nothing is resampled
+    assert all(img.resampling is None for img in load_images(mixed_ds, "train"))
+
+
+def test_validation_predicts_a_volume_of_another_spacing_at_the_models(mixed_ds: Path) -> None:
+    """Scored block by block at the task's spacing, a volume gives the Dice of its prediction made whole (one
+    block) at that spacing, and another Dice than on its own grid."""
+    from unetcore.inference import BlockPredictor
+    from unetcore.inference.resample import resampled_outputs, resampling_for
+    from unetcore.inference.windows import Block
+    from unetcore.metrics import confusion_counts, dice_from_counts
+    from unetcore.planning import TaskSignature
+    from unetcore.training.validation import evaluate
+
+    def bright(batch: np.ndarray) -> np.ndarray:  # logits: a blurred "brighter than 0.9", so resampling shows
+        return (batch - 0.9) * 20.0
+
+    bp = BlockPredictor(bright, 1, NormalizationConfig(), (8, 8, 8), 0.5, 2, spatial_dims=3)
+    [entry] = [e for e in mf.entries(mf.require(mixed_ds)) if e["id"] == "coarse"]
+    task = TaskSignature(1, 1, 3, spacing=(1.0, 1.0, 1.0), unit="millimeter")
+    scored = evaluate(bp, mixed_ds, [entry], block_size=8, task=task)["val_dice"]
+    root = omezarr.open_root(mf.store_path(mixed_ds, "coarse"))
+    image, truth = omezarr.image_array(root), np.asarray(omezarr.label_array(root)[:])
+    r, _ = resampling_for(entry["shape"], entry["spacing"], entry["unit"], task.spacing, task.unit)
+    assert r is not None
+    _, labels = resampled_outputs(bp, image, entry["stats"], Block.covering(tuple(entry["shape"])), r)
+    whole = dice_from_counts(*confusion_counts(labels, truth, 1))[1]
+    assert scored == pytest.approx(float(whole), abs=1e-12)
+    own = evaluate(bp, mixed_ds, [entry], block_size=8)["val_dice"]
+    assert own != pytest.approx(scored, abs=1e-6)
+    assert evaluate(bp, mixed_ds, [entry], block_size=8, task=TaskSignature(1, 1, 3, (2.0, 1.0, 1.0),
+                                                                            unit="millimeter"))["val_dice"] == own
+
+
 # --- ct normalisation from the ingested foreground statistics -----------------------------------------
 
 

@@ -147,6 +147,17 @@ def linear_resample(data: np.ndarray, size_from: Shape, size_to: Shape, offset: 
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
+def nearest_resample(labels: np.ndarray, size_from: Shape, size_to: Shape, offset: Shape, box: Block) -> np.ndarray:
+    """Labels ``(*region)`` on ``box`` of the ``size_to`` grid, each the value of the nearest voxel of ``labels``
+    (a region of the ``size_from`` grid starting at ``offset``, holding every index :func:`source_box` names):
+    the coordinates of :func:`axis_weights`, rounded to the closer neighbour (ties to the lower one)."""
+    out = labels
+    for axis, (n_from, n_to, o, a, b) in enumerate(zip(size_from, size_to, offset, box.start, box.stop)):
+        i0, i1, w = axis_weights(n_from, n_to, a, b)
+        out = np.take(out, np.where(w > 0.5, i1, i0) - o, axis=axis)
+    return np.ascontiguousarray(out)
+
+
 # --- the block kernel -----------------------------------------------------------------------------------------
 
 

@@ -34,11 +34,17 @@ from unetcore.planning.plan import (
     plan_steps,
     planned_config,
     planned_training,
-    target_spacing,
     training_bytes,
     write_plan,
 )
-from unetcore.planning.task import TaskSignature, dataset_model_name, trained_spacing, training_task
+from unetcore.planning.task import (
+    TaskSignature,
+    dataset_model_name,
+    target_spacing,
+    trained_spacing,
+    training_task,
+    working_spacing,
+)
 
 __all__ = [
     "MEMORY_BUDGET_BYTES",
@@ -76,5 +82,6 @@ __all__ = [
     "trained_spacing",
     "training_bytes",
     "training_task",
+    "working_spacing",
     "write_plan",
 ]

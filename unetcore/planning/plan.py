@@ -4,8 +4,9 @@ Rules (nnU-Net's where it has one, sized for a CPU):
 
 * channels and classes from the data; 2-D or 3-D from the data (or 2-D on volumes when asked: nnU-Net's "2d"
   configuration, a 2-D model on z-slices);
-* target spacing: 2-D images keep their pixel grid; volumes take the median spacing, except that an axis much
-  coarser than the others (anisotropic: > 3x in spacing and < 1/3 in voxels) takes its 10th percentile;
+* target spacing: 2-D images take the median pixel size; volumes the median spacing, except that an axis much
+  coarser than the others (anisotropic: > 3x in spacing and < 1/3 in voxels) takes its 10th percentile; training
+  and inference resample an image of another spacing to it (:func:`~unetcore.planning.task.working_spacing`);
 * patch: the largest that is no larger than the median (resampled) image, shaped like it (square in 2-D, where
   training rotates patches by 90 degrees), a multiple of each axis' pooling product, and within the memory
   budget at the smallest batch; depth: as many stages as the patch can pool (at most :data:`MAX_DEPTH`), pooling
@@ -44,6 +45,7 @@ from unetcore.errors import ConfigError, InputError
 from unetcore.model import PoolingPlan, deepest, plan_pooling
 from unetcore.modes import SpatialDims
 from unetcore.planning.fingerprint import DatasetFingerprint, ImageFingerprint, fingerprint
+from unetcore.planning.task import working_spacing
 
 PLAN_FILE = "plan.json"
 PLAN_VERSION = 1
@@ -62,7 +64,6 @@ MAX_BATCH = {2: 8, 3: 2}
 BATCH_COVERAGE = 0.05  # nnU-Net: a batch holds at most this share of the training voxels
 MIN_PATCH = 16
 FLOATS_PER_FEATURE = 8  # activations kept for the backward pass per feature-map value (convs, norms, ReLUs, skips)
-ANISOTROPY = 3.0
 FOREGROUND_FRACTION = 0.33
 BALANCE_BELOW = 0.5  # class-balanced sampling when the rarest foreground class is below this share of the commonest
 
@@ -238,48 +239,9 @@ def _nested(values: Mapping[str, Any]) -> dict[str, Any]:
 # --- the pure rules -----------------------------------------------------------------------------------------
 
 
-def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> tuple[tuple[float, ...],
-                                                                                                   str]:
-    """nnU-Net's full-resolution target spacing of volumes, and why.
-
-    The median spacing per axis; but when the coarsest axis is anisotropic (its median spacing over
-    :data:`ANISOTROPY` times the others' and its median size under 1/:data:`ANISOTROPY` of theirs), it takes the
-    10th percentile of its spacings instead (at least the finest other axis'), so that thin-slice scans are not
-    thrown away to match thick ones.
-    """
-    spacing = np.asarray(spacings, np.float64)
-    target = np.median(spacing, 0)
-    sizes = np.median(np.asarray(shapes, np.float64), 0)
-    worst = int(np.argmax(target))
-    others = [a for a in range(len(target)) if a != worst]
-    coarse = target[worst] > ANISOTROPY * max(target[a] for a in others)
-    thin = sizes[worst] * ANISOTROPY < min(sizes[a] for a in others)
-    shown = " x ".join(f"{s:g}" for s in target)
-    if not (coarse and thin):
-        return tuple(float(s) for s in target), f"median voxel spacing ({shown})"
-    value = float(np.percentile(spacing[:, worst], 10))
-    if value < max(target[a] for a in others):
-        value = float(max(target[a] for a in others)) + 1e-5
-    target[worst] = value
-    return (tuple(float(s) for s in target),
-            f"anisotropic (axis {worst} median spacing {np.median(spacing[:, worst]):g} > {ANISOTROPY:g}x the others, "
-            f"{sizes[worst]:g} voxels < 1/{ANISOTROPY:g} of theirs): that axis takes its 10th percentile, the others "
-            "their median (nnU-Net)")
-
-
 def resampled_shape(image: ImageFingerprint, spacing: Sequence[float]) -> list[float]:
     """The shape ``image`` takes at ``spacing`` (voxels, not rounded)."""
     return [n * s / t for n, s, t in zip(image.shape, image.spacing, spacing)]
-
-
-def working_spacing(fp: DatasetFingerprint) -> tuple[tuple[float, ...], str]:
-    """The spacing a model of this dataset works at, and why: a volume's :func:`target_spacing`; a 2-D image's
-    own (2-D images are not resampled, so it is recorded, not imposed)."""
-    if fp.spatial_dims == 2:
-        shown = " x ".join(f"{s:g}" for s in fp.spacing.median)
-        return fp.spacing.median, f"2-D images are trained on their own pixel grid (median pixel size {shown})"
-    spacing, why = target_spacing([i.spacing for i in fp.images], [i.shape for i in fp.images])
-    return spacing, why + "; recorded, not imposed: training samples each volume on its own grid"
 
 
 def training_bytes(patch: Sequence[int], batch: int, base_channels: int, pool: Sequence[Sequence[int]]) -> int:

@@ -8,7 +8,7 @@ measures both models on the same validation set).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +18,9 @@ import numpy as np
 from unetcore.config import ModelConfig
 from unetcore.planning.fingerprint import DatasetFingerprint
 from unetcore.store.manifest import image_id
+
+ANISOTROPY = 3.0
+"""An axis this many times coarser than the others (and as many times shorter) is anisotropic (nnU-Net)."""
 
 
 @dataclass(frozen=True)
@@ -100,14 +103,55 @@ class TaskSignature:
         return f"{classes}, {channels}, {self.spatial_dims}-D"
 
 
-def trained_spacing(fp: DatasetFingerprint) -> tuple[float, ...]:
-    """The spacing a model trained on ``fp`` has seen: the median spacing of the training images.
+def target_spacing(spacings: Sequence[Sequence[float]], shapes: Sequence[Sequence[int]]) -> tuple[tuple[float, ...],
+                                                                                                   str]:
+    """nnU-Net's full-resolution target spacing of volumes, and why.
 
-    Training does not resample (each image is sampled on its own grid), so this, not the plan's target spacing
-    (which differs for mixed, anisotropic spacings: nnU-Net's 10th percentile), is what inference resamples to;
-    for a dataset of one spacing the two agree.
+    The median spacing per axis; but when the coarsest axis is anisotropic (its median spacing over
+    :data:`ANISOTROPY` times the others' and its median size under 1/:data:`ANISOTROPY` of theirs), it takes the
+    10th percentile of its spacings instead (at least the finest other axis'), so that thin-slice scans are not
+    thrown away to match thick ones.
     """
-    return tuple(float(v) for v in np.median([i.spacing for i in fp.training], 0))
+    spacing = np.asarray(spacings, np.float64)
+    target = np.median(spacing, 0)
+    sizes = np.median(np.asarray(shapes, np.float64), 0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    coarse = target[worst] > ANISOTROPY * max(target[a] for a in others)
+    thin = sizes[worst] * ANISOTROPY < min(sizes[a] for a in others)
+    shown = " x ".join(f"{s:g}" for s in target)
+    if not (coarse and thin):
+        return tuple(float(s) for s in target), f"median voxel spacing ({shown})"
+    value = float(np.percentile(spacing[:, worst], 10))
+    if value < max(target[a] for a in others):
+        value = float(max(target[a] for a in others)) + 1e-5
+    target[worst] = value
+    return (tuple(float(s) for s in target),
+            f"anisotropic (axis {worst} median spacing {np.median(spacing[:, worst]):g} > {ANISOTROPY:g}x the others, "
+            f"{sizes[worst]:g} voxels < 1/{ANISOTROPY:g} of theirs): that axis takes its 10th percentile, the others "
+            "their median (nnU-Net)")
+
+
+def working_spacing(fp: DatasetFingerprint) -> tuple[tuple[float, ...], str]:
+    """The spacing a model of this dataset works at, and why: the median pixel size of its labelled images (2-D),
+    the :func:`target_spacing` of its labelled volumes (3-D; train and validation splits, as nnU-Net's fingerprint
+    takes every training case). Training and inference resample every image whose
+    own spacing differs from it by more than 5 % on an axis (on the fly, region by region), so this is the grid
+    the model sees."""
+    spacings, shapes = [i.spacing for i in fp.images], [i.shape for i in fp.images]
+    if fp.spatial_dims == 2:
+        median = tuple(float(v) for v in np.median(spacings, 0))
+        shown = " x ".join(f"{s:g}" for s in median)
+        why = f"median pixel size of the labelled images ({shown})"
+    else:
+        median, why = target_spacing(spacings, shapes)
+    return median, why + "; an image of another spacing is resampled to it in training and in inference"
+
+
+def trained_spacing(fp: DatasetFingerprint) -> tuple[float, ...]:
+    """The spacing a model trained on ``fp`` works at (:func:`working_spacing`): what training resamples the
+    images to and what inference resamples an image to."""
+    return working_spacing(fp)[0]
 
 
 def training_task(model: ModelConfig, fp: DatasetFingerprint) -> TaskSignature:

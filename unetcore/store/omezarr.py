@@ -45,8 +45,6 @@ from unetcore.errors import InputError
 OME_VERSION = "0.5"
 LABELS_GROUP = "labels"
 PYRAMID_MIN_SIZE = 1024
-PYRAMID_SLAB_VALUES = 1 << 22
-"""Values of the level above that one pyramid job reads at a time (4 M: 8 MB of float16 probabilities)."""
 _SPATIAL_NAMES = ("z", "y", "x")
 
 
@@ -338,14 +336,31 @@ def write_halved(group: zarr.Group, kind: Literal["image", "label"], box: Sequen
     return True
 
 
+def source_pieces(src: zarr.Array, region: Sequence[slice], factors: Sequence[int]) -> list[tuple[slice, ...]]:
+    """The parts of level ``src`` that halving (by ``factors``) reads for the spatial ``region`` of the next level,
+    cut on ``src``'s chunk grid: each part lies in one chunk per axis (two where a chunk's size is odd along a
+    halved axis), starts on a multiple of its axis' factor and has an even size except at the level's end, so
+    halving the parts one by one gives the bytes of halving their union. A job then holds one decoded chunk at a
+    time instead of the 2x-sized union (8 chunks of a volume) and decodes each once."""
+    dims = len(region)
+    cuts = []
+    for r, f, c, n in zip(region, factors, src.chunks[-dims:], src.shape[-dims:]):
+        lo, hi = r.start * f, min(r.stop * f, n)
+        step = c if c % f == 0 else c * f
+        edges = [lo, *range((lo // step + 1) * step, hi, step), hi]
+        cuts.append([slice(a, b) for a, b in zip(edges, edges[1:]) if a < b])
+    return list(itertools.product(*cuts))
+
+
 def build_pyramid(
     group: zarr.Group, kind: Literal["image", "label"], threads: int = 0, *, first: int = 1,
     pool: ThreadPoolExecutor | None = None,
 ) -> None:
     """Fill levels ``first``..n from the level above, one output chunk per job (one writer per chunk).
 
-    Each level is computed from the one above, reading a 2x-sized region (along the halved axes) per output
-    chunk, so memory is a few chunks per thread whatever the image size. ``pool`` reuses the caller's threads.
+    Each level is computed from the one above, reading the 2x-sized region (along the halved axes) of each output
+    chunk one source chunk at a time (:func:`source_pieces`), so memory is two chunks per thread whatever the image
+    size. ``pool`` reuses the caller's threads.
     """
     levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
     own = None if pool is not None else ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
@@ -364,17 +379,10 @@ def build_pyramid(
                 region = tuple(slice(o, min(o + c, n)) for o, c, n in zip(origin, steps, sizes))
                 lead = dst.shape[: dst.ndim - len(region)]
                 out = np.empty((*lead, *(r.stop - r.start for r in region)), dtype=dst.dtype)
-                # the source is read in slabs along the first axis: a job's memory stays a few MB per thread
-                # whatever the chunk (a volume's chunks reach 4 M voxels, their source region 8x that)
-                per_row = math.prod(lead) * factors[0] * math.prod((r.stop - r.start) * f
-                                                                   for r, f in zip(region[1:], factors[1:]))
-                rows = max(1, PYRAMID_SLAB_VALUES // max(1, per_row))
-                for r0 in range(region[0].start, region[0].stop, rows):
-                    r1 = min(r0 + rows, region[0].stop)
-                    above = (slice(r0 * factors[0], r1 * factors[0]),
-                             *(slice(r.start * f, r.stop * f) for r, f in zip(region[1:], factors[1:])))
-                    out[(*(slice(None),) * len(lead), slice(r0 - region[0].start, r1 - region[0].start))] = halve(
-                        np.asarray(src[(Ellipsis, *above)]), kind, factors)
+                for piece in source_pieces(src, region, factors):  # each source chunk decoded once, one at a time
+                    at = tuple(slice((p.start - r.start * f) // f, (p.stop - r.start * f) // f)
+                               for p, r, f in zip(piece, region, factors))
+                    out[(Ellipsis, *at)] = halve(np.asarray(src[(Ellipsis, *piece)]), kind, factors)
                 dst[(Ellipsis, *region)] = out
 
             origins = itertools.product(*(range(0, n, c) for n, c in zip(sizes, steps)))

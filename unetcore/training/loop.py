@@ -299,7 +299,7 @@ def _prepare(cfg: TrainConfig, inputs: TrainInputs, state: dict[str, Any] | None
     loss_fn = SegmentationLoss(cfg.loss, cfg.model.num_classes, cfg.ignore_index, cfg.class_weights).to(device)
     train_entries = mf.entries(inputs.manifest, "train")
     recipe = fit_normalization(cfg.normalization, train_entries)  # cfg keeps the recipe as given (resume checks)
-    loader, sampler = make_loader(cfg, Path(cfg.dataset), recipe)
+    loader, sampler = make_loader(cfg, Path(cfg.dataset), recipe, inputs.task)
     loop = restore(state, model, optimizer, scheduler, device) if state is not None else LoopState()
     saved = {"normalization": recipe.model_dump(), "tile": validation_tile(cfg),
              "dataset_manifest": mf.manifest_hash(Path(cfg.dataset)), "task": inputs.task.to_dict()}
@@ -414,19 +414,21 @@ def loader_workers(cfg: TrainConfig, on_gpu: bool) -> int:
     return max(0, min(4, (os.cpu_count() or 1) - 1))
 
 
-def make_loader(cfg: TrainConfig, dataset: Path, normalization: NormalizationConfig | None = None
-                ) -> tuple[DataLoader, EpochSampler]:
+def make_loader(cfg: TrainConfig, dataset: Path, normalization: NormalizationConfig | None = None,
+                task: TaskSignature | None = None) -> tuple[DataLoader, EpochSampler]:
     """The training DataLoader over ``cfg.dataset``'s train split and its epoch sampler.
 
     ``normalization`` is the fitted recipe (:func:`~unetcore.store.fit_normalization`); None = ``cfg``'s, fitted.
+    Patches are drawn at the spacing of ``task`` (None: the dataset's, :func:`~unetcore.planning.training_task`).
 
     Workers persist across epochs; the epoch travels inside each index (see :class:`EpochSampler`), so the
     batches are the same for any ``num_workers``.
     """
     if normalization is None:
         normalization = fit_normalization(cfg.normalization, mf.entries(mf.require(dataset), "train"))
+    task = training_task(cfg.model, fingerprint(dataset)) if task is None else task
     data = PatchDataset(
-        load_images(dataset, "train", cfg.ignore_index), training_patch(cfg), cfg.batch_size, cfg.steps_per_epoch,
+        load_images(dataset, "train", cfg.ignore_index, task.spacing, task.unit), training_patch(cfg), cfg.batch_size, cfg.steps_per_epoch,
         normalization, cfg.foreground_fraction, AugmentConfig() if cfg.augment else None, seed=cfg.seed,
         sampling=cfg.sampling, spatial_dims=cfg.model.spatial_dims,
     )

@@ -28,6 +28,8 @@ from torch.utils.data import Dataset, Sampler
 
 from unetcore.config import NormalizationConfig
 from unetcore.errors import ConfigError, InputError
+from unetcore.inference.resample import Resampling, linear_resample, nearest_resample, resampling_for, source_box
+from unetcore.inference.windows import Block
 from unetcore.modes import SamplingKind
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
@@ -57,6 +59,19 @@ class _Image:
     stats: dict[str, Any]
     class_coords: dict[int, np.ndarray] = field(default_factory=dict)  # class -> (n, ndim) coarse coordinates
     coarse_factor: tuple[int, ...] = (1, 1)  # per spatial axis: full-resolution voxels per coarse voxel
+    resampling: Resampling | None = None  # its grid -> the model's spacing; None: sampled on its own grid
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """The shape patches are drawn from: the image's own, or its shape at the model's spacing."""
+        return self.shape if self.resampling is None else tuple(self.resampling.target)
+
+    def to_grid(self, voxel: Sequence[int]) -> list[int]:
+        """A voxel of the image's own grid as the nearest voxel of :attr:`grid`."""
+        r = self.resampling
+        if r is None:
+            return [int(v) for v in voxel]
+        return [min(t - 1, max(0, round((v + 0.5) * t / s - 0.5))) for v, s, t in zip(voxel, r.source, r.target)]
 
     @property
     def fg_coords(self) -> np.ndarray:
@@ -191,8 +206,11 @@ def _coarse_labels(root: zarr.Group) -> tuple[zarr.Array, tuple[int, ...]]:
     return coarse, factor
 
 
-def load_images(dataset: Path, split: str, ignore_index: int | None = None) -> list[_Image]:
-    """The images of ``split`` that have masks, ready for sampling.
+def load_images(dataset: Path, split: str, ignore_index: int | None = None,
+                spacing: Sequence[float] | None = None, unit: str | None = None) -> list[_Image]:
+    """The images of ``split`` that have masks, ready for sampling; with ``spacing`` (the model's, in ``unit``),
+    each image whose own spacing differs from it is sampled on its grid at that spacing
+    (:func:`~unetcore.inference.resample.resampling_for`, as inference resamples it).
 
     Raises:
         InputError: no image of that split has a mask.
@@ -206,7 +224,10 @@ def load_images(dataset: Path, split: str, ignore_index: int | None = None) -> l
         store = mf.store_path(dataset, entry["id"])
         coarse, factor = _coarse_labels(omezarr.open_root(store))
         coords = class_locations(coarse, ignore_index)
-        out.append(_Image(store, tuple(entry["shape"]), entry["stats"], coords, factor))
+        shape = tuple(entry["shape"])
+        own = entry.get("spacing") or [1.0] * len(shape)
+        resampling = None if spacing is None else resampling_for(shape, own, entry.get("unit"), spacing, unit)[0]
+        out.append(_Image(store, shape, entry["stats"], coords, factor, resampling))
     if not out:
         raise InputError(dataset, f"no images with masks in the '{split}' split", "ingest masks with --masks")
     dims = sorted({len(img.shape) for img in out})
@@ -344,24 +365,37 @@ class PatchDataset(Dataset):
 
     def _origin(self, rng: np.random.Generator, img: _Image, coords: np.ndarray | None) -> tuple[int, ...]:
         """The patch's first voxel: centred on a random one of ``coords`` (coarse), else uniform; inside the image."""
+        grid = img.grid
         if coords is not None and len(coords):
             centre = coords[rng.integers(len(coords))]
-            start = [int(c) * f + int(rng.integers(f)) - p // 2
-                     for c, f, p in zip(centre, img.coarse_factor, self.patch)]
+            voxel = img.to_grid([int(c) * f + int(rng.integers(f)) for c, f in zip(centre, img.coarse_factor)])
+            start = [v - p // 2 for v, p in zip(voxel, self.patch)]
         else:
-            start = [int(rng.integers(0, max(1, n - p + 1))) for n, p in zip(img.shape, self.patch)]
-        return tuple(int(np.clip(s, 0, max(0, n - p))) for s, n, p in zip(start, img.shape, self.patch))
+            start = [int(rng.integers(0, max(1, n - p + 1))) for n, p in zip(grid, self.patch)]
+        return tuple(int(np.clip(s, 0, max(0, n - p))) for s, n, p in zip(start, grid, self.patch))
+
+    def read_patch(self, img: _Image, origin: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The normalised image ``(C, *region)`` and labels ``(*region)`` of the patch at ``origin`` of the image's
+        :attr:`~_Image.grid` (the region stops at the grid's end): read from the store, resampled to the model's
+        spacing when the image has another (linear for the image, nearest for the labels)."""
+        image_arr, label_arr = self._arrays_for(img.store)
+        box = Block.from_corners(origin, [min(o + p, n) for o, p, n in zip(origin, self.patch, img.grid)])
+        r = img.resampling
+        src = box if r is None else source_box(r, box)
+        raw = self.cache.read((img.store, "image"), image_arr, (slice(0, image_arr.shape[0]), *src.slices))
+        image = normalize(raw, img.stats, self.recipe)
+        target = self.cache.read((img.store, "labels"), label_arr, src.slices)
+        if r is not None:
+            image = linear_resample(image, r.source, r.target, src.start, box)
+            target = nearest_resample(target, r.source, r.target, src.start, box)
+        return image, target.astype(np.int64)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, item = divmod(index, len(self))
         epoch += self.epoch
         rng = np.random.default_rng([self.seed, epoch, item])
         img, coords = self._pick(rng, self.is_foreground_slot(item))
-        region = tuple(slice(o, o + p) for o, p in zip(self._origin(rng, img, coords), self.patch))
-        image_arr, label_arr = self._arrays_for(img.store)
-        raw = self.cache.read((img.store, "image"), image_arr, (slice(0, image_arr.shape[0]), *region))
-        image = normalize(raw, img.stats, self.recipe)
-        target = self.cache.read((img.store, "labels"), label_arr, region).astype(np.int64)
+        image, target = self.read_patch(img, self._origin(rng, img, coords))
         image, target = pad_to(image, self.patch), pad_to(target, self.patch)
         model_patch = self.patch[len(self.patch) - self.spatial_dims:]  # a slice's (py, px) for a 2-D model
         image, target = image.reshape(image.shape[0], *model_patch), target.reshape(model_patch)

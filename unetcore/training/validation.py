@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +12,10 @@ import torch
 
 from unetcore.config import TrainConfig
 from unetcore.inference.predict import BlockPredictor
+from unetcore.inference.resample import resampled_outputs, resampling_for
+from unetcore.inference.windows import Block, plan_blocks
 from unetcore.metrics import confusion_counts, dice_from_counts, hd95, iou_from_counts
+from unetcore.planning.task import TaskSignature
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
 from unetcore.tracking import log_volume_preview
@@ -29,8 +32,12 @@ def evaluate(
     *,
     ignore_index: int | None = None,
     with_hd95: bool = False,
+    task: TaskSignature | None = None,
 ) -> dict[str, float]:
     """Whole-image sliding-window validation: Dice and IoU per foreground class and their means.
+
+    With the model's ``task``, an image of another spacing than the task's is predicted at the task's spacing
+    and scored on its own grid, as ``unet predict`` does (:mod:`unetcore.inference.resample`).
 
     Counts are accumulated block by block over the whole set, so memory does not grow with image size
     (except with ``with_hd95``, which holds one image's labels whole). Empty ground truth is explicit:
@@ -46,7 +53,7 @@ def evaluate(
         root = omezarr.open_root(mf.store_path(dataset, entry["id"]))
         image, truth = omezarr.image_array(root), omezarr.label_array(root)
         whole = np.zeros(image.shape[1:], np.uint8) if with_hd95 else None
-        for block, _, labels in predictor.blocks(image, entry["stats"], block_size):
+        for block, labels in _labelled_blocks(predictor, image, entry, block_size, task):
             t, p, n = confusion_counts(labels, np.asarray(truth[block.slices]), predictor.num_classes, ignore_index)
             tp, fp, fn = tp + t, fp + p, fn + n
             if whole is not None:
@@ -64,6 +71,22 @@ def evaluate(
         for c, ds in distances.items():
             out[f"val_hd95_class{c}"] = _nanmean(np.array(ds))
     return out
+
+
+def _labelled_blocks(predictor: BlockPredictor, image: Any, entry: dict[str, Any], block_size: int,
+                     task: TaskSignature | None) -> Iterator[tuple[Block, np.ndarray]]:
+    """``(block, labels)`` over one validation image, at the task's spacing when the image has another."""
+    shape = tuple(image.shape[1:])
+    r = None
+    if task is not None:
+        own = entry.get("spacing") or [1.0] * len(shape)
+        r, _ = resampling_for(shape, own, entry.get("unit"), task.spacing, task.unit)
+    if r is None:
+        for block, _, labels in predictor.blocks(image, entry["stats"], block_size):
+            yield block, labels
+        return
+    for block in plan_blocks(shape, (block_size,) * len(shape)):
+        yield block, resampled_outputs(predictor, image, entry["stats"], block, r)[1]
 
 
 def image_hd95(pred: np.ndarray, truth: np.ndarray, ignore_index: int | None, out: dict[int, list[float]],
@@ -137,7 +160,7 @@ class Validation:
     def score(self, model: torch.nn.Module, config: dict[str, Any]) -> dict[str, float]:
         """:func:`evaluate` of ``model`` on the validation entries."""
         return evaluate(self.predictor(model, config), self.dataset, self.entries, ignore_index=self.ignore_index,
-                        with_hd95=self.with_hd95)
+                        with_hd95=self.with_hd95, task=TaskSignature.of_model(config))
 
     def preview(self, model: torch.nn.Module, config: dict[str, Any], step: int) -> None:
         """:func:`preview` of the first validation image, logged at ``step``."""
