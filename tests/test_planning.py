@@ -10,6 +10,7 @@ steps cut by explicit options (``--epochs 1 --steps-per-epoch 1``), so each take
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -268,6 +269,10 @@ def test_the_length_of_training_is_a_fixed_amount_of_work_in_steps() -> None:
     assert (epochs, per_epoch) == (10, 134) and "optimiser steps" in why and "not wall time" in why
     assert plan_steps((128, 128), 2, 2) == (epochs, per_epoch, why)  # a pure function of the plan
     assert plan_steps((256, 256), 8, 2)[1] < per_epoch  # more work per step: fewer steps
+    # a large 3-D patch (the MNI volume's plan) gets the 3-D floor, a large 2-D one the 2-D floor, and say so
+    epochs3, per_epoch3, why3 = plan_steps((128, 64, 80), 2, 3)
+    assert epochs3 * per_epoch3 == 400 and "the fewest a 3-D UNet is given" in why3 and "make 33" in why3
+    assert math.prod(plan_steps((2048, 2048), 8, 2)[:2]) == 100
 
 
 def test_sampling_is_class_balanced_only_for_imbalanced_foreground_classes() -> None:
