@@ -340,6 +340,8 @@ def train(
     in_channels: Optional[int] = option(TrainConfig, "model.in_channels"),
     base_channels: Optional[int] = option(TrainConfig, "model.base_channels"),
     depth: Optional[int] = option(TrainConfig, "model.depth"),
+    deep_supervision: Optional[bool] = option(TrainConfig, "model.deep_supervision",
+                                              "--deep-supervision/--no-deep-supervision"),
     dims: Optional[int] = option(TrainConfig, "model.spatial_dims", "--dims",
                                  help="Spatial dimensions of the model; default: the data's (the plan). 2 on volumes "
                                  "trains nnU-Net's \"2d\" configuration: a 2-D model on z-slices, planned for them, "
@@ -375,7 +377,8 @@ def train(
         given = {"output": str(output) if output else None, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
                  "patch_size": patch_size, "batch_size": batch_size, "lr": lr, "optimizer": optimizer,
                  "schedule": schedule, "loss": loss, "model.num_classes": num_classes, "model.in_channels": in_channels,
-                 "model.base_channels": base_channels, "model.depth": depth, "model.spatial_dims": dims, "time_budget_s": time_budget_s,
+                 "model.base_channels": base_channels, "model.depth": depth,
+                 "model.deep_supervision": deep_supervision, "model.spatial_dims": dims, "time_budget_s": time_budget_s,
                  "patience": patience, "device": device, "tracking_uri": tracking_uri,
                  "registered_model": registered_model, "resume": resume, "seed": seed, "sampling": sampling,
                  "ignore_index": ignore_index, "num_workers": num_workers,

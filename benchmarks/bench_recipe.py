@@ -22,7 +22,9 @@ held-out quadrant through the block predictor. Recipes, each from the same seed:
   tiles), for ``--steps`` steps in 8 epochs;
 * ``plan+tta``: the ``plan`` model predicting with the 4 flips averaged (no retraining);
 * ``plan-cheap``: the plan with ``base_channels`` 8 (a quarter of the FLOPs) for twice the steps (about the same
-  wall time).
+  wall time);
+* ``plan+ds``: the plan with deep supervision (``model.deep_supervision``: extra heads on the decoder's coarser
+  stages, nnU-Net's loss weights), the same steps.
 
 Classical baselines on the same split: Otsu's threshold of the test quadrant; Otsu then a distance-transform
 watershed (markers: peaks 5 px apart) with watershed lines, as an instance method scored on its foreground.
@@ -66,8 +68,8 @@ from unetcore.store import omezarr  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAST_BATCH = 8
-ALL_TRAINED = ("plan", "plan+tta", "plan-cheap", "last")
-METHODS = ("plan", "plan+tta", "plan-cheap", "last", "otsu", "otsu+watershed")
+ALL_TRAINED = ("plan", "plan+tta", "plan-cheap", "plan+ds", "last")
+METHODS = ("plan", "plan+tta", "plan-cheap", "plan+ds", "last", "otsu", "otsu+watershed")
 
 
 def load_sample(wheel: Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +112,8 @@ def recipes(ds: Path, root: Path, steps: int) -> dict[str, tuple[TrainConfig, An
     planned = planned_config(ds)[1]
     epochs, batch = planned["epochs"], planned["batch_size"]
     plan_steps = steps * LAST_BATCH / batch  # the same patch pixels as the last recipe's steps
-    for name, extra, n in (("plan", {}, plan_steps), ("plan-cheap", {"model.base_channels": 8}, 2 * plan_steps)):
+    for name, extra, n in (("plan", {}, plan_steps), ("plan-cheap", {"model.base_channels": 8}, 2 * plan_steps),
+                           ("plan+ds", {"model.deep_supervision": True}, plan_steps)):
         cfg, plan = planned_config(ds, {"steps_per_epoch": max(1, round(n / epochs)), **extra},
                                    output=str(root / name), **targets, registered_model=f"bench-{name}")
         out[name] = (cfg, plan)
@@ -129,7 +132,7 @@ def run_fold(k: int, image: np.ndarray, mask: np.ndarray, steps: int, skip: set[
     fold: dict[str, Any] = {"counts": {"otsu": counts(test_image > threshold_otsu(test_image), truth),
                                        "otsu+watershed": counts(otsu_watershed(test_image), truth)},
                             "train_s": {}, "val_dice": {}, "recipe": {}}
-    if skip >= {"plan", "plan+tta", "plan-cheap", "last"}:  # the baselines alone (seconds)
+    if skip >= set(ALL_TRAINED):  # the baselines alone (seconds)
         return fold
     with tempfile.TemporaryDirectory(prefix=f"bench-recipe-{k}-") as tmp:
         root = Path(tmp)
@@ -157,7 +160,8 @@ def main() -> None:
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--steps", type=int, default=64, help="Optimiser steps of the last recipe (batch 8); the "
                         "plan gets the same patch pixels.")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["plan", "plan+tta", "plan-cheap", "last"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(ALL_TRAINED))
+    parser.add_argument("--out", default=None, help="result file name in benchmarks/results (default recipe.json)")
     args = parser.parse_args()
     image, mask = load_sample(args.wheel)
     t_start = time.perf_counter()
@@ -177,7 +181,9 @@ def main() -> None:
 
 
 def _result_name(args: argparse.Namespace) -> str:
-    trained = {"plan", "plan+tta", "plan-cheap", "last"} - set(args.skip)
+    if args.out:
+        return str(args.out)
+    trained = set(ALL_TRAINED) - set(args.skip)
     return "recipe.json" if trained else "recipe_baselines.json"
 
 

@@ -189,3 +189,20 @@ def test_a_volume_loss_has_gradients_and_a_perfect_prediction_scores_zero() -> N
     logits = torch.zeros(1, 2, 4, 6, 6, requires_grad=True)
     SegmentationLoss("dice_ce", 2)(logits, target).backward()
     assert logits.grad.shape == logits.shape and logits.grad.abs().sum() > 0
+
+
+def test_deep_supervision_weighs_each_halving_half_and_samples_the_target() -> None:
+    from unetcore.training.losses import DeepSupervisionLoss, deep_supervision_weights, downsampled_target
+
+    assert deep_supervision_weights(3) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    torch.manual_seed(1)
+    target = torch.randint(0, 3, (2, 8, 8))
+    target[0, 0, 0] = 255  # an ignore label stays one
+    assert torch.equal(downsampled_target(target, (4, 4)), target[:, ::2, ::2])
+    base = SegmentationLoss("dice_ce", 3, ignore_index=255)
+    outs = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4), torch.randn(2, 3, 2, 2)]
+    expected = sum(w * base(o, t) for w, o, t in zip(deep_supervision_weights(3), outs,
+                                                      (target, target[:, ::2, ::2], target[:, ::4, ::4])))
+    loss = DeepSupervisionLoss(base)
+    assert loss(outs, target).item() == pytest.approx(float(expected), rel=1e-6)
+    assert loss(outs[0], target).item() == pytest.approx(base(outs[0], target).item(), rel=1e-6)

@@ -362,3 +362,32 @@ def test_planned_3d_unet_runs_on_its_patch() -> None:
     model = UNet(tiny3d(depth=3, pool=plan.pool, kernels=plan.kernels)).eval()
     with torch.no_grad():
         assert model(torch.randn(1, 1, 8, 32, 32)).shape == (1, 1, 8, 32, 32)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_deep_supervision_adds_coarser_heads_and_leaves_the_prediction_alone(dims: int, tmp_path: Path) -> None:
+    """Depth 4: heads at 1/2 and 1/4 (the 1/8 stage has none, as nnU-Net weighs it 0). The first training output
+    is the prediction itself; the main path ignores the extra heads, so a model without them, given the same
+    other weights, predicts the same; the weights round-trip with the heads."""
+    torch.manual_seed(0)
+    deep = build_model(tiny(depth=4, deep_supervision=True, spatial_dims=dims)).eval()
+    size = (32,) * dims
+    x = torch.randn(2, 1, *size)
+    outputs = deep.forward_deep(x)
+    assert [tuple(o.shape[2:]) for o in outputs] == [size, (16,) * dims, (8,) * dims]
+    with torch.no_grad():
+        assert torch.equal(outputs[0], deep(x))
+        plain = build_model(tiny(depth=4, spatial_dims=dims)).eval()
+        missing = plain.load_state_dict(deep.state_dict(), strict=False)
+        assert missing.missing_keys == [] and all(k.startswith("aux_heads.") for k in missing.unexpected_keys)
+        assert len(missing.unexpected_keys) == 4  # two heads, a weight and a bias each
+        assert torch.equal(plain(x), deep(x))
+    save_model(tmp_path / "m", deep)
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), deep(x))
+    # an odd input is padded: the coarse outputs are cropped to ceil(size / stride)
+    odd = deep.forward_deep(torch.randn(1, 1, *(33,) * dims))
+    assert [tuple(o.shape[2:]) for o in odd] == [(33,) * dims, (17,) * dims, (9,) * dims]
+    assert build_model(tiny(depth=2, deep_supervision=True)).aux_heads is not None
+    assert len(build_model(tiny(depth=2, deep_supervision=True)).aux_heads) == 0  # no stage between

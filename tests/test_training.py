@@ -562,3 +562,28 @@ def test_an_unfinished_run_of_another_recipe_is_never_overwritten_silently(
     restarted = training.train(cfg.model_copy(update={"lr": 0.05, "resume": False}))
     assert restarted.epochs_run == 3 and "resumed_at_epoch" not in MlflowClient(tracking_uri).get_run(
         restarted.run_id).data.tags
+
+
+def test_deep_supervision_trains_through_every_head_and_packages_a_predicting_model(
+        binary_ds: Path, tracking_uri: str, tmp_path: Path) -> None:
+    """A step's loss is the weighted sum over the three outputs (the heads get gradients); the saved model keeps
+    the heads and predicts with the full-resolution one."""
+    from unetcore.model import build_model, load_model
+    from unetcore.training.losses import DeepSupervisionLoss, SegmentationLoss
+
+    model_cfg = ModelConfig(base_channels=4, depth=4, deep_supervision=True)
+    torch.manual_seed(0)
+    model = build_model(model_cfg)
+    batch = (torch.randn(2, 1, 64, 64), torch.randint(0, 2, (2, 64, 64)))
+    loss_fn = DeepSupervisionLoss(SegmentationLoss("dice_ce", 1))
+    training.train_step(model.forward_deep, list(model.parameters()), batch, loss_fn,
+                        torch.optim.SGD(model.parameters(), lr=0.0), torch.device("cpu"), 0.0)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.aux_heads.parameters())
+    result = training.train(_cfg(binary_ds, tmp_path, tracking_uri, "deep", model=model_cfg, epochs=1,
+                                 steps_per_epoch=3))
+    assert result.model_version == 1
+    saved, config = load_model(tmp_path / "best")
+    assert config["model"]["deep_supervision"] is True and saved.aux_heads is not None
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        assert saved.eval()(x).shape == (1, 1, 64, 64)

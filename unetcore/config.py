@@ -111,6 +111,9 @@ class ModelConfig(_Config):
     norm: NormKind = Field("batch", description="Normalisation layer.")
     upsample: UpsampleKind = Field("transpose", description="Decoder up-sampling.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout probability in the bottleneck.")
+    deep_supervision: bool = Field(
+        False, description="Train with extra 1x1 heads on the decoder's coarser stages too, each halving weighted "
+        "half as much (nnU-Net's deep supervision); prediction uses the full-resolution head only.")
     spatial_dims: SpatialDims = Field(
         2, description="2: a 2-D UNet (images; on volumes it trains on z-slices and predicts slice by slice, nnU-Net's "
         "\"2d\" configuration); 3: a 3-D UNet for volumes."

@@ -99,27 +99,60 @@ class UNet(nn.Module):
             for i in reversed(range(config.depth))
         )
         self.head = OutHead(widths[0], config.num_classes, dims)
+        # deep supervision: a head on each decoder output but the last (full resolution, ``head``) and the first
+        # (the coarsest, which nnU-Net weighs 0), finest first
+        self.aux_heads = nn.ModuleList(OutHead(widths[i], config.num_classes, dims)
+                                       for i in range(1, config.depth - 1)) if config.deep_supervision else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x ``(N, in_channels, [D,] H, W)``. Returns logits ``(N, num_classes, [D,] H, W)``."""
+    def _checked(self, x: torch.Tensor) -> None:
         dims = self.config.spatial_dims
         if x.ndim != dims + 2 or x.shape[1] != self.config.in_channels:
             axes = "H, W" if dims == 2 else "D, H, W"
             raise ValueError(f"expected input (N, {self.config.in_channels}, {axes}), got {tuple(x.shape)}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``(N, in_channels, [D,] H, W)``. Returns logits ``(N, num_classes, [D,] H, W)``."""
+        self._checked(x)
         x, box = pad_to_multiple(x, self.multiple)
         return crop(self.forward_padded(x), box)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of an input whose spatial sizes are already multiples of ``self.multiple`` (same sizes out)."""
+        return self._decoded(x, with_aux=False)[-1]
+
+    def forward_deep(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Training outputs with deep supervision: the logits (as :meth:`forward`), then each auxiliary head's, finest
+        first, at its stage's resolution (cropped like the logits, to ``ceil(size / stride)`` per axis). Without
+        ``deep_supervision``: ``[forward(x)]``."""
+        self._checked(x)
+        x, box = pad_to_multiple(x, self.multiple)
+        stages = self._decoded(x, with_aux=True)
+        outputs = [crop(stages[-1], box)]
+        n = len(box) // 2
+        for h in reversed(stages[:-1]):
+            stride = [a // b for a, b in zip(x.shape[2:], h.shape[2:])]
+            outputs.append(crop(h, (*(o // s for o, s in zip(box[:n], stride)),
+                                    *(-(-size // s) for size, s in zip(box[n:], stride)))))
+        return outputs
+
+    def _decoded(self, x: torch.Tensor, with_aux: bool) -> list[torch.Tensor]:
+        """The heads' logits of a padded input: the auxiliary heads' (coarsest first; none unless ``with_aux``),
+        then the main head's."""
         skips = []
         h = self.stem(x)
         for down in self.downs:
             skips.append(h)
             h = down(h)
         h = self.dropout(h)
-        for up, skip in zip(self.ups, reversed(skips)):
+        aux = list(self.aux_heads) if with_aux and self.aux_heads is not None else []
+        first_aux = len(self.ups) - 1 - len(aux)  # decoder outputs before this one have no head
+        outputs = []
+        for i, (up, skip) in enumerate(zip(self.ups, reversed(skips))):
             h = up(h, skip)
-        return self.head(h)
+            if aux and first_aux <= i < len(self.ups) - 1:
+                outputs.append(aux[len(aux) - 1 - (i - first_aux)](h))
+        outputs.append(self.head(h))
+        return outputs
 
 
 def build_model(config: ModelConfig) -> UNet:

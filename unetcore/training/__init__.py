@@ -22,7 +22,7 @@ from unetcore.training.loop import (
     training_patch,
     validation_tile,
 )
-from unetcore.training.losses import SegmentationLoss
+from unetcore.training.losses import DeepSupervisionLoss, SegmentationLoss, deep_supervision_weights
 from unetcore.training.optim import lr_lambda, make_optimizer, make_scheduler
 from unetcore.training.sampler import (
     ChunkCache,
@@ -45,6 +45,8 @@ __all__ = [
     "LoopState",
     "PatchDataset",
     "SegmentationLoss",
+    "DeepSupervisionLoss",
+    "deep_supervision_weights",
     "TrainingInterrupted",
     "TrainInputs",
     "TrainResult",

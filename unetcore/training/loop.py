@@ -47,13 +47,13 @@ from unetcore.training.checkpoint import (
     restore,
     save_checkpoint,
 )
-from unetcore.training.losses import SegmentationLoss
+from unetcore.training.losses import DeepSupervisionLoss, SegmentationLoss
 from unetcore.training.optim import make_optimizer, make_scheduler
 from unetcore.training.sampler import EpochSampler, PatchDataset, load_images
 from unetcore.training.validation import Validation
 
 EMA_DECAY = 0.9
-Forward = Callable[[torch.Tensor], torch.Tensor]
+Forward = Callable[[torch.Tensor], Any]  # logits, or a list of them at several resolutions (deep supervision)
 
 
 @dataclass
@@ -286,7 +286,8 @@ def _build(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, For
     """Seeded model (channels_last for a 2-D one), its forward (compiled if asked), optimiser and LR scheduler."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model).to(device).to(memory_format=memory_format(cfg.model.spatial_dims + 2))
-    forward = torch.compile(model) if cfg.compile else model
+    net = model.forward_deep if cfg.model.deep_supervision else model  # outputs at several resolutions, or one
+    forward = torch.compile(net) if cfg.compile else net
     optimizer = make_optimizer(cfg, model)
     return model, forward, optimizer, make_scheduler(cfg, optimizer)
 
@@ -296,7 +297,10 @@ def _prepare(cfg: TrainConfig, inputs: TrainInputs, state: dict[str, Any] | None
     """Build the model, loss, loader and validation; restore ``state`` (a checkpoint) into them if given."""
     device = resolve_device(cfg.device)
     model, forward, optimizer, scheduler = _build(cfg, device)
-    loss_fn = SegmentationLoss(cfg.loss, cfg.model.num_classes, cfg.ignore_index, cfg.class_weights).to(device)
+    loss_fn: torch.nn.Module = SegmentationLoss(cfg.loss, cfg.model.num_classes, cfg.ignore_index,
+                                                cfg.class_weights).to(device)
+    if cfg.model.deep_supervision:
+        loss_fn = DeepSupervisionLoss(loss_fn)
     train_entries = mf.entries(inputs.manifest, "train")
     recipe = fit_normalization(cfg.normalization, train_entries)  # cfg keeps the recipe as given (resume checks)
     loader, sampler = make_loader(cfg, Path(cfg.dataset), recipe, inputs.task)
@@ -444,7 +448,7 @@ def make_loader(cfg: TrainConfig, dataset: Path, normalization: NormalizationCon
 
 
 def train_step(
-    forward: Callable[[torch.Tensor], torch.Tensor],
+    forward: Forward,
     params: list[torch.nn.Parameter],
     batch: tuple[torch.Tensor, torch.Tensor],
     loss_fn: torch.nn.Module,
@@ -463,7 +467,7 @@ def train_step(
     targets = targets.to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = forward(images)
-    loss = loss_fn(logits.float(), targets)
+    loss = loss_fn([o.float() for o in logits] if isinstance(logits, list) else logits.float(), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip > 0:

@@ -193,3 +193,35 @@ class SegmentationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, num_classes={self.num_classes}, ignore_index={self.ignore_index}"
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """Loss weights of ``n`` outputs, full resolution first: halved per stage, summing to 1 (nnU-Net's)."""
+    raw = [0.5**i for i in range(n)]
+    return [w / sum(raw) for w in raw]
+
+
+def downsampled_target(target: Tensor, size: Sequence[int]) -> Tensor:
+    """``target`` ``(N, *spatial)`` at ``size`` by nearest sampling (a stride-``s`` output sees ``target[..., ::s]``;
+    an ignore label stays one)."""
+    if tuple(target.shape[1:]) == tuple(size):
+        return target
+    return F.interpolate(target[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(target.dtype)
+
+
+class DeepSupervisionLoss(nn.Module):
+    """``loss`` over a model's outputs at several resolutions (:meth:`unetcore.model.UNet.forward_deep`): the
+    sum of each output's loss against the target sampled to its size, weighted by
+    :func:`deep_supervision_weights`. A plain tensor is the one full-resolution output."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, outputs: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
+        outs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+        weights = deep_supervision_weights(len(outs))
+        total = weights[0] * self.loss(outs[0].float(), target)
+        for w, out in zip(weights[1:], outs[1:]):
+            total = total + w * self.loss(out.float(), downsampled_target(target, out.shape[2:]))
+        return total
