@@ -94,6 +94,7 @@ class NetConfig:
     norm: str = "batch"
     upsample: str = "transpose"
     dropout: float = 0.0
+    deep_supervision: bool = False
     spatial_dims: int = 2
     pool: list[list[int]] | None = None
     kernels: list[list[int]] | None = None
