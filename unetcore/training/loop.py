@@ -432,7 +432,8 @@ def make_loader(cfg: TrainConfig, dataset: Path, normalization: NormalizationCon
         normalization = fit_normalization(cfg.normalization, mf.entries(mf.require(dataset), "train"))
     task = training_task(cfg.model, fingerprint(dataset)) if task is None else task
     data = PatchDataset(
-        load_images(dataset, "train", cfg.ignore_index, task.spacing, task.unit), training_patch(cfg), cfg.batch_size, cfg.steps_per_epoch,
+        load_images(dataset, "train", cfg.ignore_index, task.spacing, task.unit), training_patch(cfg), cfg.batch_size,
+        cfg.steps_per_epoch,
         normalization, cfg.foreground_fraction, AugmentConfig() if cfg.augment else None, seed=cfg.seed,
         sampling=cfg.sampling, spatial_dims=cfg.model.spatial_dims,
     )
