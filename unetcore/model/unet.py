@@ -99,10 +99,11 @@ class UNet(nn.Module):
             for i in reversed(range(config.depth))
         )
         self.head = OutHead(widths[0], config.num_classes, dims)
-        # deep supervision: a head on each decoder output but the last (full resolution, ``head``) and the first
-        # (the coarsest, which nnU-Net weighs 0), finest first
+        # deep supervision: a head on each decoder output but the first (the coarsest, which nnU-Net weighs 0) and
+        # the last (full resolution: ``head``), in decoder order
+        stages = reversed(range(1, config.depth - 1))
         self.aux_heads = nn.ModuleList(OutHead(widths[i], config.num_classes, dims)
-                                       for i in range(1, config.depth - 1)) if config.deep_supervision else None
+                                       for i in stages) if config.deep_supervision else None
 
     def _checked(self, x: torch.Tensor) -> None:
         dims = self.config.spatial_dims
@@ -144,13 +145,12 @@ class UNet(nn.Module):
             skips.append(h)
             h = down(h)
         h = self.dropout(h)
-        aux = list(self.aux_heads) if with_aux and self.aux_heads is not None else []
-        first_aux = len(self.ups) - 1 - len(aux)  # decoder outputs before this one have no head
+        heads = list(self.aux_heads) if with_aux and self.aux_heads is not None else []
         outputs = []
         for i, (up, skip) in enumerate(zip(self.ups, reversed(skips))):
             h = up(h, skip)
-            if aux and first_aux <= i < len(self.ups) - 1:
-                outputs.append(aux[len(aux) - 1 - (i - first_aux)](h))
+            if 1 <= i <= len(heads):  # decoder output i has head i - 1 (output 0, the coarsest, has none)
+                outputs.append(heads[i - 1](h))
         outputs.append(self.head(h))
         return outputs
 
