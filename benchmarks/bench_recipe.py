@@ -24,7 +24,10 @@ held-out quadrant through the block predictor. Recipes, each from the same seed:
 * ``plan-cheap``: the plan with ``base_channels`` 8 (a quarter of the FLOPs) for twice the steps (about the same
   wall time);
 * ``plan+ds``: the plan with deep supervision (``model.deep_supervision``: extra heads on the decoder's coarser
-  stages, nnU-Net's loss weights), the same steps.
+  stages, nnU-Net's loss weights), the same steps;
+* ``plan-fg0`` / ``plan-fg1``: the plan with ``foreground_fraction`` 0 (every patch placed uniformly) and 1 (every
+  patch centred on a foreground pixel), the same steps. The plan's 0.33 of a batch of 2 rounds to one patch of
+  the two, as nnU-Net's does.
 
 Classical baselines on the same split: Otsu's threshold of the test quadrant; Otsu then a distance-transform
 watershed (markers: peaks 5 px apart) with watershed lines, as an instance method scored on its foreground.
@@ -68,8 +71,15 @@ from unetcore.store import omezarr  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAST_BATCH = 8
-ALL_TRAINED = ("plan", "plan+tta", "plan-cheap", "plan+ds", "last")
-METHODS = ("plan", "plan+tta", "plan-cheap", "plan+ds", "last", "otsu", "otsu+watershed")
+ALL_TRAINED = ("plan", "plan+tta", "plan-cheap", "plan+ds", "plan-fg0", "plan-fg1", "last")
+METHODS = ("plan", "plan+tta", "plan-cheap", "plan+ds", "plan-fg0", "plan-fg1", "last", "otsu", "otsu+watershed")
+VARIANTS: dict[str, tuple[dict[str, Any], int]] = {  # the plan's variants: options over the plan, steps factor
+    "plan": ({}, 1),
+    "plan-cheap": ({"model.base_channels": 8}, 2),
+    "plan+ds": ({"model.deep_supervision": True}, 1),
+    "plan-fg0": ({"foreground_fraction": 0.0}, 1),
+    "plan-fg1": ({"foreground_fraction": 1.0}, 1),
+}
 
 
 def load_sample(wheel: Path | None) -> tuple[np.ndarray, np.ndarray]:
@@ -112,8 +122,8 @@ def recipes(ds: Path, root: Path, steps: int) -> dict[str, tuple[TrainConfig, An
     planned = planned_config(ds)[1]
     epochs, batch = planned["epochs"], planned["batch_size"]
     plan_steps = steps * LAST_BATCH / batch  # the same patch pixels as the last recipe's steps
-    for name, extra, n in (("plan", {}, plan_steps), ("plan-cheap", {"model.base_channels": 8}, 2 * plan_steps),
-                           ("plan+ds", {"model.deep_supervision": True}, plan_steps)):
+    for name, (extra, factor) in VARIANTS.items():
+        n = factor * plan_steps
         cfg, plan = planned_config(ds, {"steps_per_epoch": max(1, round(n / epochs)), **extra},
                                    output=str(root / name), **targets, registered_model=f"bench-{name}")
         out[name] = (cfg, plan)
