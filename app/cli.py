@@ -217,11 +217,45 @@ def _flow_or_library(use_prefect: bool, flow_fn: Callable[[Any], Any], lib_fn: C
             return lib_fn(cfg)
     import importlib
 
+    allow_embedded_server_startup()
     importlib.import_module(flow_module or "prefect")  # sets up the console handlers that the hold below holds
     check(cfg)
     check_prefect_api()
-    with _progress_bar(), _user_errors_told_once():
+    with _progress_bar(), _user_errors_told_once(), embedded_server_errors():
         return flow_fn(cfg)
+
+
+EMBEDDED_STARTUP_S = 120
+"""Seconds the embedded (ephemeral) Prefect server may take to answer. Prefect's own default, 20 s, is too short on a
+busy 2-core machine: the run then died in a 70-line traceback before doing anything."""
+EMBEDDED_STARTUP_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def allow_embedded_server_startup() -> None:
+    """Give the embedded Prefect server :data:`EMBEDDED_STARTUP_S` to start unless the user set the limit; call it
+    before Prefect is imported (its settings are read then)."""
+    os.environ.setdefault(EMBEDDED_STARTUP_ENV, str(EMBEDDED_STARTUP_S))
+
+
+@contextlib.contextmanager
+def embedded_server_errors() -> Iterator[None]:
+    """Prefect's "timed out ... ephemeral Prefect API server" becomes one :class:`ServiceError` line with the fixes.
+
+    It is raised when the flow starts, before any task: nothing was done, so the same command can simply be run
+    again.
+    """
+    from unetcore.errors import ServiceError
+
+    try:
+        yield
+    except RuntimeError as exc:
+        if "ephemeral Prefect API server" not in str(exc):
+            raise
+        limit = os.environ.get(EMBEDDED_STARTUP_ENV, "?")
+        raise ServiceError("embedded Prefect server", f"did not answer within {limit} s, so nothing was run",
+                           f"the machine may be busy: set {EMBEDDED_STARTUP_ENV} higher, or run `prefect server "
+                           "start` and export PREFECT_API_URL=http://127.0.0.1:4200/api, or use --no-prefect"
+                           ) from None
 
 
 @contextlib.contextmanager
@@ -606,6 +640,7 @@ def pipeline(
 
 
 def _run_pipeline(cfg: Any) -> int:
+    allow_embedded_server_startup()
     from flows.pipeline import pipeline as pipeline_flow
     from unetcore.ingest import check_ingestable
     from unetcore.tracking import browse_hint, check_tracking_uri
@@ -615,7 +650,7 @@ def _run_pipeline(cfg: Any) -> int:
     check_tracking_uri(cfg.tracking_uri)
     check_prefect_api()
     start = time.perf_counter()
-    with _progress_bar():
+    with _progress_bar(), embedded_server_errors():
         result = pipeline_flow(cfg)
     elapsed = time.perf_counter() - start
     trained, predicted = result["train"], result["infer"]

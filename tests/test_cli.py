@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from app import cli
 from app.cli import app
 
 runner = CliRunner()
@@ -141,6 +142,38 @@ def test_a_user_error_inside_a_prefect_flow_is_the_same_one_line(tmp_path: Path)
     assert errors == [f"error: {tmp_path / 'ds'}: another ingestion is writing to this dataset "
                       "(wait for it to finish, then run again)"], output
     assert "Traceback" not in output and "| ERROR" not in output
+
+
+def test_an_embedded_prefect_server_that_does_not_start_in_time_is_one_line(tmp_path: Path) -> None:
+    """A busy machine: the embedded Prefect server misses its start-up limit. The run says so in one line with the
+    fixes (no Prefect traceback), exits 2 and writes nothing."""
+    import numpy as np
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "img" / "a.png")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), cli.EMBEDDED_STARTUP_ENV: "0"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.run([sys.executable, "-m", "app.cli", "ingest", str(tmp_path / "img"), "-o",
+                           str(tmp_path / "ds")], capture_output=True, text=True, timeout=240, env=env)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert errors == ["error: embedded Prefect server: did not answer within 0 s, so nothing was run (the "
+                      f"machine may be busy: set {cli.EMBEDDED_STARTUP_ENV} higher, or run `prefect server start` "
+                      "and export PREFECT_API_URL=http://127.0.0.1:4200/api, or use --no-prefect)"], output
+    assert "Traceback" not in output
+    assert not (tmp_path / "ds" / "manifest.json").exists()
+
+
+def test_the_embedded_server_gets_longer_than_prefects_default_unless_the_user_set_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(cli.EMBEDDED_STARTUP_ENV, raising=False)
+    cli.allow_embedded_server_startup()
+    assert os.environ[cli.EMBEDDED_STARTUP_ENV] == str(cli.EMBEDDED_STARTUP_S)
+    monkeypatch.setenv(cli.EMBEDDED_STARTUP_ENV, "7")
+    cli.allow_embedded_server_startup()
+    assert os.environ[cli.EMBEDDED_STARTUP_ENV] == "7"
 
 
 def test_an_unwritable_output_is_one_line_before_any_work(tmp_path: Path) -> None:
