@@ -494,6 +494,7 @@ def predict(
     threads_per_worker: Optional[int] = option(InferConfig, "threads_per_worker"),
     device: Optional[str] = option(InferConfig, "device"),
     precision: Optional[str] = option(InferConfig, "precision"),
+    runtime: Optional[str] = option(InferConfig, "runtime"),
     overwrite: bool = typer.Option(False, help="Replace an existing, different prediction."),
     use_prefect: bool = PREFECT_OPT,
 ) -> None:
@@ -512,7 +513,7 @@ def predict(
                       threshold=threshold, tta=tta, min_object_size=min_object_size, skip_empty=skip_empty,
                       skip_background=skip_background, instances=instances, export=export,
                       scheduler_address=scheduler_address, n_workers=workers, threads_per_worker=threads_per_worker,
-                      device=device, precision=precision, overwrite=overwrite)
+                      device=device, precision=precision, runtime=runtime, overwrite=overwrite)
         def infer_flow(c: InferConfig) -> Any:
             from flows.infer import infer  # Prefect is imported only when it runs the stage
 

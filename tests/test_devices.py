@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from app.cli import app
-from unetcore.devices import check_device, device_facts, resolve_device, worker_gpu_index
+from unetcore.devices import check_device, device_facts, device_type, resolve_device, worker_gpu_index
 from unetcore.errors import ConfigError
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
@@ -25,6 +25,7 @@ def test_cuda_without_a_usable_gpu_is_refused_naming_why() -> None:
 
 def test_auto_and_cpu_run_on_the_cpu_and_say_so() -> None:
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+    assert device_type("auto") == device_type("cpu") == "cpu"
     facts = device_facts(torch.device("cpu"))
     assert facts["device_used"] == "cpu" and facts["torch_version"] == torch.__version__
     assert facts["torch_cuda"] == str(torch.version.cuda)
@@ -48,8 +49,9 @@ def test_auto_says_in_one_line_when_a_cpu_torch_runs_on_a_gpu_machine(monkeypatc
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     import unetcore.devices as devices
 
-    monkeypatch.setattr(devices.torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: True)
+    monkeypatch.setattr(devices, "gpu_hardware_present", lambda: True)
     with caplog.at_level("WARNING", "unetcore.devices"):
         check_device("auto")
     [record] = caplog.records
@@ -59,6 +61,7 @@ def test_auto_says_in_one_line_when_a_cpu_torch_runs_on_a_gpu_machine(monkeypatc
         check_device("cuda")
     caplog.clear()
     monkeypatch.setattr(devices, "nvidia_gpu_present", lambda: False)
+    monkeypatch.setattr(devices, "gpu_hardware_present", lambda: False)
     check_device("auto")
     assert caplog.records == []  # a CPU-only machine: nothing to say
 

@@ -171,7 +171,7 @@ def test_workers_get_their_torch_threads_malloc_settings_and_quiet_config(tmp_pa
     with dask_cluster(None, 1, 2) as c:
         assert c.torch_threads == 2
         assert set(c.client.run(_malloc_tuned).values()) == {0}
-        predict_dataset(config(dataset, tmp_path / "out", model, threads_per_worker=0), cluster=c)
+        predict_dataset(config(dataset, tmp_path / "out", model, threads_per_worker=0, runtime="torch"), cluster=c)
         assert set(c.client.run(torch.get_num_threads).values()) == {2}  # 1 worker on 2 cores: both cores for torch
         assert set(c.client.run(_malloc_tuned).values()) == {1}
         intervals = c.client.run(lambda: (dask.config.get("distributed.worker.profile.interval"),

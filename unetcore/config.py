@@ -30,6 +30,7 @@ from unetcore.modes import (
     OptimizerKind,
     Precision,
     ProbabilityDtype,
+    Runtime,
     SamplingKind,
     ScheduleKind,
     SpatialDims,
@@ -350,6 +351,10 @@ class InferOptions(_Config):
     precision: Precision = Field("auto", description="Forward passes: auto = bf16 autocast on CUDA (tiled == whole "
                                  "image within bf16's rounding), float32 on the CPU; fp32 = float32 on CUDA too; bf16 "
                                  "= bf16 autocast on the CPU too.")
+    runtime: Runtime = Field("auto", description="What runs the forward passes: auto = onnxruntime on the CPU "
+                             "(no torch import: about 2 s less per run; the model's ONNX graph is exported once "
+                             "into <output>/.models), torch on a GPU, with bf16 or a remote scheduler; torch; "
+                             "onnxruntime (the CPU only).")
     min_object_size: int = Field(
         0, ge=0, description="Remove objects and fill holes smaller than this many pixels (voxels), sizes measured "
         "on the whole image (not per block); 0 = keep all.",

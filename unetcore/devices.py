@@ -2,31 +2,50 @@
 
 ``auto`` is CUDA when torch sees a usable GPU, else the CPU. ``cuda`` is a request: it is refused in one line when
 no GPU is usable (a CPU build of torch, no driver, no visible device) instead of silently running on the CPU.
+
+Torch is imported only when the answer needs it: on a machine with no NVIDIA device (:func:`gpu_hardware_present`)
+``auto`` is the CPU without it, so a CPU prediction on onnxruntime never pays torch's seconds of import.
 """
 
 from __future__ import annotations
 
 import functools
+import glob
 import logging
 import os
 import re
 import shutil
 import subprocess
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from unetcore.errors import ConfigError
 from unetcore.modes import Device
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("unetcore.devices")
 
 
 def gpu_is_usable() -> bool:
+    if not gpu_hardware_present():
+        return False
+    import torch
+
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
+@functools.lru_cache(maxsize=1)
+def gpu_hardware_present() -> bool:
+    """An NVIDIA GPU may be here: a device node ``/dev/nvidia0``… or ``nvidia-smi -L`` lists one. False means no
+    torch build can use CUDA on this machine, which is known without importing torch."""
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or nvidia_gpu_present()
+
+
 def _why_no_gpu() -> str:
+    import torch
+
     if torch.version.cuda is None:
         hint = (" although `nvidia-smi` sees a GPU: the .venv was built with CPU torch; delete .venv and run "
                 "scripts/setup.sh again") if nvidia_gpu_present() else ""
@@ -51,7 +70,11 @@ def nvidia_gpu_present() -> bool:
 def cpu_torch_on_gpu_machine() -> bool:
     """torch is a CPU build (``torch.version.cuda is None``) on a machine whose driver sees a GPU: typically a
     ``.venv`` first built on a machine without one."""
-    return torch.version.cuda is None and nvidia_gpu_present()
+    if not nvidia_gpu_present():
+        return False
+    import torch
+
+    return torch.version.cuda is None
 
 
 def check_device(name: Device) -> None:
@@ -61,6 +84,8 @@ def check_device(name: Device) -> None:
     Raises:
         ConfigError: ``device`` is ``cuda`` and torch cannot use a GPU here.
     """
+    if name == "cpu" or (name == "auto" and not gpu_hardware_present()):
+        return  # nothing to refuse or to warn about (and torch stays unimported)
     if name == "cuda" and not gpu_is_usable():
         raise ConfigError("device", f"cuda asked for, but {_why_no_gpu()}; use --device auto or cpu")
     if name == "auto" and not gpu_is_usable() and cpu_torch_on_gpu_machine():
@@ -74,10 +99,23 @@ def resolve_device(name: Device, index: int = 0) -> torch.device:
     Raises:
         ConfigError: ``cuda`` where no GPU is usable (see :func:`check_device`).
     """
+    import torch
+
     check_device(name)
     if name != "cpu" and gpu_is_usable():
         return torch.device("cuda", index % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def device_type(name: Device) -> str:
+    """``"cuda"`` or ``"cpu"``: the type of :func:`resolve_device`'s answer, without importing torch where no GPU
+    can be used (see :func:`gpu_hardware_present`).
+
+    Raises:
+        ConfigError: ``cuda`` where no GPU is usable.
+    """
+    check_device(name)
+    return "cuda" if name != "cpu" and gpu_is_usable() else "cpu"
 
 
 GPU_RESOURCE = "GPU_INDEX"
@@ -109,6 +147,8 @@ def worker_gpu_index(worker_name: object, resources: Mapping[str, float] | None 
 
 def device_facts(device: torch.device) -> dict[str, str]:
     """What a run logs about where it ran: the device used, torch's version and its CUDA build."""
+    import torch
+
     facts = {"device_used": str(device), "torch_version": torch.__version__, "torch_cuda": str(torch.version.cuda)}
     if device.type == "cuda":
         facts["gpu_name"] = torch.cuda.get_device_name(device)

@@ -10,17 +10,17 @@ means use :func:`mean_ignoring_nan` so such classes neither reward nor punish.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # tensors are accepted, but numpy arrays need no torch import
+    import torch
 
 
 def _as_labels(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     """Flat int64 numpy copy of a label array or tensor."""
-    if isinstance(labels, torch.Tensor):
-        labels = labels.detach().cpu().numpy()
-    return np.asarray(labels).astype(np.int64, copy=False).ravel()
+    return _as_array(labels).astype(np.int64, copy=False).ravel()
 
 
 def label_count(num_classes: int) -> int:
@@ -131,7 +131,7 @@ def segmentation_scores(
 
 def _as_array(labels: np.ndarray | torch.Tensor) -> np.ndarray:
     """A label array or tensor as numpy, shape kept."""
-    if isinstance(labels, torch.Tensor):
+    if hasattr(labels, "detach"):  # a torch tensor (possibly on a GPU)
         return labels.detach().cpu().numpy()
     return np.asarray(labels)
 

@@ -22,6 +22,9 @@ SplitChoice = Literal["all", "train", "val", "test"]
 Split = Literal["train", "val", "test"]
 ProbabilityDtype = Literal["float16", "float32"]
 Precision = Literal["auto", "bf16", "fp32"]  # forward passes: auto = bf16 autocast on CUDA, float32 on the CPU
+Runtime = Literal["auto", "torch", "onnxruntime"]
+"""What runs a model's forward passes in inference: torch, or onnxruntime (the CPU, no torch import); auto = onnxruntime
+on the CPU where it is installed (see :mod:`unetcore.inference.runtime`), else torch."""
 BlockPath = Literal["numpy", "torch"]  # the block kernel: numpy arrays, or torch ops on the model's device
 ExportKind = Literal["none", "png", "tiff", "nifti", "geojson", "geotiff"]
 """Label mask export: none; PNG (small images; a volume gets a TIFF stack); tiled TIFF with the pixel size (a

@@ -55,6 +55,7 @@ from unetcore.inference.plan import (
 from unetcore.inference.predict import tile_shape
 from unetcore.inference.provenance import prediction_provenance, stored_provenance
 from unetcore.inference.resample import zoom_factor
+from unetcore.inference.runtime import cached_graph, job_runtime
 from unetcore.inference.shapes import objects_table_path
 from unetcore.inference.tasks import (
     Components,
@@ -205,6 +206,7 @@ def check_predictable(cfg: InferConfig) -> PredictionCheck:
     """
     dataset, entries = chosen_entries(cfg)
     check_device(cfg.device)
+    job_runtime(cfg)
     model = _pinned(cfg)
     check_model_fits(model, dataset, entries)
     check_writable(Path(cfg.output))
@@ -301,9 +303,12 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     keep, background = _keep_mask(plan, grid, block_shape) if skip and todo else ("", 0)
     components: Components = "all" if cfg.min_object_size else "foreground" if cfg.instances else "none"
     tile = tuple(cfg.tile) if isinstance(cfg.tile, list) else cfg.tile  # a spec is hashed (cached models)
+    runtime = job_runtime(cfg)
+    graph = cached_graph(model.directory, plan.weights, Path(cfg.output) / MODEL_CACHE, model.uri) if (
+        runtime == "onnxruntime" and todo) else ""
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads,
-                     cfg.precision, "batch_size" not in cfg.model_fields_set)
+                     cfg.precision, "batch_size" not in cfg.model_fields_set, runtime, str(graph))
     job = ImageJob(str(plan.src_path), str(plan.out_path), str(plan.records), entry["stats"], spec,
                    cfg.save_probabilities, cfg.probability_dtype, components, cfg.instances, plan.resampling, keep,
                    nodata=(plan.georef or {}).get("nodata"))
@@ -382,9 +387,9 @@ def _run_plans(plans: list[ImagePlan], cfg: InferConfig, model: PinnedModel, clu
     results: list[ImageResult] = []
     if cluster is None and runs_in_process(cfg, plans):
         cluster = in_process(cfg.threads_per_worker)
-        log.info("small job (%d image(s), %.1f MP): blocks run in this process with %d torch threads, no Dask "
+        log.info("small job (%d image(s), %.1f MP): blocks run in this process with %d %s threads, no Dask "
                  "cluster (--workers N starts one)", len(plans), sum(math.prod(p.shape) for p in plans) / 1e6,
-                 cluster.torch_threads)
+                 cluster.torch_threads, job_runtime(cfg))
     with (contextlib.nullcontext(cluster) if cluster is not None else
           dask_cluster(cfg.scheduler_address, cfg.n_workers, cfg.threads_per_worker, cfg.device)) as active:
         for plan in plans:
@@ -465,4 +470,5 @@ def predict_dataset(cfg: InferConfig, cluster: Cluster | None = None) -> list[Im
     """
     _, entries = chosen_entries(cfg)
     check_device(cfg.device)
+    job_runtime(cfg)
     return predict_entries(cfg, entries, _pinned(cfg), cluster)

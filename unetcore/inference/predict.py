@@ -4,33 +4,22 @@ A :class:`BlockPredictor` holds the model (once per process) and turns a block o
 volume ``(C, D, H, W)`` into blended logits with :func:`unetcore.inference.stitch.predict_block`, normalising each
 read with the image's statistics and the model's recipe. A 2-D model predicts a volume slice by slice (tiles one
 slice deep, folded into the batch); a 3-D model predicts it with 3-D tiles.
+
+Torch and the device kernel (:mod:`unetcore.inference.ondevice`) are imported only by the torch paths: a predictor
+built by :meth:`BlockPredictor.from_forward` (onnxruntime, :mod:`unetcore.inference.runtime`) runs without them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 import zarr
 
 from unetcore.config import NormalizationConfig
 from unetcore.inference.background import masked_block_logits
-from unetcore.inference.ondevice import (
-    Affine,
-    DeviceKernel,
-    HostRegion,
-    numpy_predictor,
-    predict_blocks,
-    probe_batch_size,
-    read_region,
-    skip_empty_tensor_predictor,
-    slicewise_tensor_predictor,
-    tensor_predictor,
-    tta_tensor_predictor,
-)
 from unetcore.inference.stitch import (
     Predictor,
     Reader,
@@ -43,6 +32,11 @@ from unetcore.inference.windows import Block, Shape, TileGrid, plan_blocks
 from unetcore.modes import BlockPath, Precision
 from unetcore.store.stats import clip_range, normalize, scale_and_offset
 
+if TYPE_CHECKING:
+    import torch
+
+    from unetcore.inference.ondevice import Affine, DeviceKernel, HostRegion
+
 
 def torch_predictor(model: torch.nn.Module, device: torch.device, spatial_dims: int = 2,
                     precision: Precision = "auto") -> Predictor:
@@ -51,6 +45,8 @@ def torch_predictor(model: torch.nn.Module, device: torch.device, spatial_dims: 
 
     ``spatial_dims`` is the model's (2: batches ``(B, C, h, w)``, 3: ``(B, C, d, h, w)``); it picks the memory format.
     """
+    from unetcore.inference.ondevice import numpy_predictor, tensor_predictor
+
     return numpy_predictor(tensor_predictor(model, device, spatial_dims, precision), device)
 
 
@@ -61,6 +57,8 @@ CPU_BLOCK_PATH: BlockPath = "torch"
 def affine_of(stats: dict[str, Any], recipe: NormalizationConfig) -> Affine:
     """The image's normalisation (its statistics and the model's recipe) as :class:`~unetcore.inference.ondevice.Affine`
     for the device kernel: the same numbers :func:`unetcore.store.stats.normalize` uses."""
+    from unetcore.inference.ondevice import Affine
+
     scale, offset = scale_and_offset(stats, recipe)
     bounds = clip_range(stats, recipe)
     low, high = (None, None) if bounds is None else (tuple(bounds[0].tolist()), tuple(bounds[1].tolist()))
@@ -68,15 +66,20 @@ def affine_of(stats: dict[str, Any], recipe: NormalizationConfig) -> Affine:
 
 
 def logits_to_outputs(logits: np.ndarray, num_classes: int, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Blended logits (K, *spatial) → (probabilities (K, *spatial) float32, labels (*spatial) uint8)."""
-    t = torch.from_numpy(logits)
+    """Blended logits (K, *spatial) → (probabilities (K, *spatial) float32, labels (*spatial) uint8).
+
+    numpy, in float32: the sigmoid, or the softmax over the class axis (its maximum subtracted first).
+    """
+    t = np.asarray(logits, np.float32)
     if num_classes == 1:
-        probs = torch.sigmoid(t)
-        labels = (probs[0] > threshold).to(torch.uint8)
-    else:
-        probs = torch.softmax(t, dim=0)
-        labels = probs.argmax(dim=0).to(torch.uint8)
-    return probs.numpy(), labels.numpy()
+        probs = np.exp(-t)
+        probs += 1.0
+        np.reciprocal(probs, out=probs)
+        return probs, (probs[0] > threshold).astype(np.uint8)
+    probs = t - t.max(axis=0, keepdims=True)
+    np.exp(probs, out=probs)
+    probs /= probs.sum(axis=0, keepdims=True)
+    return probs, probs.argmax(axis=0).astype(np.uint8)
 
 
 def tile_shape(tile: int | Shape, spatial_dims: int, ndim: int) -> Shape:
@@ -140,12 +143,20 @@ class BlockPredictor:
         ``batch_size`` elsewhere); ``path`` picks the kernel (None: ``torch`` on CUDA, :data:`CPU_BLOCK_PATH` on
         the CPU).
         """
+        from unetcore.inference.ondevice import (
+            DeviceKernel,
+            numpy_predictor,
+            probe_batch_size,
+            skip_empty_tensor_predictor,
+            slicewise_tensor_predictor,
+            tensor_predictor,
+            tta_tensor_predictor,
+        )
+
         num_classes = int(config["model"]["num_classes"])
         dims = int(config["model"].get("spatial_dims", 2))
         forward = tensor_predictor(model, device, dims, precision)
         predictor = numpy_predictor(forward, device)
-        predictor = tta_predictor(predictor) if tta else predictor
-        predictor = slicewise_predictor(predictor) if dims == 2 else predictor
         chosen = path or ("torch" if device.type == "cuda" else CPU_BLOCK_PATH)
         kernel = None
         if chosen == "torch":
@@ -156,6 +167,23 @@ class BlockPredictor:
                 batch_size = probe_batch_size(tensors, channels, tile_shape(tile, dims, dims), device, batch_size)
             tensors = skip_empty_tensor_predictor(tensors, num_classes) if skip_empty else tensors
             kernel = DeviceKernel(tensors, device, num_classes, threshold)
+        bp = cls.from_forward(predictor, config, tile=tile, overlap=overlap, batch_size=batch_size,
+                              threshold=threshold, tta=tta, skip_empty=skip_empty)
+        bp.kernel = kernel
+        return bp
+
+    @classmethod
+    def from_forward(
+        cls, forward: Predictor, config: dict[str, Any], *, tile: int | Shape, overlap: float, batch_size: int,
+        threshold: float = 0.5, tta: bool = False, skip_empty: bool = False,
+    ) -> BlockPredictor:
+        """Build the numpy-path predictor around ``forward``, a numpy batch ``(B, C, *tile)`` → logits function of
+        the model's own dimension (an onnxruntime session, or a wrapped torch model); ``config`` and the options
+        as in :meth:`from_model`."""
+        num_classes = int(config["model"]["num_classes"])
+        dims = int(config["model"].get("spatial_dims", 2))
+        predictor = tta_predictor(forward) if tta else forward
+        predictor = slicewise_predictor(predictor) if dims == 2 else predictor
         return cls(
             predictor=skip_empty_predictor(predictor, num_classes) if skip_empty else predictor,
             num_classes=num_classes,
@@ -165,7 +193,6 @@ class BlockPredictor:
             batch_size=batch_size,
             threshold=threshold,
             spatial_dims=dims,
-            kernel=kernel,
         )
 
     def grid(self, shape: Shape) -> TileGrid:
@@ -173,6 +200,8 @@ class BlockPredictor:
         return TileGrid.build(shape, tile_shape(self.tile, self.spatial_dims, len(shape)), self.overlap)
 
     def _host_region(self, image: zarr.Array, grid: TileGrid, block: Block) -> HostRegion:
+        from unetcore.inference.ondevice import read_region
+
         return read_region(_raw_reader(image), tuple(image.shape[1:]), grid, block)
 
     def logits(self, image: zarr.Array, stats: dict[str, Any], grid: TileGrid, block: Block,
@@ -183,6 +212,8 @@ class BlockPredictor:
         kept tiles, on the numpy path; what none covers is exact background."""
         channels, *spatial = image.shape
         if self.kernel is not None and keep is None:
+            import torch
+
             host = self._host_region(image, grid, block)
             with torch.inference_mode():
                 return self.kernel.logits(host, channels, affine_of(stats, self.recipe), grid, block,
@@ -206,9 +237,7 @@ class BlockPredictor:
         """
         if self.kernel is None:
             probs, labels = logits_to_outputs(self.logits(image, stats, grid, block), self.num_classes, self.threshold)
-            if probability_dtype is None:
-                return None, labels
-            return torch.from_numpy(probs).to(getattr(torch, probability_dtype)).numpy(), labels  # torch: 10x numpy
+            return (None if probability_dtype is None else probs.astype(probability_dtype, copy=False)), labels
         host = self._host_region(image, grid, block) if host is None else host
         return self.kernel.outputs(host, image.shape[0], affine_of(stats, self.recipe), grid, block, self.batch_size,
                                    probability_dtype)
@@ -230,6 +259,8 @@ class BlockPredictor:
                 probs, labels = logits_to_outputs(self.logits(image, stats, grid, b), self.num_classes, self.threshold)
                 yield b, probs, labels
             return
+        from unetcore.inference.ondevice import predict_blocks
+
         affine = affine_of(stats, self.recipe)
         for b, probs, labels in predict_blocks(self.kernel, _raw_reader(image), shape, image.shape[0], affine, grid, plan,
                                                self.batch_size, "float32"):

@@ -21,6 +21,7 @@ import zarr
 
 from unetcore.config import InferConfig
 from unetcore.inference.plan import SIGNATURE_OPTIONS
+from unetcore.inference.runtime import job_runtime
 from unetcore.store import omezarr
 
 if TYPE_CHECKING:
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 PACKAGE = "unet-pipeline"
 """The distribution name of this code (``pyproject.toml``)."""
 
-RESULT_OPTIONS = (*SIGNATURE_OPTIONS, "device")
-"""The inference options recorded: those that shape the prediction, and the device that ran it."""
+RESULT_OPTIONS = (*SIGNATURE_OPTIONS, "device", "runtime")
+"""The inference options recorded: those that shape the prediction, and the device and runtime that ran it."""
 
 
 def _git(args: list[str], where: Path) -> str | None:
@@ -73,9 +74,9 @@ def _device_used(cfg: InferConfig) -> str | None:
     """The device ``cfg.device`` means on this machine (None with a remote scheduler: its workers decide)."""
     if cfg.scheduler_address:
         return None
-    from unetcore.devices import resolve_device
+    from unetcore.devices import device_type
 
-    return resolve_device(cfg.device).type
+    return device_type(cfg.device)
 
 
 def prediction_provenance(cfg: InferConfig, model: PinnedModel, entry: dict[str, Any], weights_hash: str,
@@ -88,6 +89,7 @@ def prediction_provenance(cfg: InferConfig, model: PinnedModel, entry: dict[str,
     options = {k: getattr(cfg, k) for k in RESULT_OPTIONS}
     options["device_used"] = used
     options["compute_dtype"] = None if used is None else "bfloat16 autocast" if used == "cuda" else "float32"
+    options["runtime_used"] = job_runtime(cfg)
     options["resampling"] = resampling
     return {
         "model": {"uri": model.uri, "name": model.name, "version": model.version, "alias": model.alias,
@@ -126,8 +128,10 @@ def provenance_lines(provenance: dict[str, Any]) -> list[str]:
                         if m.get("version") is not None else "")
     run = f", MLflow run {m['run_id']}" if m.get("run_id") else ""
     device = o["device"] + (f" -> {o['device_used']} {o['compute_dtype']}" if o.get("device_used") else "")
+    if o.get("runtime_used"):
+        device += f", runtime {o.get('runtime', 'auto')} -> {o['runtime_used']}"
     shown = ", ".join(f"{k} {v}" for k, v in o.items()
-                      if k not in ("device", "device_used", "compute_dtype", "resampling"))
+                      if k not in ("device", "device_used", "compute_dtype", "resampling", "runtime", "runtime_used"))
     if o.get("resampling"):
         shown += ", resampled to the model's grid"
     return [f"model: {model}{run}, weights {m['weights_hash'][:12]}",

@@ -20,7 +20,6 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import numpy as np
-import torch
 import zarr
 
 from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
@@ -37,11 +36,11 @@ from unetcore.inference.layout import (
 )
 from unetcore.inference.predict import BlockPredictor
 from unetcore.inference.resample import Resampling, block_outputs
+from unetcore.inference.runtime import onnx_forward
 from unetcore.inference.windows import Block
 from unetcore.io import nodata_pixels
 from unetcore.metrics import confusion_counts
-from unetcore.model import load_model
-from unetcore.model.parts import fold_batch_norm
+from unetcore.model.packaging import read_config
 from unetcore.store import omezarr
 
 Components = Literal["none", "all", "foreground"]
@@ -64,6 +63,8 @@ class ModelSpec:
     threads: int  # torch threads per task
     precision: str = "auto"  # forward passes: auto = bf16 on CUDA; fp32 turns autocast off
     auto_batch: bool = False  # the user left batch_size unset: on CUDA, size it from free GPU memory
+    runtime: str = "torch"  # or "onnxruntime": the graph below, on the numpy block path (no torch import)
+    graph: str = ""  # the model's ONNX graph (unetcore.inference.runtime.cached_graph), for onnxruntime
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,19 @@ def load_predictor(spec: ModelSpec) -> BlockPredictor:
 
     Torch gets this worker's share of the host's cores (Dask's nanny sets OMP_NUM_THREADS=1; this overrides it
     for torch), its batch norms are folded into the convolutions and its forward passes reuse their buffers
-    (:mod:`unetcore.allocator`); worker ``i`` of a local GPU cluster runs on GPU ``i``.
+    (:mod:`unetcore.allocator`); worker ``i`` of a local GPU cluster runs on GPU ``i``. On onnxruntime
+    (:mod:`unetcore.inference.runtime`) the graph gets those threads and torch is not imported.
     """
+    if spec.runtime == "onnxruntime":
+        _, config = read_config(Path(spec.model_dir))
+        return BlockPredictor.from_forward(onnx_forward(Path(spec.graph), spec.threads), config, tile=spec.tile,
+                                           overlap=spec.overlap, batch_size=spec.batch_size,
+                                           threshold=spec.threshold, tta=spec.tta, skip_empty=spec.skip_empty)
+    import torch
+
+    from unetcore.model.packaging import load_model
+    from unetcore.model.parts import fold_batch_norm
+
     index, _ = _worker_identity()
     torch.set_num_threads(max(1, spec.threads))
     model, config = load_model(Path(spec.model_dir))

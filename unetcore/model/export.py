@@ -391,28 +391,49 @@ def export_model(cfg: ExportConfig) -> ExportResult:
     with tempfile.TemporaryDirectory(prefix="unet-export-") as cache:
         check = check_exportable(cfg, Path(cache))
         model, config = load_model(check.model.directory)
-        module = ExportableUNet(model).eval()
-        arch = model.config
-        example, other, odd = check_sizes(arch)
-        shapes = [(2, arch.in_channels, *other), (1, arch.in_channels, *odd)]
         with replacing(check.output) as tmp:
-            x = torch.randn((1, arch.in_channels, *example), generator=torch.Generator().manual_seed(0))
-            if cfg.format == "onnx":
-                write_onnx(module, x, tmp, cfg.opset, cfg.model)
-                run = onnx_runner(tmp)
-            else:
-                write_torchscript(module, x, tmp)
-                run = torchscript_runner(tmp)
-            diffs = dict(zip(("x".join(map(str, s)) for s in shapes), compare(model, run, shapes)))
-            worst = max(diffs.values())
-            if not worst <= TOLERANCE:
-                raise UnetError(f"{cfg.model}: the {cfg.format} export differs from torch by {worst:.3g} (> "
-                                f"{TOLERANCE:g}) on {diffs}; nothing written (report it with the model's config.json)")
+            diffs = write_checked(model, cfg.format, tmp, cfg.opset, cfg.model)
             description = describe(cfg, config, check.model, tmp, diffs, check.output.name)
         atomic_write_json(check.description, description)
         logged, why = _log_export(cfg, check)
     return ExportResult(path=check.output, description=check.description, format=cfg.format, max_abs_diff=diffs,
                         logged=logged, not_logged=why)
+
+
+def write_checked(model: UNet, fmt: ModelFormat, path: Path, opset: int, uri: str) -> dict[str, float]:
+    """Trace ``model`` into ``path`` as ``fmt`` and check it against torch; the largest difference per checked shape.
+
+    Traced on a ``(1, C, *2·multiple)`` input, run by its own runtime on a batch of 2 at three times the multiple
+    and on an odd size.
+
+    Raises:
+        UnetError: the exporter refused an op, or the export differs from torch by more than :data:`TOLERANCE`.
+    """
+    module = ExportableUNet(model).eval()
+    arch = model.config
+    example, other, odd = check_sizes(arch)
+    shapes = [(2, arch.in_channels, *other), (1, arch.in_channels, *odd)]
+    x = torch.randn((1, arch.in_channels, *example), generator=torch.Generator().manual_seed(0))
+    if fmt == "onnx":
+        write_onnx(module, x, path, opset, uri)
+        run = onnx_runner(path)
+    else:
+        write_torchscript(module, x, path)
+        run = torchscript_runner(path)
+    diffs = dict(zip(("x".join(map(str, s)) for s in shapes), compare(model, run, shapes)))
+    worst = max(diffs.values())
+    if not worst <= TOLERANCE:
+        raise UnetError(f"{uri}: the {fmt} export differs from torch by {worst:.3g} (> {TOLERANCE:g}) on {diffs}; "
+                        "nothing written (report it with the model's config.json)")
+    return diffs
+
+
+def export_onnx_graph(model_dir: Path, path: Path, uri: str) -> dict[str, float]:
+    """The model saved in ``model_dir`` as a checked ONNX graph at ``path`` (replaced only once checked), at
+    ``unet export``'s default opset; the differences from torch (see :func:`write_checked`)."""
+    model, _ = load_model(model_dir)
+    with replacing(path) as tmp:
+        return write_checked(model, "onnx", tmp, ExportConfig.model_fields["opset"].default, uri)
 
 
 def _log_export(cfg: ExportConfig, check: ExportCheck) -> tuple[str | None, str | None]:

@@ -15,16 +15,19 @@ import json
 import pickle
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import ValidationError
 
 from unetcore.atomic import atomic_write
 from unetcore.config import ModelConfig, NormalizationConfig
 from unetcore.errors import ConfigError, InputError
-from unetcore.model.unet import UNet
 from unetcore.store.omezarr import atomic_store
+
+if TYPE_CHECKING:  # torch is imported by the functions that need it: read_config runs without it
+    import torch
+
+    from unetcore.model.unet import UNet
 
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.json"
@@ -41,6 +44,8 @@ def save_model(directory: Path, model: UNet, extra: dict[str, Any] | None = None
     Returns:
         The folder written.
     """
+    import torch
+
     extra = extra or {}
     if "model" in extra:
         raise ConfigError("extra", "the key 'model' is reserved for the architecture")
@@ -79,6 +84,8 @@ def read_config(directory: Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 def _read_weights(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
     """Load a state_dict with ``weights_only=True``: tensors and plain containers only, never code."""
+    import torch
+
     if not path.is_file():
         raise InputError(path, "missing", "save the model again")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is corrupt or foreign
@@ -110,6 +117,8 @@ def load_model(directory: Path, map_location: str | torch.device = "cpu") -> tup
         InputError: missing folder or file, corrupt JSON, refused or unreadable weights, or weights that do not
             fit the architecture in ``config.json``.
     """
+    from unetcore.model.unet import UNet
+
     directory = Path(directory)
     model_config, config = read_config(directory)
     state = _read_weights(directory / WEIGHTS_FILE, map_location)
