@@ -3,7 +3,9 @@
 Sides (each run as ``python bench_vs_monai.py --side NAME``, timed from outside as a whole process):
 
 - ``pipeline``: ``unet predict DATASET --no-prefect --export none`` with the default options (the command a user
-  types); ``pipeline-dense``: the same with today's dense setting ``--tile 256 --overlap 0.5 --batch-size 4``;
+  types; on the CPU its forward passes run on onnxruntime); ``pipeline-torch``: the same with ``--runtime torch``
+  (the forward passes and the block kernel on torch); ``pipeline-dense``: the same with today's dense setting
+  ``--tile 256 --overlap 0.5 --batch-size 4``;
 - ``monai``: MONAI's ``sliding_window_inference`` as its users call it: roi 256, overlap 0.5, Gaussian,
   sw_batch 4, ``torch.inference_mode``, the model as loaded (default memory layout, batch norms unfolded) — the
   headline baseline; ``monai-prepared``: the same call with our prepared model (folded batch norms,
@@ -49,7 +51,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
-SIDES = ("pipeline", "pipeline-dense", "monai", "monai-prepared", "bare-dense", "bare-default")
+SIDES = ("pipeline", "pipeline-torch", "pipeline-dense", "monai", "monai-prepared", "bare-dense", "bare-default")
 DENSE = {"tile": 256, "overlap": 0.5, "batch": 4}
 
 
@@ -184,7 +186,8 @@ def predict_cmd(dataset: Path, out: Path, model: str, extra: list[str], tracking
 def pipeline_side(args: argparse.Namespace, name: str, out: Path) -> tuple[float, dict[str, Any]]:
     import zarr
 
-    extra = ["--tile", "256", "--overlap", "0.5", "--batch-size", "4"] if name == "pipeline-dense" else []
+    extra = {"pipeline-dense": ["--tile", "256", "--overlap", "0.5", "--batch-size", "4"],
+             "pipeline-torch": ["--runtime", "torch"]}.get(name, [])
     wall, _, text = whole_process(predict_cmd(Path(args.dataset), out, args.model, extra))
     line = next(ln for ln in text.splitlines() if " MP in " in ln)  # "  mosaic: 16.78 MP in 31.2 s (...)"
     own = float(line.split(" MP in ")[1].split(" s")[0])
@@ -262,6 +265,8 @@ def main_compare(args: argparse.Namespace) -> None:
                                                                        2)
             rr["bare-dense forward / pipeline own timing"] = round(
                 row["bare-dense"]["forward_s"] / row["pipeline"]["own_timing_s"], 2)
+        if "pipeline-torch" in w and "pipeline" in w:
+            rr["pipeline-torch / pipeline"] = round(w["pipeline-torch"] / w["pipeline"], 2)
         if "pipeline-dense" in w and "pipeline" in w:
             rr["pipeline-dense / pipeline"] = round(w["pipeline-dense"] / w["pipeline"], 2)
         if "monai" in row and "monai-prepared" in row:
