@@ -86,4 +86,16 @@ def test_mlflow_run_has_metrics_and_registered_champion(pipeline_run) -> None:
     version = client.get_model_version_by_alias(cfg.registered_model, "champion")
     assert version.run_id == run.info.run_id
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert artifacts == {"model/weights.pt", "model/config.json"}
+    assert artifacts == {"model/weights.pt", "model/config.json", "model/model.onnx", "model/model.onnx.json"}
+
+
+def test_prediction_runs_the_graph_shipped_with_the_registered_model(pipeline_run) -> None:
+    """Training shipped the ONNX graph in the model's artifacts: the CPU prediction ran it on onnxruntime and did not
+    have to export one into its cache."""
+    cfg, _ = pipeline_run
+    work = Path(cfg.workdir)
+    [store] = [p for p in work.rglob("*.ome.zarr") if (p / "labels").is_dir() and ".models" not in p.parts
+               and "dataset" not in p.parts and "holdout" not in p.parts]
+    options = dict(zarr.open_group(store=str(store), mode="r").attrs)["unet"]["provenance"]["options"]
+    assert options["runtime_used"] == "onnxruntime"
+    assert list(work.rglob(".models/*/model.onnx")) and not list(work.rglob(".models/onnx"))

@@ -139,3 +139,37 @@ def test_the_cached_graph_is_the_models_checked_export(tmp_path: Path) -> None:
     assert np.abs(rt.onnx_forward(path, 1)(x) - expected).max() <= 1e-4
     mtime = path.stat().st_mtime_ns
     assert rt.cached_graph(model_dir, "ab" * 32, tmp_path / "cache", "test-model").stat().st_mtime_ns == mtime
+
+
+def test_a_graph_shipped_with_the_weights_it_was_made_from_is_used_as_it_is(tmp_path: Path) -> None:
+    from unetcore.store import manifest as mf
+
+    model_dir = make_model(tmp_path / "model")
+    weights = mf.file_hash(model_dir / "weights.pt")
+    shipped = rt.ship_graph(model_dir, weights, "test-model")
+    assert shipped == model_dir / rt.SHIPPED_GRAPH
+    assert rt.cached_graph(model_dir, weights, tmp_path / "cache", "test-model") == shipped
+    assert not (tmp_path / "cache").exists()  # nothing exported
+    # other weights (a folder whose weights.pt was replaced): the shipped graph is not theirs
+    assert rt.shipped_graph(model_dir, "0" * 64) is None
+    assert rt.cached_graph(model_dir, "0" * 64, tmp_path / "cache", "test-model") == rt.graph_path(
+        tmp_path / "cache", "0" * 64)
+
+
+def test_under_auto_a_model_whose_graph_cannot_be_made_runs_torch_with_one_warning(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from unetcore.errors import UnetError
+
+    def refuse(*_: object) -> Path:
+        raise UnetError("m: ONNX export failed at op Foo (opset 17)")
+
+    monkeypatch.setattr(rt, "cached_graph", refuse)
+    dataset = make_dataset(tmp_path, random_image((64, 64)), 64)
+    model = make_model(tmp_path / "model")
+    with caplog.at_level("WARNING", "unetcore.inference"):
+        predict_dataset(config(dataset, tmp_path / "out", model))
+    assert [r.getMessage() for r in caplog.records if "ONNX graph" in r.getMessage()] == [
+        "warning: running torch: the model's ONNX graph cannot be made (m: ONNX export failed at op Foo (opset 17))"]
+    assert dict(outputs(tmp_path / "out").attrs)["unet"]["provenance"]["options"]["runtime_used"] == "torch"
+    with pytest.raises(UnetError, match="op Foo"):
+        predict_dataset(config(dataset, tmp_path / "out2", model, runtime="onnxruntime"))

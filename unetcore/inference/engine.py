@@ -55,7 +55,7 @@ from unetcore.inference.plan import (
 from unetcore.inference.predict import tile_shape
 from unetcore.inference.provenance import prediction_provenance, stored_provenance
 from unetcore.inference.resample import zoom_factor
-from unetcore.inference.runtime import cached_graph, job_runtime
+from unetcore.inference.runtime import job_runtime, runtime_and_graph
 from unetcore.inference.shapes import objects_table_path
 from unetcore.inference.tasks import (
     Components,
@@ -276,6 +276,7 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     """
     t0 = time.perf_counter()
     entry = plan.entry
+    runtime, graph = runtime_and_graph(cfg, model.directory, plan.weights, Path(cfg.output) / MODEL_CACHE, model.uri)
     grid = TileGrid.build(plan.shape, tile_shape(cfg.tile, plan.model_dims, len(plan.shape)), cfg.overlap)
     if plan.resume:
         attrs = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r"))
@@ -289,7 +290,8 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
         block_shape = choose_block_shape(grid, plan.chunk, budget, cluster.slots)
         resampling = plan.resampling.to_dict() if plan.resampling else None
         info = {"id": entry["id"], "source_store": str(plan.src_path.resolve()), "model": model.uri,
-                "provenance": prediction_provenance(cfg, model, entry, plan.weights, plan.signature, resampling),
+                "provenance": prediction_provenance(cfg, model, entry, plan.weights, plan.signature, resampling,
+                                                    runtime),
                 **_slide_placement(plan)}
         create_output(plan, cfg, block_shape, info)
         complete = False
@@ -303,9 +305,6 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     keep, background = _keep_mask(plan, grid, block_shape) if skip and todo else ("", 0)
     components: Components = "all" if cfg.min_object_size else "foreground" if cfg.instances else "none"
     tile = tuple(cfg.tile) if isinstance(cfg.tile, list) else cfg.tile  # a spec is hashed (cached models)
-    runtime = job_runtime(cfg)
-    graph = cached_graph(model.directory, plan.weights, Path(cfg.output) / MODEL_CACHE, model.uri) if (
-        runtime == "onnxruntime" and todo) else ""
     spec = ModelSpec(str(model.directory), plan.weights, cfg.device, tile, cfg.overlap, cfg.batch_size,
                      cfg.threshold, cfg.tta, cfg.skip_empty, cfg.threads_per_worker or cluster.torch_threads,
                      cfg.precision, "batch_size" not in cfg.model_fields_set, runtime, str(graph))

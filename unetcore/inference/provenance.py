@@ -80,16 +80,18 @@ def _device_used(cfg: InferConfig) -> str | None:
 
 
 def prediction_provenance(cfg: InferConfig, model: PinnedModel, entry: dict[str, Any], weights_hash: str,
-                          signature: str, resampling: dict[str, Any] | None = None) -> dict[str, Any]:
+                          signature: str, resampling: dict[str, Any] | None = None,
+                          runtime_used: str | None = None) -> dict[str, Any]:
     """The provenance record of one image's prediction (JSON-able; no clock time, so a re-run writes the same).
 
-    ``resampling`` is the plan's resampling to the model's grid (None: predicted on the image's own grid).
+    ``resampling`` is the plan's resampling to the model's grid (None: predicted on the image's own grid);
+    ``runtime_used`` the runtime that runs it (None: :func:`~unetcore.inference.runtime.job_runtime`'s choice).
     """
     used = _device_used(cfg)
     options = {k: getattr(cfg, k) for k in RESULT_OPTIONS}
     options["device_used"] = used
     options["compute_dtype"] = None if used is None else "bfloat16 autocast" if used == "cuda" else "float32"
-    options["runtime_used"] = job_runtime(cfg)
+    options["runtime_used"] = runtime_used or job_runtime(cfg)
     options["resampling"] = resampling
     return {
         "model": {"uri": model.uri, "name": model.name, "version": model.version, "alias": model.alias,

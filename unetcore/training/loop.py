@@ -12,6 +12,7 @@ there is no scaler state to checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -27,8 +28,9 @@ from torch.utils.data import DataLoader
 from unetcore import progress
 from unetcore.config import NormalizationConfig, TrainConfig
 from unetcore.devices import check_device, device_facts, resolve_device
-from unetcore.errors import ConfigError, InputError
-from unetcore.model import build_model, save_model
+from unetcore.errors import ConfigError, InputError, UnetError
+from unetcore.inference.runtime import ship_graph
+from unetcore.model import WEIGHTS_FILE, build_model, save_model
 from unetcore.planning import Plan, TaskSignature, dataset_model_name, fingerprint, training_task
 from unetcore.store import fit_normalization
 from unetcore.store import manifest as mf
@@ -51,6 +53,8 @@ from unetcore.training.losses import DeepSupervisionLoss, SegmentationLoss
 from unetcore.training.optim import make_optimizer, make_scheduler
 from unetcore.training.sampler import EpochSampler, PatchDataset, load_images
 from unetcore.training.validation import Validation
+
+log = logging.getLogger("unetcore.training")
 
 EMA_DECAY = 0.9
 Forward = Callable[[torch.Tensor], Any]  # logits, or a list of them at several resolutions (deep supervision)
@@ -204,6 +208,7 @@ def train(
             stop_reason, epoch = _run_epochs(s, start, on_epoch)
         except KeyboardInterrupt:
             raise _interrupted(s, run.info.run_id, resumed=state is not None) from None
+        _ship_graph(s.best_dir, cfg.registered_model)
         reg, best_dice = runs.register_best(cfg.registered_model, run.info.run_id, s.best_dir,
                                             s.validation.set_id(), s.validation.score, s.loop.best_epoch)
         runs.tag_outcome(reg, stop_reason)
@@ -356,6 +361,15 @@ def epoch_line(metrics: dict[str, float]) -> str:
     """An epoch in a few words: ``train loss 0.3121, val Dice 0.8123, 41 s/epoch``."""
     return (f"train loss {metrics['train_loss']:.4f}, val Dice {metrics['val_dice']:.4f}, "
             f"{metrics['epoch_s']:.0f} s/epoch")
+
+
+def _ship_graph(best_dir: Path, name: str) -> None:
+    """Ship the best model's ONNX graph in its folder (and so in its registered artifacts), for CPU inference without
+    torch (:mod:`unetcore.inference.runtime`); a graph that cannot be made is one warning, not a failed run."""
+    try:
+        ship_graph(best_dir, mf.file_hash(best_dir / WEIGHTS_FILE), name)
+    except UnetError as exc:
+        log.warning("warning: no ONNX graph shipped with the model (%s): CPU inference exports it or runs torch", exc)
 
 
 def _score(metrics: dict[str, float]) -> float:
