@@ -201,7 +201,8 @@ def test_training_over_http_is_found_with_metrics_and_champion(trained, mlflow_u
     assert "train_loss" in run.data.metrics
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert int(champion.version) == result["model_version"] and champion.run_id == run.info.run_id
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {"model/weights.pt", "model/config.json"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} == {
+            "model/weights.pt", "model/config.json", "model/model.onnx", "model/model.onnx.json"}
     assert champion.source.startswith("mlflow-artifacts:")  # stored through the server, not a local path
 
 
