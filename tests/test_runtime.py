@@ -173,3 +173,15 @@ def test_under_auto_a_model_whose_graph_cannot_be_made_runs_torch_with_one_warni
     assert dict(outputs(tmp_path / "out").attrs)["unet"]["provenance"]["options"]["runtime_used"] == "torch"
     with pytest.raises(UnetError, match="op Foo"):
         predict_dataset(config(dataset, tmp_path / "out2", model, runtime="onnxruntime"))
+
+
+def test_a_finished_output_is_not_touched_and_exports_no_graph(tmp_path: Path) -> None:
+    """A re-run over a finished prediction (made on torch, say by an earlier version) does no work, so it makes no
+    graph either: the nightly run that has nothing to do stays free."""
+    dataset = make_dataset(tmp_path, random_image((64, 64)), 64)
+    model = make_model(tmp_path / "model")
+    predict_dataset(config(dataset, tmp_path / "out", model, runtime="torch"))
+    before = np.asarray(outputs(tmp_path / "out")["labels/prediction/0"][:])
+    predict_dataset(config(dataset, tmp_path / "out", model))
+    assert not (tmp_path / "out" / MODEL_CACHE / rt.GRAPH_DIR).exists()
+    assert np.array_equal(np.asarray(outputs(tmp_path / "out")["labels/prediction/0"][:]), before)

@@ -276,12 +276,15 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     """
     t0 = time.perf_counter()
     entry = plan.entry
-    runtime, graph = runtime_and_graph(cfg, model.directory, plan.weights, Path(cfg.output) / MODEL_CACHE, model.uri)
     grid = TileGrid.build(plan.shape, tile_shape(cfg.tile, plan.model_dims, len(plan.shape)), cfg.overlap)
+    complete = False
     if plan.resume:
         attrs = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r"))
         block_shape, complete = tuple(attrs["block_shape"]), bool(attrs.get("complete"))
-    else:
+    # a finished output runs no block: it needs no graph (nor its export)
+    runtime, graph = ("torch", "") if complete else runtime_and_graph(
+        cfg, model.directory, plan.weights, Path(cfg.output) / MODEL_CACHE, model.uri)
+    if not plan.resume:
         # a block computes its box of the model's grid: fewer output voxels when that grid is finer
         budget = cfg.block_size**2
         if cluster.in_process and "block_size" not in cfg.model_fields_set:
@@ -294,7 +297,6 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
                                                     runtime),
                 **_slide_placement(plan)}
         create_output(plan, cfg, block_shape, info)
-        complete = False
     if not complete:
         ensure_scratch(plan, cfg)
         plan.records.mkdir(parents=True, exist_ok=True)
