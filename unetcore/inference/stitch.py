@@ -45,10 +45,19 @@ def _predict(predictor: Predictor, batch: np.ndarray) -> np.ndarray:
 
 
 def read_padded(read: Reader, image_shape: Shape, region: Block, channels: int) -> np.ndarray:
-    """Pixels of ``region`` as ``(C, *region.shape)`` float32, zero where the region leaves the image."""
-    out = np.zeros((channels, *region.shape), dtype=np.float32)
+    """Pixels of ``region`` as ``(C, *region.shape)`` float32, zero where the region leaves the image.
+
+    A region inside the image is ``read``'s own array (no second copy: an interior block's region costs no more
+    than an edge block's); one that leaves it is copied into a zeroed buffer.
+    """
     lo = [max(a, 0) for a in region.start]
     hi = [min(b, n) for b, n in zip(region.stop, image_shape)]
+    if list(region.start) == lo and list(region.stop) == hi:
+        inner = np.asarray(read(*region.slices), dtype=np.float32)
+        if inner.shape == (channels, *region.shape):
+            return inner
+        return np.broadcast_to(inner, (channels, *region.shape)).astype(np.float32)
+    out = np.zeros((channels, *region.shape), dtype=np.float32)
     if all(a < b for a, b in zip(lo, hi)):
         inside = tuple(slice(a - r, b - r) for a, b, r in zip(lo, hi, region.start))
         out[(slice(None), *inside)] = read(*(slice(a, b) for a, b in zip(lo, hi)))
