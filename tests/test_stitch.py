@@ -70,6 +70,22 @@ def test_read_padded_region_wholly_outside_reads_nothing() -> None:
     assert not read_padded(read, (3, 4), Block(3, 5, 0, 4), channels=1).any()
 
 
+def test_read_padded_interior_region_is_the_read_itself() -> None:
+    """A region inside the image is not copied into a zero buffer: a block's memory does not grow with its halo."""
+    image = np.arange(2 * 6 * 7, dtype=np.float32).reshape(2, 6, 7)
+    read_back: list[np.ndarray] = []
+
+    def read(ys: slice, xs: slice) -> np.ndarray:
+        read_back.append(image[:, ys, xs].copy())
+        return read_back[-1]
+
+    out = read_padded(read, (6, 7), Block(1, 5, 2, 6), channels=2)
+    assert np.shares_memory(out, read_back[0])
+    np.testing.assert_array_equal(out, image[:, 1:5, 2:6])
+    one = read_padded(lambda ys, xs: image[0, ys, xs], (6, 7), Block(1, 5, 2, 6), channels=2)  # broadcast as before
+    np.testing.assert_array_equal(one, np.broadcast_to(image[0, 1:5, 2:6], (2, 4, 4)))
+
+
 # --- the pointwise oracle ---------------------------------------------------------------------------
 
 

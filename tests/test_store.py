@@ -13,7 +13,15 @@ import zarr
 from unetcore.config import NormalizationConfig
 from unetcore.store import manifest as mf
 from unetcore.store import omezarr
-from unetcore.store.stats import StreamingStats, mixture_percentile, normalize, percentile, pooled_mean_std
+from unetcore.store.stats import (
+    StreamingStats,
+    clip_range,
+    mixture_percentile,
+    normalize,
+    percentile,
+    pooled_mean_std,
+    scale_and_offset,
+)
 
 
 @pytest.mark.parametrize(("shape", "levels"), [((512, 512), 1), ((1024, 1000), 1), ((1025, 10), 2), ((5000, 3000), 4)])
@@ -117,6 +125,30 @@ def test_normalize_percentile_and_zscore() -> None:
     assert out[0, 0, 50] == pytest.approx(0.5, abs=1e-3)
     z = normalize(img, stats, NormalizationConfig(mode="zscore"))
     assert z.mean() == pytest.approx(0.0, abs=1e-5) and z.std() == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["percentile", "zscore"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+def test_normalize_in_place_steps_give_the_formula_and_leave_the_input(mode: str, dtype: type) -> None:
+    """The steps run in place on one float32 copy: the input is untouched (even a float32 one) and the numbers
+    are those of the out-of-place formula, bit for bit."""
+    block = np.random.default_rng(2).integers(0, 3000, size=(2, 6, 8)).astype(dtype)
+    kept = block.copy()
+    acc = StreamingStats(2, np.dtype(dtype))
+    acc.update(np.moveaxis(block, 0, -1))
+    stats, recipe = acc.result(), NormalizationConfig(mode=mode)
+    out = normalize(block, stats, recipe)
+    np.testing.assert_array_equal(block, kept)
+    assert not np.shares_memory(out, block)
+    scale, offset = scale_and_offset(stats, recipe)
+    values = block.astype(np.float32)
+    bounds = clip_range(stats, recipe)
+    if bounds is not None:
+        values = np.clip(values, bounds[0].reshape(-1, 1, 1), bounds[1].reshape(-1, 1, 1))
+    expected = (values - offset.reshape(-1, 1, 1)) * scale.reshape(-1, 1, 1)
+    if mode == "percentile":
+        expected = np.clip(expected, 0.0, 1.0)
+    np.testing.assert_array_equal(out, expected)
 
 
 @pytest.mark.parametrize("mode", ["percentile", "zscore"])
