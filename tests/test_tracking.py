@@ -156,6 +156,9 @@ def test_preview_strip_is_image_truth_prediction_side_by_side() -> None:
     assert strip.shape == (8, 18, 3) and strip.dtype == np.uint8
     assert np.array_equal(strip[:, :6], strip[:, 12:])  # empty prediction: the bare image
     assert (strip[2:4, 8:10, 1] > strip[2:4, 2:4, 1]).all()  # truth tinted green
+    bare = strip[:, :6].astype(int)
+    expected = np.where(truth[..., None] > 0, (bare + [0, 255, 0]) // 2, bare)  # half image, half green, floored
+    np.testing.assert_array_equal(strip[:, 6:12], expected)
 
 
 def test_preview_strip_shows_three_channels_in_colour() -> None:

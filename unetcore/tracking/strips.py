@@ -26,10 +26,9 @@ def preview_strip(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray)
         base = np.repeat(base, 3, -1)
 
     def overlay(labels: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
-        out = base.copy()
-        sel = labels > 0
-        out[sel] = (0.5 * out[sel] + 0.5 * np.array(colour)).astype(np.uint8)
-        return out
+        """Half image, half ``colour`` where ``labels`` > 0: floor((pixel + colour) / 2), in integers."""
+        mixed = ((base.astype(np.uint16) + np.array(colour, np.uint16)) >> 1).astype(np.uint8)
+        return np.where((labels > 0)[..., None], mixed, base)
 
     panels = [base]
     if truth is not None:
