@@ -122,7 +122,7 @@ def stages(dataset: Path, output: str, block_shape: list[int], repeats: int,
     image = omezarr.image_array(omezarr.open_root(mf.store_path(dataset, entry["id"])))
     stats, recipe = entry["stats"], NormalizationConfig()
     shape = tuple(image.shape[1:])
-    grid = TileGrid.build(shape, (options["tile"],) * 2, options["overlap"])  # the stages always save both
+    grid = TileGrid.build(shape, (options["tile"],) * 2, options["overlap"])
     blocks = plan_blocks(shape, tuple(block_shape))
     block = blocks[len(blocks) // 2 + 1] if len(blocks) > 2 else blocks[0]  # an interior block: halo on all sides
     out = zarr.open_group(store=output, mode="r+")
