@@ -19,6 +19,7 @@ import numpy as np
 import zarr
 
 from unetcore.config import NormalizationConfig
+from unetcore.inference import postops
 from unetcore.inference.background import masked_block_logits
 from unetcore.inference.stitch import (
     Predictor,
@@ -29,7 +30,7 @@ from unetcore.inference.stitch import (
     tta_predictor,
 )
 from unetcore.inference.windows import Block, Shape, TileGrid, plan_blocks
-from unetcore.modes import BlockPath, Precision
+from unetcore.modes import BlockPath, Precision, ProbabilityDtype
 from unetcore.store.stats import clip_range, normalize, scale_and_offset
 
 if TYPE_CHECKING:
@@ -65,11 +66,21 @@ def affine_of(stats: dict[str, Any], recipe: NormalizationConfig) -> Affine:
     return Affine(tuple(scale.tolist()), tuple(offset.tolist()), low, high, unit_clip=recipe.mode == "percentile")
 
 
-def logits_to_outputs(logits: np.ndarray, num_classes: int, threshold: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
-    """Blended logits (K, *spatial) → (probabilities (K, *spatial) float32, labels (*spatial) uint8).
+def logits_to_outputs(logits: np.ndarray, num_classes: int, threshold: float = 0.5,
+                      probability_dtype: ProbabilityDtype = "float32") -> tuple[np.ndarray, np.ndarray]:
+    """Blended logits (K, *spatial) → (probabilities (K, *spatial) in ``probability_dtype``, labels (*spatial) uint8).
 
-    numpy, in float32: the sigmoid, or the softmax over the class axis (its maximum subtracted first).
+    In float32: the sigmoid, or the softmax over the class axis (its maximum subtracted first); on onnxruntime's
+    kernels where it is installed (:mod:`unetcore.inference.postops`, ≈ 5x faster), else in numpy.
     """
+    fast = postops.outputs(logits, num_classes, threshold, probability_dtype)
+    if fast is not None:
+        return fast
+    probs, labels = _numpy_outputs(logits, num_classes, threshold)
+    return probs.astype(probability_dtype, copy=False), labels
+
+
+def _numpy_outputs(logits: np.ndarray, num_classes: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     t = np.asarray(logits, np.float32)
     if num_classes == 1:
         probs = np.exp(-t)
@@ -236,8 +247,9 @@ class BlockPredictor:
         block's region when it was read ahead (:meth:`blocks`).
         """
         if self.kernel is None:
-            probs, labels = logits_to_outputs(self.logits(image, stats, grid, block), self.num_classes, self.threshold)
-            return (None if probability_dtype is None else probs.astype(probability_dtype, copy=False)), labels
+            probs, labels = logits_to_outputs(self.logits(image, stats, grid, block), self.num_classes,
+                                              self.threshold, probability_dtype or "float16")
+            return (None if probability_dtype is None else probs), labels
         host = self._host_region(image, grid, block) if host is None else host
         return self.kernel.outputs(host, image.shape[0], affine_of(stats, self.recipe), grid, block, self.batch_size,
                                    probability_dtype)

@@ -106,7 +106,10 @@ def predict_block(
             if summed is None:
                 norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
-    np.divide(acc, norm, out=acc, where=norm > 0)
+    if summed is None:
+        np.divide(acc, norm, out=acc, where=norm > 0)
+    else:  # positive everywhere: no mask pass
+        acc /= norm
     return acc
 
 

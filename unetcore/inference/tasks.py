@@ -158,8 +158,45 @@ def set_worker_predictor_factory(factory: Callable[[ModelSpec], BlockPredictor] 
     _built.cache_clear()
 
 
-def _counts(src: zarr.Group, labels: np.ndarray, block: Block, num_classes: int) -> list[list[int]] | None:
-    truth = omezarr.label_array(src)
+@dataclass(frozen=True)
+class BlockStores:
+    """The arrays a block task reads and writes, opened once per worker and job (:func:`block_stores`).
+
+    The outputs write every chunk they cover (``write_empty_chunks``): zarr's test of each chunk against the fill
+    value costs more than writing an empty chunk's few bytes (labels 20 → 7 ms a 2048² block, BENCHMARKS.md).
+    """
+
+    image: zarr.Array
+    truth: zarr.Array | None
+    labels: tuple[zarr.Array, ...]  # level 0, and level 1 where the pyramid has one
+    probabilities: tuple[zarr.Array, ...]
+
+
+def _written_levels(group: zarr.Group) -> tuple[zarr.Array, ...]:
+    config = {"write_empty_chunks": True}
+    return tuple(group[k].with_config(config) for k in ("0", "1") if k in group)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_stores(source: str, output: str, token: tuple[int, ...]) -> BlockStores:
+    src = omezarr.open_root(Path(source))
+    out = zarr.open_group(store=output, mode="r+")
+    return BlockStores(omezarr.image_array(src), omezarr.label_array(src),
+                       _written_levels(out[f"labels/{LABELS_NAME}"]), _written_levels(out))
+
+
+def block_stores(job: ImageJob) -> BlockStores:
+    """The job's arrays, reused by this process's later blocks of the same stores: opening them reads a dozen
+    metadata files (≈ 12 ms a block). A store written anew (``--overwrite``) has a new root ``zarr.json``, whose
+    inode, size and modification time are in the cache key, so it is opened again."""
+    token = []
+    for root in (job.input, job.output):
+        st = os.stat(Path(root) / "zarr.json")
+        token += [st.st_ino, st.st_size, st.st_mtime_ns]
+    return _open_stores(job.input, job.output, tuple(token))
+
+
+def _counts(truth: zarr.Array | None, labels: np.ndarray, block: Block, num_classes: int) -> list[list[int]] | None:
     if truth is None:
         return None
     return [c.tolist() for c in confusion_counts(labels, np.asarray(truth[block.slices]), num_classes)]
@@ -180,13 +217,18 @@ def _label_and_save(job: ImageJob, labels: np.ndarray, block: Block, stage: str,
     comps.save(side_path(Path(job.records), block, f"{stage}.npz"))
 
 
+def _write_level1(levels: tuple[zarr.Array, ...], kind: Literal["image", "label"], block: Block,
+                  values: np.ndarray) -> bool:
+    return len(levels) > 1 and omezarr.write_halved_level(levels[0], levels[1], kind, block.slices, values)
+
+
 def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block; write its chunks, its component summary if asked, then its completion record."""
     t0, cpu0 = time.perf_counter(), time.process_time()
     tune_for_blocks()  # once per process: the Dask nanny's malloc settings slow a CPU forward pass 1.5x
     bp = worker_predictor(job.spec)
-    src = omezarr.open_root(Path(job.input))
-    image = omezarr.image_array(src)
+    stores = block_stores(job)
+    image = stores.image
     shape = image.shape[1:]
     stored = job.probability_dtype if job.save_probabilities else None
     keep = load_keep_mask(job.keep) if job.keep else None
@@ -203,18 +245,17 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
             probs[(slice(None), empty)] = 0.0
             if bp.num_classes > 1:
                 probs[(0, empty)] = 1.0
-    out = zarr.open_group(store=job.output, mode="r+")
-    out[f"labels/{LABELS_NAME}/0"][block.slices] = labels
+    stores.labels[0][block.slices] = labels
     # level 1 of the pyramids while other blocks run; labels only when no later pass rewrites them
-    halved = {"labels": job.components != "all" and omezarr.write_halved(out[f"labels/{LABELS_NAME}"], "label",
-                                                                          block.slices, labels)}
+    halved = {"labels": job.components != "all" and _write_level1(stores.labels, "label", block, labels)}
     if probs is not None:
-        out["0"][(slice(None), *block.slices)] = probs
-        halved["probabilities"] = omezarr.write_halved(out, "image", block.slices, probs)
+        stores.probabilities[0][(slice(None), *block.slices)] = probs
+        halved["probabilities"] = _write_level1(stores.probabilities, "image", block, probs)
     if job.components != "none":
         stage = "raw" if job.components == "all" else "final"
         _label_and_save(job, labels, block, stage, job.components == "all", shape)
-    record = {"block": list(block.bounds), "counts": _counts(src, labels, block, bp.num_classes), "level1": halved,
+    record = {"block": list(block.bounds), "counts": _counts(stores.truth, labels, block, bp.num_classes),
+              "level1": halved,
               "seconds": round(time.perf_counter() - t0, 4), "predict_seconds": round(t_model, 4),
               "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
     atomic_write_json(record_path(Path(job.records), block), record)
@@ -234,8 +275,7 @@ def postprocess_block(job: ImageJob, block: Block, num_classes: int) -> dict[str
     zarr.open_group(store=job.output, mode="r+")[f"labels/{LABELS_NAME}/0"][block.slices] = labels
     if job.instances:
         _label_and_save(job, labels, block, "final", False, _image_shape(job))
-    src = omezarr.open_root(Path(job.input))
-    record = {"counts": _counts(src, labels, block, num_classes)}
+    record = {"counts": _counts(omezarr.label_array(omezarr.open_root(Path(job.input))), labels, block, num_classes)}
     atomic_write_json(record_path(records, block, "post"), record)
     return record
 

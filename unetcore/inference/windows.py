@@ -321,8 +321,8 @@ def gaussian_weight_sum(grid: TileGrid, block: Block, sigma_scale: float = 1 / 8
 
     Computed per axis, without a pass over each tile: the map is a product of one profile per axis and the tiles
     touching a block are the product of per-axis starts, so the sum is the outer product of per-axis sums (equal
-    to the tile-by-tile sum up to float32 rounding, ~1e-7 relative). None when the map's zeros were clamped (a
-    very small ``sigma_scale``): then it is not separable, and the caller sums tile by tile.
+    to the tile-by-tile sum up to float32 rounding, ~1e-7 relative), positive everywhere. None when the map's zeros
+    were clamped (a very small ``sigma_scale``): then it is not separable, and the caller sums tile by tile.
     """
     _check_same_ndim(grid=grid.shape, block=block.start)
     unit = _unit_profiles(grid.tile, float(sigma_scale))
@@ -334,8 +334,8 @@ def gaussian_weight_sum(grid: TileGrid, block: Block, sigma_scale: float = 1 / 8
         for o in _starts_touching(starts, t, lo, hi):
             a, b = max(o, lo), min(o + t, hi)
             total[a - lo : b - lo] += q[a - o : b - o]
-        sums.append(total)
-    return functools.reduce(np.multiply.outer, sums).astype(np.float32)
+        sums.append(total.astype(np.float32))  # a pixel's axis sums are the same in every block that holds it
+    return functools.reduce(np.multiply.outer, sums)  # in float32: no float64 map of the block (~3x faster)
 
 
 def _axis_evaluations(starts: tuple[int, ...], tile: int, size: int, band: int) -> int:

@@ -323,7 +323,12 @@ def write_halved(group: zarr.Group, kind: Literal["image", "label"], box: Sequen
     """
     if "1" not in group:
         return False
-    src, dst = group["0"], group["1"]
+    return write_halved_level(group["0"], group["1"], kind, box, values)
+
+
+def write_halved_level(src: zarr.Array, dst: zarr.Array, kind: Literal["image", "label"], box: Sequence[slice],
+                       values: np.ndarray) -> bool:
+    """:func:`write_halved` on the two levels themselves (``src`` level 0, ``dst`` level 1), already open."""
     dims = len(box)
     factors = level_factors(src, dst, dims)
     region = []
