@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 
 from unetcore.config import NormalizationConfig
-from unetcore.inference import postops
+from unetcore.inference.float16 import to_float16
 from unetcore.inference.background import masked_block_logits
 from unetcore.inference.stitch import (
     Predictor,
@@ -70,27 +70,23 @@ def logits_to_outputs(logits: np.ndarray, num_classes: int, threshold: float = 0
                       probability_dtype: ProbabilityDtype = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Blended logits (K, *spatial) → (probabilities (K, *spatial) in ``probability_dtype``, labels (*spatial) uint8).
 
-    In float32: the sigmoid, or the softmax over the class axis (its maximum subtracted first); on onnxruntime's
-    kernels where it is installed (:mod:`unetcore.inference.postops`, ≈ 5x faster), else in numpy.
+    numpy, in float32: the sigmoid, or the softmax over the class axis (its maximum subtracted first), in place on
+    one new array; the float16 cast on onnxruntime's kernel (:func:`~unetcore.inference.float16.to_float16`, the
+    same bytes, ≈ 5x faster).
     """
-    fast = postops.outputs(logits, num_classes, threshold, probability_dtype)
-    if fast is not None:
-        return fast
-    probs, labels = _numpy_outputs(logits, num_classes, threshold)
-    return probs.astype(probability_dtype, copy=False), labels
-
-
-def _numpy_outputs(logits: np.ndarray, num_classes: int, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     t = np.asarray(logits, np.float32)
     if num_classes == 1:
-        probs = np.exp(-t)
+        probs = np.negative(t)
+        np.exp(probs, out=probs)
         probs += 1.0
         np.reciprocal(probs, out=probs)
-        return probs, (probs[0] > threshold).astype(np.uint8)
-    probs = t - t.max(axis=0, keepdims=True)
-    np.exp(probs, out=probs)
-    probs /= probs.sum(axis=0, keepdims=True)
-    return probs, probs.argmax(axis=0).astype(np.uint8)
+        labels = (probs[0] > threshold).view(np.uint8)
+    else:
+        probs = t - t.max(axis=0, keepdims=True)
+        np.exp(probs, out=probs)
+        probs /= probs.sum(axis=0, keepdims=True)
+        labels = probs.argmax(axis=0).astype(np.uint8)
+    return (to_float16(probs) if probability_dtype == "float16" else probs), labels
 
 
 def tile_shape(tile: int | Shape, spatial_dims: int, ndim: int) -> Shape:

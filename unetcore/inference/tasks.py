@@ -27,6 +27,7 @@ from unetcore.atomic import atomic_write_json
 from unetcore.devices import resolve_device, worker_gpu_index
 from unetcore.inference.background import load_keep_mask
 from unetcore.inference.components import label_block
+from unetcore.inference.float16 import to_float16
 from unetcore.inference.layout import (
     INSTANCES_NAME,
     LABELS_NAME,
@@ -236,7 +237,7 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
         probs, labels = bp.outputs(image, job.stats, bp.grid(shape), block, stored)
     else:  # resampling or background skipping: the numpy block path
         resampled, labels = block_outputs(bp, image, job.stats, block, job.resampling, keep)
-        probs = None if stored is None else resampled.astype(stored)
+        probs = None if stored is None else to_float16(resampled) if stored == "float16" else resampled
     t_model = time.perf_counter() - t0
     empty = _nodata_here(job, image, block)
     if empty is not None:
