@@ -7,14 +7,11 @@ single-thread UNet forward ran 1.55x slower in a Dask worker than in a plain pro
 
 :func:`tune_for_blocks` keeps up to :data:`TRIM_BYTES` of freed heap instead of returning it to the kernel, and
 :func:`heap_buffers` serves requests below :data:`FORWARD_MMAP_BYTES` from the heap while a forward pass runs, so
-its buffers are reused from one pass to the next. Outside forward passes requests below :data:`ARRAY_MMAP_BYTES`
-come from the heap too: a chunk's buffers (Zarr decodes and encodes chunk by chunk; a 1024² float32 chunk is 4 MiB)
-are reused from one chunk to the next; at Dask's 128 KiB each was mapped and faulted in anew, and a block task's
-Zarr writes took twice as long in a worker as in a plain process (BENCHMARKS.md, the CPU side alone). Block-sized
-arrays (a block's image, accumulators and outputs: 16 MiB and more for a 2048² block) are still mmapped and go back
-to the kernel when freed, so they do not fragment the heap; :func:`release_free_memory` returns what the heap kept
-after each block. A worker's peak memory then stays what the block size makes it, however many blocks it runs
-(BENCHMARKS.md, inference (c)).
+its buffers are reused from one pass to the next. Outside forward passes the mmap threshold is back at Dask's
+128 KiB: a block's image, accumulators and outputs are mmapped (unless the heap has room kept from a pass) and go
+back to the kernel when freed, so they do not fragment the heap; :func:`release_free_memory` returns what the heap
+kept after each block. A worker's peak memory then stays what the block size makes it, however many blocks it
+runs (BENCHMARKS.md, inference (c)).
 """
 
 from __future__ import annotations
@@ -33,8 +30,8 @@ TRIM_BYTES = 256 * 1024 * 1024
 FORWARD_MMAP_BYTES = 32 * 1024 * 1024
 """During a forward pass, requests at least this large are mmapped; smaller ones come from the heap."""
 
-ARRAY_MMAP_BYTES = 8 * 1024 * 1024
-"""Outside forward passes, requests at least this large are mmapped (and unmapped when freed); Dask's is 128 KiB."""
+ARRAY_MMAP_BYTES = 128 * 1024
+"""Outside forward passes, requests at least this large are mmapped (and unmapped when freed): Dask's setting."""
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
