@@ -1,6 +1,6 @@
 """float32 → float16 on onnxruntime's vectorised ``Cast``: numpy's own cast is a scalar loop.
 
-Casting a 2048² block's probabilities takes 15-19 ms in numpy and 2-4 ms in onnxruntime (one thread, no memory
+Casting a 2048² block's probabilities takes 15-19 ms in numpy and about 4 ms in onnxruntime (one thread, no memory
 arena: nothing is kept between blocks), with the same bytes: both round to nearest, ties to even (BENCHMARKS.md,
 the CPU side alone). The graph (one ``Cast`` node, any shape) is shipped in the package
 (``graphs/cast-float16.onnx``, 81 bytes) because building it needs the ``onnx`` package, whose import costs a

@@ -335,7 +335,7 @@ def gaussian_weight_sum(grid: TileGrid, block: Block, sigma_scale: float = 1 / 8
             a, b = max(o, lo), min(o + t, hi)
             total[a - lo : b - lo] += q[a - o : b - o]
         sums.append(total.astype(np.float32))  # a pixel's axis sums are the same in every block that holds it
-    return functools.reduce(np.multiply.outer, sums)  # in float32: no float64 map of the block (~3x faster)
+    return functools.reduce(np.multiply.outer, sums)  # in float32: no float64 map of the block
 
 
 def _axis_evaluations(starts: tuple[int, ...], tile: int, size: int, band: int) -> int:
