@@ -220,14 +220,14 @@ def mmapped(n):  # bytes glibc maps for a malloc(n) while it is held
     libc.free(p)
     return during - before
 from unetcore.allocator import FORWARD_MMAP_BYTES, heap_buffers, release_free_memory, tune_for_blocks
-activation = 4 << 20
-untuned = mmapped(activation)
+activation, chunk = 4 << 20, 1 << 20
+untuned, untuned_chunk = mmapped(activation), mmapped(chunk)
 print(tune_for_blocks())
-outside = mmapped(activation)
+outside, outside_chunk = mmapped(activation), mmapped(chunk)
 with heap_buffers():
     inside, large = mmapped(activation), mmapped(2 * FORWARD_MMAP_BYTES)
 release_free_memory()  # the heap kept what the pass freed (a later request may reuse it); give it back
-print(untuned, outside, inside, large, mmapped(activation))
+print(untuned, outside, inside, large, mmapped(activation), untuned_chunk, outside_chunk)
 """
 
 
@@ -238,7 +238,7 @@ def test_heap_buffers_serve_activations_from_the_heap_only_inside_a_forward_pass
     out = subprocess.run([sys.executable, "-c", MMAPPED_PROBE], env=env, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     applied, numbers = out.stdout.splitlines()
-    untuned, outside, inside, large, after = (int(v) for v in numbers.split())
+    untuned, outside, inside, large, after, untuned_chunk, outside_chunk = (int(v) for v in numbers.split())
     assert applied == "True"
     mib4 = 4 << 20
     assert untuned >= mib4  # a 4 MiB activation was mmapped, and unmapped when freed: page faults again
@@ -246,6 +246,8 @@ def test_heap_buffers_serve_activations_from_the_heap_only_inside_a_forward_pass
     assert inside == 0  # ... but inside one it comes from the heap, reused by the next pass
     assert large >= 2 * (32 << 20)  # very large requests are still mapped
     assert after >= mib4  # the setting ends with the pass
+    assert untuned_chunk >= 1 << 20  # a chunk's 1 MiB buffer was mapped at Dask's setting ...
+    assert outside_chunk == 0  # ... and comes from the heap once tuned, reused within a block
 
 
 def test_exported_label_png_keeps_the_class_ids_and_shows_colours(tmp_path) -> None:

@@ -7,11 +7,13 @@ single-thread UNet forward ran 1.55x slower in a Dask worker than in a plain pro
 
 :func:`tune_for_blocks` keeps up to :data:`TRIM_BYTES` of freed heap instead of returning it to the kernel, and
 :func:`heap_buffers` serves requests below :data:`FORWARD_MMAP_BYTES` from the heap while a forward pass runs, so
-its buffers are reused from one pass to the next. Outside forward passes the mmap threshold is back at Dask's
-128 KiB: a block's image, accumulators and outputs are mmapped (unless the heap has room kept from a pass) and go
-back to the kernel when freed, so they do not fragment the heap; :func:`release_free_memory` returns what the heap
-kept after each block. A worker's peak memory then stays what the block size makes it, however many blocks it
-runs (BENCHMARKS.md, inference (c)).
+its buffers are reused from one pass to the next. Outside forward passes requests of :data:`ARRAY_MMAP_BYTES` (2 MiB)
+or more are mmapped: a block's image, accumulators and outputs (4-16 MiB) go back to the kernel when freed, so they
+do not fragment the heap, while a tile's temporaries and a chunk's buffers (1 MiB at the default tile and chunks)
+come from the heap and are reused within the block. At Dask's 128 KiB every such buffer was mapped, faulted in and
+unmapped again: the identity pipeline ran 1.2-1.3x slower (BENCHMARKS.md, ninth session). :func:`release_free_memory`
+returns what the heap kept after each block. A worker's peak memory then stays what the block size makes it, however
+many blocks it runs (BENCHMARKS.md, inference (c)).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ TRIM_BYTES = 256 * 1024 * 1024
 FORWARD_MMAP_BYTES = 32 * 1024 * 1024
 """During a forward pass, requests at least this large are mmapped; smaller ones come from the heap."""
 
-ARRAY_MMAP_BYTES = 128 * 1024
-"""Outside forward passes, requests at least this large are mmapped (and unmapped when freed): Dask's setting."""
+ARRAY_MMAP_BYTES = 2 * 1024 * 1024
+"""Outside forward passes, requests at least this large are mmapped (and unmapped when freed); Dask's is 128 KiB."""
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
