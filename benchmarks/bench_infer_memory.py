@@ -1,9 +1,9 @@
 """Peak memory of distributed inference does not grow with the image: 64 megapixels vs 1 gigapixel.
 
 For each size, a synthetic OME-Zarr store (uint8, chunk 1024, texture + noise so no tile is skipped) is written
-band by band, then ``predict_dataset`` runs on a fresh local cluster of the default shape with default options
-(tile 256, overlap 0.5, float16 probabilities, label pyramid, no export). The predictor is a tiny UNet (depth 1,
-base 4) or, with ``--predictor identity`` (to make a gigapixel affordable on 2 cores: the tiny UNet costs
+band by band, then ``predict_dataset`` runs on a fresh local cluster of the default shape with ``unet predict``'s
+default options (tile 512, overlap 0.125, float16 probabilities, label pyramid, no export). The predictor is a tiny
+UNet (depth 1, base 4) or, with ``--predictor identity`` (to make a gigapixel affordable on 2 cores: the tiny UNet costs
 ~25-50 ms a tile here), the identity on the normalised input, installed on each worker in place of the loaded
 model; everything else (Zarr reads, normalisation, batching, blending, writes, pyramid) is the engine's. A sampler
 adds up the resident set size (RSS) of this process and all its children (scheduler, nannies, workers) every

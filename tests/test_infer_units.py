@@ -204,7 +204,7 @@ def test_unreachable_scheduler_fails_fast() -> None:
 # --- malloc settings of the processes that run the model ---------------------------------------------
 
 MMAPPED_PROBE = """
-import ctypes, sys
+import ctypes, sys, threading
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
@@ -227,18 +227,25 @@ outside, outside_chunk = mmapped(activation), mmapped(chunk)
 with heap_buffers():
     inside, large = mmapped(activation), mmapped(2 * FORWARD_MMAP_BYTES)
 release_free_memory()  # the heap kept what the pass freed (a later request may reuse it); give it back
-print(untuned, outside, inside, large, mmapped(activation), untuned_chunk, outside_chunk)
+held = []
+threading.Thread(target=lambda: held.append(libc.malloc(1 << 16))).start()
+while not held:
+    pass
+libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+main_heap = held[0] < libc.sbrk(0)  # the main heap lies below the program break; a thread's own is mapped elsewhere
+print(untuned, outside, inside, large, mmapped(activation), untuned_chunk, outside_chunk, int(main_heap))
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-def test_heap_buffers_serve_activations_from_the_heap_only_inside_a_forward_pass() -> None:
+def test_malloc_settings_keep_small_buffers_and_activations_on_one_heap() -> None:
     # As in a Dask worker: the nanny's MALLOC_TRIM_THRESHOLD_ pins glibc's mmap threshold at 128 KiB.
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", MMAPPED_PROBE], env=env, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     applied, numbers = out.stdout.splitlines()
-    untuned, outside, inside, large, after, untuned_chunk, outside_chunk = (int(v) for v in numbers.split())
+    untuned, outside, inside, large, after, untuned_chunk, outside_chunk, same_heap = (
+        int(v) for v in numbers.split())
     assert applied == "True"
     mib4 = 4 << 20
     assert untuned >= mib4  # a 4 MiB activation was mmapped, and unmapped when freed: page faults again
@@ -248,6 +255,7 @@ def test_heap_buffers_serve_activations_from_the_heap_only_inside_a_forward_pass
     assert after >= mib4  # the setting ends with the pass
     assert untuned_chunk >= 1 << 20  # a chunk's 1 MiB buffer was mapped at Dask's setting ...
     assert outside_chunk == 0  # ... and comes from the heap once tuned, reused within a block
+    assert same_heap == 1  # a new thread allocates from the main heap, not from one of its own
 
 
 def test_exported_label_png_keeps_the_class_ids_and_shows_colours(tmp_path) -> None:

@@ -11,8 +11,10 @@ its buffers are reused from one pass to the next. Outside forward passes request
 or more are mmapped: a block's image, accumulators and outputs (4-16 MiB) go back to the kernel when freed, so they
 do not fragment the heap, while a tile's temporaries and a chunk's buffers (1 MiB at the default tile and chunks)
 come from the heap and are reused within the block. At Dask's 128 KiB every such buffer was mapped, faulted in and
-unmapped again: the identity pipeline ran 1.2-1.3x slower (BENCHMARKS.md, ninth session). :func:`release_free_memory`
-returns what the heap kept after each block. A worker's peak memory then stays what the block size makes it, however
+unmapped again: the identity pipeline ran 1.3x slower at a gigapixel (BENCHMARKS.md, ninth session). Every thread
+allocates from one heap (:data:`ARENAS`): with a heap per thread (the task's, zarr's I/O and codec threads), a
+worker's peak crept up with the number of blocks it had run, by 35-70 MB, until each heap was warm. :func:`release_free_memory` returns what the heap
+kept after each block. A worker's peak memory then stays what the block size makes it, however
 many blocks it runs (BENCHMARKS.md, inference (c)).
 """
 
@@ -35,8 +37,12 @@ FORWARD_MMAP_BYTES = 32 * 1024 * 1024
 ARRAY_MMAP_BYTES = 2 * 1024 * 1024
 """Outside forward passes, requests at least this large are mmapped (and unmapped when freed); Dask's is 128 KiB."""
 
+ARENAS = 1
+"""glibc heaps (arenas) the process's threads share: one, so the buffers kept between blocks are kept once."""
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -56,10 +62,11 @@ def _libc() -> ctypes.CDLL | None:
 
 @functools.cache
 def tune_for_blocks() -> bool:
-    """Set this process's trim and mmap thresholds (once); False where the C library is not glibc."""
+    """Set this process's trim and mmap thresholds and its arena count (once); False where the C library is not
+    glibc. Threads that already have a heap of their own keep it."""
     libc = _libc()
-    return libc is not None and bool(libc.mallopt(_M_TRIM_THRESHOLD, TRIM_BYTES)) and bool(
-        libc.mallopt(_M_MMAP_THRESHOLD, ARRAY_MMAP_BYTES))
+    return libc is not None and all(libc.mallopt(option, value) for option, value in (
+        (_M_TRIM_THRESHOLD, TRIM_BYTES), (_M_MMAP_THRESHOLD, ARRAY_MMAP_BYTES), (_M_ARENA_MAX, ARENAS)))
 
 
 @contextlib.contextmanager
