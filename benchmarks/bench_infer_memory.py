@@ -3,8 +3,8 @@
 For each size, a synthetic OME-Zarr store (uint8, chunk 1024, texture + noise so no tile is skipped) is written
 band by band, then ``predict_dataset`` runs on a fresh local cluster of the default shape with ``unet predict``'s
 default options (tile 512, overlap 0.125, float16 probabilities, label pyramid, no export). The predictor is a tiny
-UNet (depth 1, base 4) or, with ``--predictor identity`` (to make a gigapixel affordable on 2 cores: the tiny UNet costs
-~25-50 ms a tile here), the identity on the normalised input, installed on each worker in place of the loaded
+UNet (depth 1, base 4) or, with ``--predictor identity`` (to make a gigapixel affordable on 2 cores: the tiny UNet
+costs ~25-50 ms a tile here), the identity on the normalised input, installed on each worker in place of the loaded
 model; everything else (Zarr reads, normalisation, batching, blending, writes, pyramid) is the engine's. A sampler
 adds up the resident set size (RSS) of this process and all its children (scheduler, nannies, workers) every
 0.2 s; the peak of that sum is reported. Shared library pages count once per process, so the sum overstates

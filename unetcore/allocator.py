@@ -14,8 +14,9 @@ come from the heap and are reused within the block. At Dask's 128 KiB every such
 unmapped again: the identity pipeline ran 1.3-1.4x slower at a gigapixel (BENCHMARKS.md, ninth session). Every thread
 allocates from one heap (:data:`ARENAS`): with a heap per thread (the task's, zarr's I/O and codec threads), a
 worker's peak crept up with the number of blocks it had run, by 35-70 MB, until each heap was warm.
-:func:`release_free_memory` returns what the heap kept after each block. A worker's peak memory then levels off after its first blocks, whatever the image size:
-67 MP vs a gigapixel ×1.06-1.10, a 256³ vs a 512×2048² volume ×1.11 (BENCHMARKS.md, ninth session).
+:func:`release_free_memory` returns what the heap kept after each block. A worker's peak memory then levels off
+after its first blocks, whatever the image size: 67 MP vs a gigapixel ×1.06-1.10, a 256³ vs a 512×2048² volume
+×1.11 (BENCHMARKS.md, ninth session).
 """
 
 from __future__ import annotations
