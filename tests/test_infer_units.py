@@ -228,9 +228,9 @@ with heap_buffers():
     inside, large = mmapped(activation), mmapped(2 * FORWARD_MMAP_BYTES)
 release_free_memory()  # the heap kept what the pass freed (a later request may reuse it); give it back
 held = []
-threading.Thread(target=lambda: held.append(libc.malloc(1 << 16))).start()
-while not held:
-    pass
+thread = threading.Thread(target=lambda: held.append(libc.malloc(1 << 16)))
+thread.start()
+thread.join()
 libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
 main_heap = held[0] < libc.sbrk(0)  # the main heap lies below the program break; a thread's own is mapped elsewhere
 print(untuned, outside, inside, large, mmapped(activation), untuned_chunk, outside_chunk, int(main_heap))

@@ -14,9 +14,9 @@ come from the heap and are reused within the block. At Dask's 128 KiB every such
 unmapped again: the identity pipeline ran 1.3-1.4x slower at a gigapixel (BENCHMARKS.md, ninth session). Every thread
 allocates from one heap (:data:`ARENAS`): with a heap per thread (the task's, zarr's I/O and codec threads), a
 worker's peak crept up with the number of blocks it had run, by 35-70 MB, until each heap was warm.
-:func:`release_free_memory` returns what the heap kept after each block. A worker's peak memory then levels off
-after its first blocks, whatever the image size: 67 MP vs a gigapixel ×1.06-1.10, a 256³ vs a 512×2048² volume
-×1.11 (BENCHMARKS.md, ninth session).
+:func:`release_free_memory` returns what the heap kept after each block. A worker's peak memory then grows little
+with the image: 67 MP vs a gigapixel ×1.06-1.10; a 256³ volume vs 512×1024² ×1.09 and vs 512×2048² ×1.11, just
+over ±10 % (BENCHMARKS.md, ninth session).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ ARRAY_MMAP_BYTES = 2 * 1024 * 1024
 """Outside forward passes, requests at least this large are mmapped (and unmapped when freed); Dask's is 128 KiB."""
 
 ARENAS = 1
-"""glibc heaps (arenas) the process's threads share: one, so the buffers kept between blocks are kept once."""
+"""glibc heaps (arenas) the process's threads share: one, so the buffers they reuse are warm in one heap, not in
+one per thread."""
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
