@@ -29,6 +29,7 @@ from skimage import measure
 from typer.testing import CliRunner
 
 from app.cli import app
+from unetcore.allocator import ARRAY_MMAP_BYTES
 from unetcore.cluster import Cluster, dask_cluster
 from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
 from unetcore.errors import ConfigError, InputError, OutputExistsError
@@ -157,10 +158,10 @@ def test_engine_equals_whole_image_sliding_window(
     assert len(list((tmp_path / "out" / "img.blocks").glob("y*_x*.json"))) == result.blocks
 
 
-def _malloc_tuned() -> int:
-    from unetcore.allocator import tune_for_blocks
+def _malloc_tuned() -> int | None:
+    from unetcore.allocator import block_mmap_bytes
 
-    return tune_for_blocks.cache_info().currsize  # 1 once the process has applied the settings
+    return block_mmap_bytes()  # None until a block has applied the settings
 
 
 def test_workers_get_their_torch_threads_malloc_settings_and_quiet_config(tmp_path: Path) -> None:
@@ -170,10 +171,10 @@ def test_workers_get_their_torch_threads_malloc_settings_and_quiet_config(tmp_pa
     model = make_model(tmp_path / "model")
     with dask_cluster(None, 1, 2) as c:
         assert c.torch_threads == 2
-        assert set(c.client.run(_malloc_tuned).values()) == {0}
+        assert set(c.client.run(_malloc_tuned).values()) == {None}
         predict_dataset(config(dataset, tmp_path / "out", model, threads_per_worker=0, runtime="torch"), cluster=c)
         assert set(c.client.run(torch.get_num_threads).values()) == {2}  # 1 worker on 2 cores: both cores for torch
-        assert set(c.client.run(_malloc_tuned).values()) == {1}
+        assert set(c.client.run(_malloc_tuned).values()) == {ARRAY_MMAP_BYTES[2]}
         intervals = c.client.run(lambda: (dask.config.get("distributed.worker.profile.interval"),
                                    dask.config.get("distributed.worker.memory.monitor-interval")))
         assert set(intervals.values()) == {("100ms", "500ms")}

@@ -233,20 +233,27 @@ thread.start()
 thread.join()
 libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
 main_heap = held[0] < libc.sbrk(0)  # the main heap lies below the program break; a thread's own is mapped elsewhere
-print(untuned, outside, inside, large, mmapped(activation), untuned_chunk, outside_chunk, int(main_heap))
+after = mmapped(activation)
+print(tune_for_blocks(3))  # a volume's block: its chunk buffers mapped again, also after a forward pass
+with heap_buffers():
+    volume_inside = mmapped(activation)
+release_free_memory()
+volume_chunk = mmapped(chunk)
+print(untuned, outside, inside, large, after, untuned_chunk, outside_chunk, int(main_heap), volume_inside,
+      volume_chunk)
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-def test_malloc_settings_keep_small_buffers_and_activations_on_one_heap() -> None:
+def test_malloc_settings_keep_small_buffers_and_activations_on_one_heap_per_block_dimension() -> None:
     # As in a Dask worker: the nanny's MALLOC_TRIM_THRESHOLD_ pins glibc's mmap threshold at 128 KiB.
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", MMAPPED_PROBE], env=env, capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
-    applied, numbers = out.stdout.splitlines()
-    untuned, outside, inside, large, after, untuned_chunk, outside_chunk, same_heap = (
+    applied, applied_volume, numbers = out.stdout.splitlines()
+    untuned, outside, inside, large, after, untuned_chunk, outside_chunk, same_heap, volume_inside, volume_chunk = (
         int(v) for v in numbers.split())
-    assert applied == "True"
+    assert applied == applied_volume == "True"
     mib4 = 4 << 20
     assert untuned >= mib4  # a 4 MiB activation was mmapped, and unmapped when freed: page faults again
     assert outside >= mib4  # block-sized arrays outside a forward pass stay mapped: they do not fragment the heap
@@ -256,6 +263,8 @@ def test_malloc_settings_keep_small_buffers_and_activations_on_one_heap() -> Non
     assert untuned_chunk >= 1 << 20  # a chunk's 1 MiB buffer was mapped at Dask's setting ...
     assert outside_chunk == 0  # ... and comes from the heap once tuned, reused within a block
     assert same_heap == 1  # a new thread allocates from the main heap, not from one of its own
+    assert volume_inside == 0  # a volume's forward pass takes its activations from the heap too ...
+    assert volume_chunk >= 1 << 20  # ... but its 1 MiB buffers are mapped outside one (memory flat, BENCHMARKS.md)
 
 
 def test_exported_label_png_keeps_the_class_ids_and_shows_colours(tmp_path) -> None:

@@ -7,16 +7,21 @@ single-thread UNet forward ran 1.55x slower in a Dask worker than in a plain pro
 
 :func:`tune_for_blocks` keeps up to :data:`TRIM_BYTES` of freed heap instead of returning it to the kernel, and
 :func:`heap_buffers` serves requests below :data:`FORWARD_MMAP_BYTES` from the heap while a forward pass runs, so
-its buffers are reused from one pass to the next. Outside forward passes requests of :data:`ARRAY_MMAP_BYTES` (2 MiB)
-or more are mmapped: a block's image, accumulators and outputs (4-16 MiB) go back to the kernel when freed, so they
-do not fragment the heap, while a tile's temporaries and a chunk's buffers (1 MiB at the default tile and chunks)
-come from the heap and are reused within the block. At Dask's 128 KiB every such buffer was mapped, faulted in and
-unmapped again: the identity pipeline ran 1.3-1.4x slower at a gigapixel (BENCHMARKS.md, ninth session). Every thread
-allocates from one heap (:data:`ARENAS`): with a heap per thread (the task's, zarr's I/O and codec threads), a
-worker's peak crept up with the number of blocks it had run, by 35-70 MB, until each heap was warm.
+its buffers are reused from one pass to the next. Outside forward passes requests of :data:`ARRAY_MMAP_BYTES` or
+more are mmapped, a threshold set per block by its number of spatial axes:
+
+* images (2 MiB): a block's image, accumulators and outputs (4-16 MiB) go back to the kernel when freed, so they
+  do not fragment the heap, while a tile's temporaries and a chunk's buffers (1 MiB at the default tile and chunks)
+  come from the heap and are reused within the block. At Dask's 128 KiB every such buffer was mapped, faulted in and
+  unmapped again: the identity pipeline ran 1.3-1.4x slower at a gigapixel (BENCHMARKS.md, ninth session);
+* volumes (128 KiB, Dask's): there the heap's 1 MiB buffers (64³ float32 tiles, the ingestion's 1 M-voxel chunks)
+  bought no speed and a worker's peak grew with the volume (512×1024² vs 256³: ×1.08 at 2 MiB, ×1.06 at
+  128 KiB; BENCHMARKS.md, tenth session).
+
+Every thread allocates from one heap (:data:`ARENAS`): with a heap per thread (the task's, zarr's I/O and codec
+threads), a worker's peak crept up with the number of blocks it had run, by 35-70 MB, until each heap was warm.
 :func:`release_free_memory` returns what the heap kept after each block. A worker's peak memory then grows little
-with the image: 67 MP vs a gigapixel ×1.06-1.10; a 256³ volume vs 512×1024² ×1.09 and vs 512×2048² ×1.11, just
-over ±10 % (BENCHMARKS.md, ninth session).
+with the image (BENCHMARKS.md, inference (c)).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ TRIM_BYTES = 256 * 1024 * 1024
 FORWARD_MMAP_BYTES = 32 * 1024 * 1024
 """During a forward pass, requests at least this large are mmapped; smaller ones come from the heap."""
 
-ARRAY_MMAP_BYTES = 2 * 1024 * 1024
-"""Outside forward passes, requests at least this large are mmapped (and unmapped when freed); Dask's is 128 KiB."""
+ARRAY_MMAP_BYTES: dict[int, int] = {2: 2 * 1024 * 1024, 3: 128 * 1024}
+"""Outside forward passes, requests at least this large are mmapped (and unmapped when freed), by the block's number
+of spatial axes; Dask's is 128 KiB."""
 
 ARENAS = 1
 """glibc heaps (arenas) the process's threads share: one, so the buffers they reuse are warm in one heap, not in
@@ -62,27 +68,47 @@ def _libc() -> ctypes.CDLL | None:
     return libc
 
 
+_block_mmap_bytes: list[int] = []  # the threshold the last block set (empty: no block tuned this process)
+
+
 @functools.cache
-def tune_for_blocks() -> bool:
-    """Set this process's trim and mmap thresholds and its arena count (once); False where the C library is not
-    glibc. Threads that already have a heap of their own keep it."""
+def _tune_process() -> bool:
     libc = _libc()
     return libc is not None and all(libc.mallopt(option, value) for option, value in (
-        (_M_TRIM_THRESHOLD, TRIM_BYTES), (_M_MMAP_THRESHOLD, ARRAY_MMAP_BYTES), (_M_ARENA_MAX, ARENAS)))
+        (_M_TRIM_THRESHOLD, TRIM_BYTES), (_M_ARENA_MAX, ARENAS)))
+
+
+def tune_for_blocks(spatial_dims: int = 2) -> bool:
+    """Set this process's trim threshold and arena count (once) and the mmap threshold for the arrays of a block
+    with ``spatial_dims`` axes (:data:`ARRAY_MMAP_BYTES`); False where the C library is not glibc. Threads that
+    already have a heap of their own keep it."""
+    libc = _libc()
+    threshold = ARRAY_MMAP_BYTES[min(max(spatial_dims, 2), 3)]
+    if libc is None or not _tune_process() or not libc.mallopt(_M_MMAP_THRESHOLD, threshold):
+        return False
+    _block_mmap_bytes[:] = [threshold]
+    return True
+
+
+def block_mmap_bytes() -> int | None:
+    """The mmap threshold the last :func:`tune_for_blocks` set in this process (None: none has run)."""
+    return _block_mmap_bytes[0] if _block_mmap_bytes else None
 
 
 @contextlib.contextmanager
 def heap_buffers() -> Iterator[None]:
-    """Inside the ``with``, serve requests below :data:`FORWARD_MMAP_BYTES` from the (kept) heap."""
-    libc = _libc() if tune_for_blocks() else None
-    if libc is None:
+    """Inside the ``with``, serve requests below :data:`FORWARD_MMAP_BYTES` from the (kept) heap; after it, the
+    block's threshold again (:func:`tune_for_blocks`; an image's where no block set one)."""
+    if block_mmap_bytes() is None and not tune_for_blocks():
         yield
         return
+    libc, after = _libc(), block_mmap_bytes()
+    assert libc is not None and after is not None
     libc.mallopt(_M_MMAP_THRESHOLD, FORWARD_MMAP_BYTES)
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, ARRAY_MMAP_BYTES)
+        libc.mallopt(_M_MMAP_THRESHOLD, after)
 
 
 def with_heap_buffers(fn: Callable[[_T], _R]) -> Callable[[_T], _R]:

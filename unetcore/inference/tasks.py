@@ -226,7 +226,7 @@ def _write_level1(levels: tuple[zarr.Array, ...], kind: Literal["image", "label"
 def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
     """Predict one block; write its chunks, its component summary if asked, then its completion record."""
     t0, cpu0 = time.perf_counter(), time.process_time()
-    tune_for_blocks()  # once per process: the Dask nanny's malloc settings slow a CPU forward pass 1.5x
+    tune_for_blocks(len(block.slices))  # the Dask nanny's malloc settings slow a CPU forward pass 1.5x
     bp = worker_predictor(job.spec)
     stores = block_stores(job)
     image = stores.image
