@@ -1,0 +1,92 @@
+"""A block's element-wise output steps on onnxruntime's vectorised kernels: numpy's are slower passes.
+
+* :func:`to_float16`, the float16 cast: numpy's own is a scalar loop. A 2048² block's probabilities take 15-19 ms in
+  numpy and about 4 ms here, with the same bytes: both round to nearest, ties to even.
+* :func:`sigmoid`: numpy's ``1 / (1 + exp(-x))`` is four passes over the block (13-23 ms for 2048²), onnxruntime's
+  ``Sigmoid`` one (2-3 ms). Its values differ from numpy's formula by at most 2.4e-7, absolute (a float32 ulp or
+  two near 1, far under float16's step of 4.9e-4 there; but a probability under 1e-7 may read 0): the same value
+  wherever it lies in the array (so block-wise equals whole-image), and on the same side of 0.5 as the formula
+  for every logit farther than 2e-7 from 0 (nearer, float32 rounding decides, in the formula too). Inference
+  uses it where the probabilities are stored as float16 (the default) or not at all; float32 probabilities keep
+  numpy's formula (``exact``).
+
+Both run on one thread without a memory arena (nothing is kept between blocks; BENCHMARKS.md, the CPU side alone).
+The graphs (one node each, any shape) are shipped in the package (``graphs/*.onnx``, about 80 bytes each) because
+building them needs the ``onnx`` package, whose import costs a second; :func:`build_graph` makes them
+(``python scripts/make_graphs.py`` rewrites the files) and a test checks the shipped files are its graphs.
+Without onnxruntime, numpy computes both.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = ["GRAPHS", "IR_VERSION", "OPSET", "Step", "available", "build_graph", "sigmoid", "to_float16"]
+
+Step = Literal["cast-float16", "sigmoid"]
+GRAPHS: dict[Step, Path] = {name: Path(__file__).parent / "graphs" / f"{name}.onnx"
+                            for name in ("cast-float16", "sigmoid")}
+IR_VERSION, OPSET = 8, 17  # read by every onnxruntime this project allows (>= 1.18)
+
+
+def build_graph(step: Step) -> Any:
+    """The ONNX model (``onnx.ModelProto``) of one step, ``y = Cast<float16>(x)`` or ``y = Sigmoid(x)``, for ``x``
+    float32 of any shape."""
+    from onnx import TensorProto, helper
+
+    node, out_type = ((helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16), TensorProto.FLOAT16)
+                      if step == "cast-float16" else (helper.make_node("Sigmoid", ["x"], ["y"]), TensorProto.FLOAT))
+    graph = helper.make_graph([node], step, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", out_type, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="unetcore")
+    model.ir_version = IR_VERSION
+    return model
+
+
+@functools.cache
+def available() -> bool:
+    """onnxruntime can be imported (checked once, without importing it)."""
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+@functools.cache
+def _session(step: Step) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # a block task runs on one core of its worker's share
+    options.inter_op_num_threads = 1
+    options.enable_cpu_mem_arena = False  # an arena would keep a block's output (+16-66 MB a worker) for good
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(GRAPHS[step]), options, providers=["CPUExecutionProvider"])
+
+
+def _run(step: Step, values: np.ndarray) -> np.ndarray:
+    return _session(step).run(None, {"x": np.ascontiguousarray(values, dtype=np.float32)})[0]
+
+
+def to_float16(values: np.ndarray) -> np.ndarray:
+    """``values`` as float16, the bytes of ``values.astype(np.float16)``; on onnxruntime where it is installed."""
+    if values.dtype == np.float16:
+        return values
+    if not available():
+        return values.astype(np.float16)
+    return _run("cast-float16", values)
+
+
+def sigmoid(values: np.ndarray, exact: bool = False) -> np.ndarray:
+    """``1 / (1 + exp(-values))`` as a new float32 array: on onnxruntime where it is installed (within 2.4e-7 of
+    numpy's formula, absolute), else, or when ``exact``, numpy's formula in place on one new array (float32's
+    relative precision down to the smallest probabilities)."""
+    if available() and not exact:
+        return _run("sigmoid", values)
+    probs = np.negative(values, dtype=np.float32)
+    np.exp(probs, out=probs)
+    probs += 1.0
+    np.reciprocal(probs, out=probs)
+    return probs
