@@ -20,6 +20,7 @@ from unetcore.inference import (
     gaussian_weights,
     tile_overlap,
     tiles_for_block,
+    windows,
 )
 from unetcore.inference.ondevice import (
     DeviceKernel,
@@ -33,6 +34,7 @@ from unetcore.inference.ondevice import (
     to_device,
 )
 from unetcore.inference.predict import affine_of
+from unetcore.inference.windows import divide_by_weight_sum, gaussian_axis_sums
 from unetcore.model import UNet
 from unetcore.store import StreamingStats, normalize
 
@@ -222,6 +224,16 @@ def test_the_weight_sum_per_axis_equals_the_tile_by_tile_sum(shape: tuple[int, .
         by_tile[in_block] += w[in_tile]
     np.testing.assert_allclose(gaussian_weight_sum(grid, block), by_tile, rtol=1e-6)
     assert gaussian_weight_sum(grid, block, sigma_scale=1e-3) is None  # clamped zeros: not separable
+    acc = np.random.default_rng(0).normal(0, 3, (2, *block.shape)).astype(np.float32)
+    expected = acc / gaussian_weight_sum(grid, block)
+    sums = gaussian_axis_sums(grid, block)
+    assert sums is not None
+    for slab in (7, 1000, windows.SLAB_ELEMENTS):  # slabs of 1 row, of several with a partial last one, the default
+        got = acc.copy()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(windows, "SLAB_ELEMENTS", slab)
+            divide_by_weight_sum(got, sums)
+        np.testing.assert_array_equal(got, expected)  # the map's division, bit for bit, without the map
 
 
 def test_tensor_predictor_runs_channels_last_in_float32_on_the_cpu() -> None:

@@ -17,6 +17,8 @@ from unetcore.inference.windows import (
     Block,
     Shape,
     TileGrid,
+    divide_by_weight_sum,
+    gaussian_axis_sums,
     gaussian_weight_sum,
     gaussian_weights,
     padded_shape,
@@ -93,8 +95,8 @@ def predict_block(
     data = read_padded(read, image_shape, region, channels)
 
     acc: np.ndarray | None = None  # (K, *block.shape); K is known after the first forward pass
-    summed = gaussian_weight_sum(grid, block) if default else None  # the denominator, per axis (no pass per tile)
-    norm = np.zeros(block.shape, dtype=np.float32) if summed is None else summed
+    summed = gaussian_axis_sums(grid, block) if default else None  # the denominator, per axis (no pass per tile)
+    norm = np.zeros(block.shape, dtype=np.float32) if summed is None else None
     for batch in tile_batches(tiles, batch_size):
         inputs = np.stack([data[(slice(None), *tile_window(o, region.start, grid.tile))] for o in batch])
         out = _predict(predictor, inputs)
@@ -103,13 +105,14 @@ def predict_block(
         for origin, pred in zip(batch, out):
             in_tile, in_block = tile_overlap(origin, grid.tile, block)
             acc[(slice(None), *in_block)] += pred[(slice(None), *in_tile)] * w[in_tile]
-            if summed is None:
+            if norm is not None:
                 norm[in_block] += w[in_tile]
     assert acc is not None  # every block is touched by at least one tile
-    if summed is None:
+    if norm is not None:
         np.divide(acc, norm, out=acc, where=norm > 0)
     else:  # positive everywhere: no mask pass
-        acc /= norm
+        assert summed is not None
+        divide_by_weight_sum(acc, summed)
     return acc
 
 

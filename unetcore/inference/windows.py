@@ -320,10 +320,17 @@ def gaussian_weight_sum(grid: TileGrid, block: Block, sigma_scale: float = 1 / 8
     """The blend's denominator on ``block``: the sum of the Gaussian weights of every tile touching it, float32.
 
     Computed per axis, without a pass over each tile: the map is a product of one profile per axis and the tiles
-    touching a block are the product of per-axis starts, so the sum is the outer product of per-axis sums (equal
-    to the tile-by-tile sum up to float32 rounding, ~1e-7 relative), positive everywhere. None when the map's zeros
-    were clamped (a very small ``sigma_scale``): then it is not separable, and the caller sums tile by tile.
+    touching a block are the product of per-axis starts, so the sum is the outer product of per-axis sums
+    (:func:`gaussian_axis_sums`; equal to the tile-by-tile sum up to float32 rounding, ~1e-7 relative), positive
+    everywhere. None when the map's zeros were clamped (a very small ``sigma_scale``): then it is not separable,
+    and the caller sums tile by tile.
     """
+    sums = gaussian_axis_sums(grid, block, sigma_scale)
+    return None if sums is None else functools.reduce(np.multiply.outer, sums)  # in float32: no float64 map
+
+
+def gaussian_axis_sums(grid: TileGrid, block: Block, sigma_scale: float = 1 / 8) -> list[np.ndarray] | None:
+    """The per-axis factors of :func:`gaussian_weight_sum` (float32, one per axis of ``block``), or None."""
     _check_same_ndim(grid=grid.shape, block=block.start)
     unit = _unit_profiles(grid.tile, float(sigma_scale))
     if np.float32(math.prod(float(q.min()) for q in unit)) == 0:
@@ -335,7 +342,20 @@ def gaussian_weight_sum(grid: TileGrid, block: Block, sigma_scale: float = 1 / 8
             a, b = max(o, lo), min(o + t, hi)
             total[a - lo : b - lo] += q[a - o : b - o]
         sums.append(total.astype(np.float32))  # a pixel's axis sums are the same in every block that holds it
-    return functools.reduce(np.multiply.outer, sums)  # in float32: no float64 map of the block
+    return sums
+
+
+SLAB_ELEMENTS = 64 * 1024
+"""About how many elements of the weight-sum map :func:`divide_by_weight_sum` builds at a time (256 KiB)."""
+
+
+def divide_by_weight_sum(acc: np.ndarray, sums: list[np.ndarray]) -> None:
+    """``acc`` ``(K, *block)`` divided in place by the outer product of ``sums`` (:func:`gaussian_axis_sums`): the
+    values of dividing by :func:`gaussian_weight_sum`'s map, bit for bit, which is built a slab of the first axis
+    at a time (in cache) instead of whole (a block-sized array, one more pass over memory)."""
+    rows = max(1, SLAB_ELEMENTS // math.prod(s.size for s in sums[1:]))
+    for a in range(0, sums[0].size, rows):
+        acc[:, a : a + rows] /= functools.reduce(np.multiply.outer, [sums[0][a : a + rows], *sums[1:]])
 
 
 def _axis_evaluations(starts: tuple[int, ...], tile: int, size: int, band: int) -> int:
