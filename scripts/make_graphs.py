@@ -1,5 +1,5 @@
-"""Rewrite the shipped element-wise graphs (``unetcore/inference/graphs/*.onnx``) from
-:func:`unetcore.inference.elementwise.build_graph`; ``tests/test_elementwise.py`` checks the shipped files are its
+"""Rewrite the shipped element-wise graphs (``unetcore/graphs/*.onnx``) from
+:func:`unetcore.elementwise.build_graph`; ``tests/test_elementwise.py`` checks the shipped files are its
 graphs.
 
 Usage: ``.venv/bin/python scripts/make_graphs.py``
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unetcore.inference.elementwise import GRAPHS, build_graph
+from unetcore.elementwise import GRAPHS, build_graph
 
 
 def main() -> None:

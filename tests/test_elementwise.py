@@ -1,4 +1,4 @@
-"""The element-wise steps on onnxruntime (unetcore.inference.elementwise), the output step, and the block task's
+"""The element-wise steps on onnxruntime (unetcore.elementwise), the output step, and the block task's
 stores."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import onnx
 import pytest
 import zarr
 
-from unetcore.inference import elementwise
+from unetcore import elementwise
 from unetcore.inference.layout import LABELS_NAME
 from unetcore.inference.predict import logits_to_outputs
 from unetcore.inference.tasks import ImageJob, ModelSpec, block_stores
@@ -38,6 +38,27 @@ def test_the_cast_gives_numpys_bytes_everywhere() -> None:
     np.testing.assert_array_equal(got.view(np.uint16), values.astype(np.float16).view(np.uint16))
     strided = rng.random((3, 40, 60)).astype(np.float32)[:, ::2, 1::3]  # not contiguous
     np.testing.assert_array_equal(elementwise.to_float16(strided), strided.astype(np.float16))
+
+
+def test_the_float32_cast_of_every_float16_is_exact() -> None:
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(1, 256, 256)
+    got, expected = elementwise.to_float32(every), every.astype(np.float32)
+    assert got.dtype == np.float32 and got.shape == every.shape
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))  # -0.0 too
+
+
+@pytest.mark.parametrize("factors", [(2, 2), (1, 2, 2), (2, 2, 2)])
+def test_halving_float16_gives_the_same_bytes_with_and_without_onnxruntime(monkeypatch: pytest.MonkeyPatch,
+                                                                          factors: tuple[int, ...]) -> None:
+    values = np.random.default_rng(4).random((2, 9, 33, 47)).astype(np.float16)[..., 1:]  # odd edges, a view
+    values = values[0] if len(factors) == 2 else values
+    fast = omezarr.halve(values, "image", factors)
+    monkeypatch.setattr(elementwise, "available", lambda: False)
+    numpy_only = omezarr.halve(values, "image", factors)
+    assert fast.dtype == np.float16
+    np.testing.assert_array_equal(fast.view(np.uint16), numpy_only.view(np.uint16))
 
 
 def _formula(logits: np.ndarray) -> np.ndarray:

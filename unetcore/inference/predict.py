@@ -20,7 +20,7 @@ import zarr
 
 from unetcore.config import NormalizationConfig
 from unetcore.inference.background import masked_block_logits
-from unetcore.inference.elementwise import sigmoid, to_float16
+from unetcore.elementwise import sigmoid, to_float16
 from unetcore.inference.stitch import (
     Predictor,
     Reader,
@@ -70,10 +70,10 @@ def logits_to_outputs(logits: np.ndarray, num_classes: int, threshold: float = 0
                       probability_dtype: ProbabilityDtype = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Blended logits (K, *spatial) → (probabilities (K, *spatial) in ``probability_dtype``, labels (*spatial) uint8).
 
-    In float32: the sigmoid (:func:`~unetcore.inference.elementwise.sigmoid`: numpy's formula for float32
+    In float32: the sigmoid (:func:`~unetcore.elementwise.sigmoid`: numpy's formula for float32
     probabilities, onnxruntime's kernel for float16 ones, within 2.4e-7 of it and ≈ 6x faster), or the softmax over
     the class axis in numpy (its maximum subtracted first, in place on one new array); the float16 cast on
-    onnxruntime's kernel (:func:`~unetcore.inference.elementwise.to_float16`, the same bytes, ≈ 5x faster).
+    onnxruntime's kernel (:func:`~unetcore.elementwise.to_float16`, the same bytes, ≈ 5x faster).
     """
     t = np.asarray(logits, np.float32)
     if num_classes == 1:

@@ -27,7 +27,7 @@ from unetcore.atomic import atomic_write_json
 from unetcore.devices import resolve_device, worker_gpu_index
 from unetcore.inference.background import load_keep_mask
 from unetcore.inference.components import label_block
-from unetcore.inference.elementwise import to_float16
+from unetcore.elementwise import to_float16
 from unetcore.inference.layout import (
     INSTANCES_NAME,
     LABELS_NAME,

@@ -40,6 +40,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from unetcore.elementwise import to_float16, to_float32
 from unetcore.errors import InputError
 
 OME_VERSION = "0.5"
@@ -270,7 +271,8 @@ def halve(block: np.ndarray, kind: Literal["image", "label"], factors: Sequence[
     dtype; ``(..., h, w) -> (..., h // 2, w // 2)`` by default.
 
     Images: the mean over each 2x2 (or 2x2x2, 1x2x2, …) cell (integers rounded half to even, computed as a
-    wide-integer sum: exact and ~10x faster than a float mean; floats as a float32 sum of strided views); labels:
+    wide-integer sum: exact and ~10x faster than a float mean; floats as a float32 sum of strided views, float16
+    cast to float32 and back on onnxruntime's kernels, :mod:`unetcore.elementwise`); labels:
     the first sample of each cell (never a class that is not there).
     """
     factors = tuple(int(f) for f in factors)
@@ -297,11 +299,12 @@ def halve(block: np.ndarray, kind: Literal["image", "label"], factors: Sequence[
     if block.dtype.kind == "f":  # the cell's values summed in float32, one strided pass each (no reshaped copy)
         pick = [(Ellipsis, *(slice(d, None, f) for d, f in zip(offset, factors)))
                 for offset in itertools.product(*(range(f) for f in factors))]
-        total = even[pick[0]].astype(np.float32)
+        wide = to_float32(even) if block.dtype == np.float16 else even  # exact; numpy's own cast is a scalar loop
+        total = wide[pick[0]].astype(np.float32)
         for index in pick[1:]:
-            total += even[index]
+            total += wide[index]
         total *= np.float32(1.0 / cell)
-        return total.astype(block.dtype)
+        return to_float16(total) if block.dtype == np.float16 else total.astype(block.dtype)
     cells = [n for o, f in zip(out, factors) for n in (o, f)]
     axes = tuple(len(lead) + 2 * i + 1 - len(lead) - 2 * len(factors) for i in range(len(factors)))
     mean = even.astype(np.float32).reshape(*lead, *cells).mean(axis=axes)

@@ -1,7 +1,9 @@
-"""A block's element-wise output steps on onnxruntime's vectorised kernels: numpy's are slower passes.
+"""Element-wise steps of a block on onnxruntime's vectorised kernels: numpy's are scalar loops or slower passes.
 
-* :func:`to_float16`, the float16 cast: numpy's own is a scalar loop. A 2048² block's probabilities take 15-19 ms in
-  numpy and about 4 ms here, with the same bytes: both round to nearest, ties to even.
+* :func:`to_float16`, the float16 cast: a 2048² block's probabilities take 15-19 ms in numpy and about 4 ms here,
+  with the same bytes: both round to nearest, ties to even.
+* :func:`to_float32`, float16 back to float32 (exact both ways): 12-13 ms in numpy for 2048², 1.6-2 ms here; the
+  pyramid's level 1 of the probabilities (:func:`unetcore.store.omezarr.halve`) starts with it.
 * :func:`sigmoid`: numpy's ``1 / (1 + exp(-x))`` is four passes over the block (13-23 ms for 2048²), onnxruntime's
   ``Sigmoid`` one (2-3 ms). Its values differ from numpy's formula by at most 2.4e-7, absolute (a float32 ulp or
   two near 1, far under float16's step of 4.9e-4 there; but a probability under 1e-7 may read 0): the same value
@@ -11,7 +13,7 @@
   numpy's formula (``exact``).
 
 Both run on one thread without a memory arena (nothing is kept between blocks; BENCHMARKS.md, the CPU side alone).
-The graphs (one node each, any shape) are shipped in the package (``graphs/*.onnx``, about 80 bytes each) because
+The graphs (one node each, any shape) are shipped in the package (``unetcore/graphs/*.onnx``, 68-81 bytes) because
 building them needs the ``onnx`` package, whose import costs a second; :func:`build_graph` makes them
 (``python scripts/make_graphs.py`` rewrites the files) and a test checks the shipped files are its graphs.
 Without onnxruntime, numpy computes both.
@@ -26,22 +28,26 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["GRAPHS", "IR_VERSION", "OPSET", "Step", "available", "build_graph", "sigmoid", "to_float16"]
+__all__ = ["GRAPHS", "IR_VERSION", "OPSET", "Step", "available", "build_graph", "sigmoid", "to_float16", "to_float32"]
 
-Step = Literal["cast-float16", "sigmoid"]
+Step = Literal["cast-float16", "cast-float32", "sigmoid"]
 GRAPHS: dict[Step, Path] = {name: Path(__file__).parent / "graphs" / f"{name}.onnx"
-                            for name in ("cast-float16", "sigmoid")}
+                            for name in ("cast-float16", "cast-float32", "sigmoid")}
 IR_VERSION, OPSET = 8, 17  # read by every onnxruntime this project allows (>= 1.18)
 
 
 def build_graph(step: Step) -> Any:
-    """The ONNX model (``onnx.ModelProto``) of one step, ``y = Cast<float16>(x)`` or ``y = Sigmoid(x)``, for ``x``
-    float32 of any shape."""
+    """The ONNX model (``onnx.ModelProto``) of one step, for ``x`` of any shape: ``y = Cast<float16>(x)`` and
+    ``y = Sigmoid(x)`` of float32, ``y = Cast<float>(x)`` of float16."""
     from onnx import TensorProto, helper
 
-    node, out_type = ((helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16), TensorProto.FLOAT16)
-                      if step == "cast-float16" else (helper.make_node("Sigmoid", ["x"], ["y"]), TensorProto.FLOAT))
-    graph = helper.make_graph([node], step, [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+    f32, f16 = TensorProto.FLOAT, TensorProto.FLOAT16
+    node, in_type, out_type = {
+        "cast-float16": (helper.make_node("Cast", ["x"], ["y"], to=f16), f32, f16),
+        "cast-float32": (helper.make_node("Cast", ["x"], ["y"], to=f32), f16, f32),
+        "sigmoid": (helper.make_node("Sigmoid", ["x"], ["y"]), f32, f32),
+    }[step]
+    graph = helper.make_graph([node], step, [helper.make_tensor_value_info("x", in_type, None)],
                               [helper.make_tensor_value_info("y", out_type, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="unetcore")
     model.ir_version = IR_VERSION
@@ -67,7 +73,8 @@ def _session(step: Step) -> Any:
 
 
 def _run(step: Step, values: np.ndarray) -> np.ndarray:
-    return _session(step).run(None, {"x": np.ascontiguousarray(values, dtype=np.float32)})[0]
+    dtype = np.float16 if step == "cast-float32" else np.float32
+    return _session(step).run(None, {"x": np.ascontiguousarray(values, dtype=dtype)})[0]
 
 
 def to_float16(values: np.ndarray) -> np.ndarray:
@@ -77,6 +84,14 @@ def to_float16(values: np.ndarray) -> np.ndarray:
     if not available():
         return values.astype(np.float16)
     return _run("cast-float16", values)
+
+
+def to_float32(values: np.ndarray) -> np.ndarray:
+    """float16 ``values`` as a new float32 array (exact: the values of ``values.astype(np.float32)``); on
+    onnxruntime where it is installed."""
+    if not available():
+        return values.astype(np.float32)
+    return _run("cast-float32", values)
 
 
 def sigmoid(values: np.ndarray, exact: bool = False) -> np.ndarray:
