@@ -55,10 +55,14 @@ def test_halving_float16_gives_the_same_bytes_with_and_without_onnxruntime(monke
     values = np.random.default_rng(4).random((2, 9, 33, 47)).astype(np.float16)[..., 1:]  # odd edges, a view
     values = values[0] if len(factors) == 2 else values
     fast = omezarr.halve(values, "image", factors)
+    monkeypatch.setattr(omezarr, "HALVE_SLAB_BYTES", 1000)  # slabs of a few rows, a partial last one
+    slabs = omezarr.halve(values, "image", factors)
     monkeypatch.setattr(elementwise, "available", lambda: False)
     numpy_only = omezarr.halve(values, "image", factors)
-    assert fast.dtype == np.float16
-    np.testing.assert_array_equal(fast.view(np.uint16), numpy_only.view(np.uint16))
+    expected = omezarr.halve(values.astype(np.float32), "image", factors).astype(np.float16)  # float32's own path
+    assert fast.dtype == slabs.dtype == np.float16
+    for got in (fast, slabs, numpy_only):
+        np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))
 
 
 def _formula(logits: np.ndarray) -> np.ndarray:

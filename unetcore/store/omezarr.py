@@ -266,13 +266,29 @@ def create_labels(
     return group
 
 
+HALVE_SLAB_BYTES = 4 * 1024 * 1024
+"""A float16 block is halved this many bytes of its float32 copy at a time."""
+
+
+def _float_mean(values: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """The mean of each cell of ``values`` as float32: the cell's values summed in float32, one strided pass each
+    (no reshaped copy)."""
+    pick = [(Ellipsis, *(slice(d, None, f) for d, f in zip(offset, factors)))
+            for offset in itertools.product(*(range(f) for f in factors))]
+    total = values[pick[0]].astype(np.float32)
+    for index in pick[1:]:
+        total += values[index]
+    total *= np.float32(1.0 / math.prod(factors))
+    return total
+
+
 def halve(block: np.ndarray, kind: Literal["image", "label"], factors: Sequence[int] = (2, 2)) -> np.ndarray:
     """Next pyramid level of a block: its last ``len(factors)`` axes divided by ``factors`` (2 or 1 each), same
     dtype; ``(..., h, w) -> (..., h // 2, w // 2)`` by default.
 
     Images: the mean over each 2x2 (or 2x2x2, 1x2x2, …) cell (integers rounded half to even, computed as a
     wide-integer sum: exact and ~10x faster than a float mean; floats as a float32 sum of strided views, float16
-    cast to float32 and back on onnxruntime's kernels, :mod:`unetcore.elementwise`); labels:
+    cast to float32 and back on onnxruntime's kernels, :mod:`unetcore.elementwise`, a slab at a time); labels:
     the first sample of each cell (never a class that is not there).
     """
     factors = tuple(int(f) for f in factors)
@@ -296,15 +312,18 @@ def halve(block: np.ndarray, kind: Literal["image", "label"], factors: Sequence[
         quotient, rest = total >> shift, total & (cell - 1)
         quotient += (rest > half) | ((rest == half) & ((quotient & 1) == 1))
         return quotient.astype(block.dtype)
-    if block.dtype.kind == "f":  # the cell's values summed in float32, one strided pass each (no reshaped copy)
-        pick = [(Ellipsis, *(slice(d, None, f) for d, f in zip(offset, factors)))
-                for offset in itertools.product(*(range(f) for f in factors))]
-        wide = to_float32(even) if block.dtype == np.float16 else even  # exact; numpy's own cast is a scalar loop
-        total = wide[pick[0]].astype(np.float32)
-        for index in pick[1:]:
-            total += wide[index]
-        total *= np.float32(1.0 / cell)
-        return to_float16(total) if block.dtype == np.float16 else total.astype(block.dtype)
+    if block.dtype.kind == "f" and block.dtype != np.float16:
+        return _float_mean(even, factors).astype(block.dtype)
+    if block.dtype == np.float16:  # slab by slab of the first halved axis: the float32 copy stays small
+        axis, first = len(lead), factors[0]
+        row_bytes = 4 * math.prod(even.shape) // max(1, even.shape[axis])
+        rows = max(first, HALVE_SLAB_BYTES // max(1, row_bytes) // first * first)
+        halved = np.empty((*lead, *out), np.float16)
+        for a in range(0, even.shape[axis], rows):
+            part = even[(*(slice(None),) * axis, slice(a, a + rows))]
+            halved[(*(slice(None),) * axis, slice(a // first, (a + rows) // first))] = to_float16(
+                _float_mean(to_float32(part), factors))  # exact casts on onnxruntime: numpy's are scalar loops
+        return halved
     cells = [n for o, f in zip(out, factors) for n in (o, f)]
     axes = tuple(len(lead) + 2 * i + 1 - len(lead) - 2 * len(factors) for i in range(len(factors)))
     mean = even.astype(np.float32).reshape(*lead, *cells).mean(axis=axes)
