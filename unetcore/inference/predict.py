@@ -19,8 +19,8 @@ import numpy as np
 import zarr
 
 from unetcore.config import NormalizationConfig
-from unetcore.inference.background import masked_block_logits
 from unetcore.elementwise import sigmoid, to_float16
+from unetcore.inference.background import masked_block_logits
 from unetcore.inference.stitch import (
     Predictor,
     Reader,

@@ -25,9 +25,9 @@ import zarr
 from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
 from unetcore.atomic import atomic_write_json
 from unetcore.devices import resolve_device, worker_gpu_index
+from unetcore.elementwise import to_float16
 from unetcore.inference.background import load_keep_mask
 from unetcore.inference.components import label_block
-from unetcore.elementwise import to_float16
 from unetcore.inference.layout import (
     INSTANCES_NAME,
     LABELS_NAME,
