@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unetcore.elementwise import GRAPHS, build_graph
+from unetcore.elementwise import GRAPHS, build_graph  # noqa: E402
 
 
 def main() -> None:

@@ -40,6 +40,15 @@ def test_the_cast_gives_numpys_bytes_everywhere() -> None:
     np.testing.assert_array_equal(elementwise.to_float16(strided), strided.astype(np.float16))
 
 
+def test_other_dtypes_are_cast_in_numpy() -> None:
+    doubles = np.array([1 + 2.0 ** -11 + 2.0 ** -40, np.pi])  # through float32 the first would round twice
+    np.testing.assert_array_equal(elementwise.to_float16(doubles).view(np.uint16),
+                                  doubles.astype(np.float16).view(np.uint16))
+    singles = np.array([np.pi], np.float32)
+    np.testing.assert_array_equal(elementwise.to_float32(singles), singles)
+    assert elementwise.to_float16(np.float32(0.5)).shape == elementwise.sigmoid(np.float32(0.0)).shape == ()
+
+
 def test_the_float32_cast_of_every_float16_is_exact() -> None:
     every = np.arange(1 << 16, dtype=np.uint16).view(np.float16).reshape(1, 256, 256)
     got, expected = elementwise.to_float32(every), every.astype(np.float32)
@@ -54,14 +63,15 @@ def test_halving_float16_gives_the_same_bytes_with_and_without_onnxruntime(monke
                                                                           factors: tuple[int, ...]) -> None:
     values = np.random.default_rng(4).random((2, 9, 33, 47)).astype(np.float16)[..., 1:]  # odd edges, a view
     values = values[0] if len(factors) == 2 else values
-    fast = omezarr.halve(values, "image", factors)
-    monkeypatch.setattr(omezarr, "HALVE_SLAB_BYTES", 1000)  # slabs of a few rows, a partial last one
-    slabs = omezarr.halve(values, "image", factors)
-    monkeypatch.setattr(elementwise, "available", lambda: False)
-    numpy_only = omezarr.halve(values, "image", factors)
     expected = omezarr.halve(values.astype(np.float32), "image", factors).astype(np.float16)  # float32's own path
-    assert fast.dtype == slabs.dtype == np.float16
-    for got in (fast, slabs, numpy_only):
+    results = [omezarr.halve(values, "image", factors)]
+    for slab in (1000, 23_552, 70_656):  # slabs of the least rows, and of several with a partial last one
+        monkeypatch.setattr(omezarr, "HALVE_SLAB_BYTES", slab)
+        results.append(omezarr.halve(values, "image", factors))
+    monkeypatch.setattr(elementwise, "available", lambda: False)
+    results.append(omezarr.halve(values, "image", factors))  # numpy only
+    for got in results:
+        assert got.dtype == np.float16
         np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))
 
 

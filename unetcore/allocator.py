@@ -16,7 +16,8 @@ more are mmapped, a threshold set per block by its number of spatial axes:
   unmapped again: the identity pipeline ran 1.3-1.4x slower at a gigapixel (BENCHMARKS.md, ninth session);
 * volumes (128 KiB, Dask's): there the heap's 1 MiB buffers (64³ float32 tiles, the ingestion's 1 M-voxel chunks)
   bought no speed and a worker's peak grew with the volume (512×1024² vs 256³: ×1.08 at 2 MiB, ×1.06 at
-  128 KiB; BENCHMARKS.md, tenth session).
+  128 KiB; BENCHMARKS.md, tenth session). Measured with a 3-D UNet; a 2-D model predicting a volume slice by
+  slice gets the volume's threshold too (not measured).
 
 Every thread allocates from one heap (:data:`ARENAS`): with a heap per thread (the task's, zarr's I/O and codec
 threads), a worker's peak crept up with the number of blocks it had run, by 35-70 MB, until each heap was warm.
@@ -84,7 +85,11 @@ def tune_for_blocks(spatial_dims: int = 2) -> bool:
     already have a heap of their own keep it."""
     libc = _libc()
     threshold = ARRAY_MMAP_BYTES[min(max(spatial_dims, 2), 3)]
-    if libc is None or not _tune_process() or not libc.mallopt(_M_MMAP_THRESHOLD, threshold):
+    if libc is None or not _tune_process():
+        return False
+    if threshold == block_mmap_bytes():  # unchanged: no reset under another thread's forward pass
+        return True
+    if not libc.mallopt(_M_MMAP_THRESHOLD, threshold):
         return False
     _block_mmap_bytes[:] = [threshold]
     return True

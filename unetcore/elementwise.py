@@ -5,18 +5,22 @@
 * :func:`to_float32`, float16 back to float32 (exact both ways): 12-13 ms in numpy for 2048², 1.6-2 ms here; the
   pyramid's level 1 of the probabilities (:func:`unetcore.store.omezarr.halve`) starts with it.
 * :func:`sigmoid`: numpy's ``1 / (1 + exp(-x))`` is four passes over the block (13-23 ms for 2048²), onnxruntime's
-  ``Sigmoid`` one (2-3 ms). Its values differ from numpy's formula by at most 2.4e-7, absolute (a float32 ulp or
-  two near 1, far under float16's step of 4.9e-4 there; but a probability under 1e-7 may read 0): the same value
-  wherever it lies in the array (so block-wise equals whole-image), and on the same side of 0.5 as the formula
-  for every logit farther than 2e-7 from 0 (nearer, float32 rounding decides, in the formula too). Inference
-  uses it where the probabilities are stored as float16 (the default) or not at all; float32 probabilities keep
-  numpy's formula (``exact``).
+  ``Sigmoid`` one (2-3 ms). Its values differ from numpy's formula by at most 2.4e-7, absolute: a float32 ulp or
+  two near 1 (far under float16's step of 4.9e-4 there), but small probabilities lose their relative precision
+  (0 for logits below about -15.8, where the formula gives up to 1.4e-7; up to 3 float16 steps off below 2.4e-4;
+  not monotone in the tails). On one machine it gives the same value wherever it lies in the array (so block-wise
+  equals whole-image); MLAS picks its code by CPU, so machines of different CPUs may differ within the bound. A
+  label differs from the formula's only where the probability is within 2.4e-7 of the threshold (at 0.5: for
+  logits within 2e-7 of 0, where float32 rounding decides in the formula too). Inference uses it on the plain
+  block path where probabilities are stored as float16 (the default) or not at all; float32 probabilities, the
+  resampling and background-skipping paths and validation keep numpy's formula (``exact``), torch's kernel its
+  own sigmoid.
 
-Both run on one thread without a memory arena (nothing is kept between blocks; BENCHMARKS.md, the CPU side alone).
-The graphs (one node each, any shape) are shipped in the package (``unetcore/graphs/*.onnx``, 68-81 bytes) because
-building them needs the ``onnx`` package, whose import costs a second; :func:`build_graph` makes them
+All three run on one thread without a memory arena (nothing is kept between blocks; BENCHMARKS.md, the CPU side
+alone). The graphs (one node each, any shape) are shipped in the package (``unetcore/graphs/*.onnx``, 68-81 bytes)
+because building them needs the ``onnx`` package, whose import costs a second; :func:`build_graph` makes them
 (``python scripts/make_graphs.py`` rewrites the files) and a test checks the shipped files are its graphs.
-Without onnxruntime, numpy computes both.
+Without onnxruntime, numpy computes all three.
 """
 
 from __future__ import annotations
@@ -78,18 +82,19 @@ def _run(step: Step, values: np.ndarray) -> np.ndarray:
 
 
 def to_float16(values: np.ndarray) -> np.ndarray:
-    """``values`` as float16, the bytes of ``values.astype(np.float16)``; on onnxruntime where it is installed."""
+    """``values`` as float16, the bytes of ``values.astype(np.float16)``; float32 on onnxruntime where it is
+    installed, anything else in numpy (a float64 through float32 would round twice)."""
     if values.dtype == np.float16:
         return values
-    if not available():
+    if not available() or values.dtype != np.float32 or values.ndim == 0:
         return values.astype(np.float16)
     return _run("cast-float16", values)
 
 
 def to_float32(values: np.ndarray) -> np.ndarray:
     """float16 ``values`` as a new float32 array (exact: the values of ``values.astype(np.float32)``); on
-    onnxruntime where it is installed."""
-    if not available():
+    onnxruntime where it is installed; anything but float16 in numpy."""
+    if not available() or values.dtype != np.float16 or values.ndim == 0:
         return values.astype(np.float32)
     return _run("cast-float32", values)
 
@@ -98,9 +103,9 @@ def sigmoid(values: np.ndarray, exact: bool = False) -> np.ndarray:
     """``1 / (1 + exp(-values))`` as a new float32 array: on onnxruntime where it is installed (within 2.4e-7 of
     numpy's formula, absolute), else, or when ``exact``, numpy's formula in place on one new array (float32's
     relative precision down to the smallest probabilities)."""
-    if available() and not exact:
+    if available() and not exact and values.ndim > 0:
         return _run("sigmoid", values)
-    probs = np.negative(values, dtype=np.float32)
+    probs = np.asarray(np.negative(values, dtype=np.float32))  # 0-d too (a ufunc gives it back as a scalar)
     np.exp(probs, out=probs)
     probs += 1.0
     np.reciprocal(probs, out=probs)
