@@ -58,6 +58,27 @@ def test_the_float32_cast_of_every_float16_is_exact() -> None:
     np.testing.assert_array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))  # -0.0 too
 
 
+@pytest.mark.parametrize("onnx", [True, False])
+def test_the_float32_cast_fills_the_buffer_it_is_given(monkeypatch: pytest.MonkeyPatch, onnx: bool) -> None:
+    if not onnx:
+        monkeypatch.setattr(elementwise, "available", lambda: False)
+    values = np.random.default_rng(2).random((3, 17, 29)).astype(np.float16)
+    buffer = np.full(values.shape, np.nan, np.float32)  # stale contents must not show
+    assert elementwise.to_float32(values, buffer) is buffer
+    np.testing.assert_array_equal(buffer, values.astype(np.float32))
+    assert elementwise.to_float32(values[:, ::2], buffer[:, :9].copy()).shape == (3, 9, 29)  # a view's copy in
+
+
+@pytest.mark.parametrize("onnx", [True, False])
+def test_a_buffer_of_another_shape_or_dtype_is_refused(monkeypatch: pytest.MonkeyPatch, onnx: bool) -> None:
+    if not onnx:
+        monkeypatch.setattr(elementwise, "available", lambda: False)
+    values = np.zeros((4, 6), np.float16)
+    for wrong in (np.empty((4, 5), np.float32), np.empty((4, 6), np.float64), np.empty((6, 4), np.float32).T):
+        with pytest.raises(ValueError, match="cast-float32: out must be a C-contiguous float32 array"):
+            elementwise.to_float32(values, wrong)
+
+
 @pytest.mark.parametrize("factors", [(2, 2), (1, 2, 2), (2, 2, 2)])
 def test_halving_float16_gives_the_same_bytes_with_and_without_onnxruntime(monkeypatch: pytest.MonkeyPatch,
                                                                           factors: tuple[int, ...]) -> None:

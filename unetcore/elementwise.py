@@ -76,9 +76,32 @@ def _session(step: Step) -> Any:
     return ort.InferenceSession(str(GRAPHS[step]), options, providers=["CPUExecutionProvider"])
 
 
-def _run(step: Step, values: np.ndarray) -> np.ndarray:
-    dtype = np.float16 if step == "cast-float32" else np.float32
-    return _session(step).run(None, {"x": np.ascontiguousarray(values, dtype=dtype)})[0]
+_IN_OUT: dict[Step, tuple[type[np.generic], type[np.generic]]] = {
+    "cast-float16": (np.float32, np.float16), "cast-float32": (np.float16, np.float32),
+    "sigmoid": (np.float32, np.float32)}
+
+
+def _checked_out(step: Step, shape: tuple[int, ...], out: np.ndarray) -> np.ndarray:
+    """``out`` when it can take ``step``'s output of ``shape``; else ValueError."""
+    dtype = _IN_OUT[step][1]
+    if out.shape != shape or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"{step}: out must be a C-contiguous {np.dtype(dtype)} array of shape {shape}")
+    return out
+
+
+def _run(step: Step, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``step`` of ``values`` written into ``out`` (a new array when None): numpy allocates it, so a block's output
+    gets the transparent huge pages numpy asks for, where onnxruntime's own allocation was faulted in 4 KiB at a
+    time (2-3x the kernel's time in a worker; BENCHMARKS.md, eleventh session)."""
+    in_dtype, out_dtype = _IN_OUT[step]
+    x = np.ascontiguousarray(values, dtype=in_dtype)
+    out = np.empty(x.shape, out_dtype) if out is None else _checked_out(step, x.shape, out)
+    session = _session(step)
+    binding = session.io_binding()
+    binding.bind_cpu_input("x", x)
+    binding.bind_output("y", "cpu", 0, out_dtype, out.shape, out.ctypes.data)
+    session.run_with_iobinding(binding)
+    return out
 
 
 def to_float16(values: np.ndarray) -> np.ndarray:
@@ -86,24 +109,28 @@ def to_float16(values: np.ndarray) -> np.ndarray:
     installed, anything else in numpy (a float64 through float32 would round twice)."""
     if values.dtype == np.float16:
         return values
-    if not available() or values.dtype != np.float32 or values.ndim == 0:
+    if not available() or values.dtype != np.float32 or values.ndim == 0 or values.size == 0:
         return values.astype(np.float16)
     return _run("cast-float16", values)
 
 
-def to_float32(values: np.ndarray) -> np.ndarray:
-    """float16 ``values`` as a new float32 array (exact: the values of ``values.astype(np.float32)``); on
-    onnxruntime where it is installed; anything but float16 in numpy."""
-    if not available() or values.dtype != np.float16 or values.ndim == 0:
-        return values.astype(np.float32)
-    return _run("cast-float32", values)
+def to_float32(values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """float16 ``values`` as float32 (exact: the values of ``values.astype(np.float32)``), in ``out`` (a
+    C-contiguous float32 array of their shape, reused from call to call) or a new array; on onnxruntime where it is
+    installed; anything but float16 in numpy."""
+    if not available() or values.dtype != np.float16 or values.ndim == 0 or values.size == 0:
+        if out is None:
+            return values.astype(np.float32)
+        _checked_out("cast-float32", values.shape, out)[...] = values
+        return out
+    return _run("cast-float32", values, out)
 
 
 def sigmoid(values: np.ndarray, exact: bool = False) -> np.ndarray:
     """``1 / (1 + exp(-values))`` as a new float32 array: on onnxruntime where it is installed (within 2.4e-7 of
     numpy's formula, absolute), else, or when ``exact``, numpy's formula in place on one new array (float32's
     relative precision down to the smallest probabilities)."""
-    if available() and not exact and values.ndim > 0:
+    if available() and not exact and values.ndim > 0 and values.size > 0:
         return _run("sigmoid", values)
     probs = np.asarray(np.negative(values, dtype=np.float32))  # 0-d too (a ufunc gives it back as a scalar)
     np.exp(probs, out=probs)

@@ -319,10 +319,13 @@ def halve(block: np.ndarray, kind: Literal["image", "label"], factors: Sequence[
         row_bytes = 4 * math.prod(even.shape) // max(1, even.shape[axis])
         rows = max(first, HALVE_SLAB_BYTES // max(1, row_bytes) // first * first)
         halved = np.empty((*lead, *out), np.float16)
+        slab: np.ndarray | None = None  # one float32 slab for all (faulted in once a block, not once a slab)
         for a in range(0, even.shape[axis], rows):
             part = even[(*(slice(None),) * axis, slice(a, a + rows))]
+            if slab is None or slab.shape != part.shape:
+                slab = np.empty(part.shape, np.float32)
             halved[(*(slice(None),) * axis, slice(a // first, (a + rows) // first))] = to_float16(
-                _float_mean(to_float32(part), factors))  # exact casts on onnxruntime: numpy's are scalar loops
+                _float_mean(to_float32(part, slab), factors))  # exact casts on onnxruntime: numpy's are scalar loops
         return halved
     cells = [n for o, f in zip(out, factors) for n in (o, f)]
     axes = tuple(len(lead) + 2 * i + 1 - len(lead) - 2 * len(factors) for i in range(len(factors)))
