@@ -244,44 +244,6 @@ print(untuned, outside, inside, large, after, untuned_chunk, outside_chunk, int(
 """
 
 
-KEEP_PROBE = """
-import ctypes
-from unetcore.allocator import BLOCK_KEEP_BYTES, release_after_block, resident_bytes, tune_for_blocks
-libc = ctypes.CDLL(None)
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
-def block(mib):  # a block's 1 MiB buffers (under the 2 MiB mmap threshold: from the heap), touched, then freed
-    held = [libc.malloc(1 << 20) for _ in range(mib)]
-    for p in held:
-        ctypes.memset(p, 1, 1 << 20)
-    for p in held:
-        libc.free(p)
-tune_for_blocks(2)
-block(8)
-first = release_after_block(2)  # the first block always releases, and sets the mark
-base = resident_bytes()
-block(BLOCK_KEEP_BYTES[2] // 2 >> 20)
-kept, after_small = release_after_block(2), resident_bytes()
-block(2 * BLOCK_KEEP_BYTES[2] >> 20)
-before_release = resident_bytes()
-released, after_large = release_after_block(2), resident_bytes()
-block(1)
-print(int(first), int(kept), int(released), int(release_after_block(3)), base, after_small, before_release, after_large)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
-def test_a_worker_keeps_its_free_heap_for_the_next_block_until_it_has_grown_by_the_bound() -> None:
-    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", KEEP_PROBE], env=env, capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
-    first, kept, released, volume, base, after_small, before_release, after_large = (
-        int(v) for v in out.stdout.split())
-    assert (first, kept, released, volume) == (1, 0, 1, 1)  # volumes release after every block
-    assert after_small - base >= 8 << 20  # the small block's freed buffers stayed resident for the next one
-    assert before_release - base > 32 << 20 and after_large - base < 8 << 20  # past the bound: given back
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
 def test_malloc_settings_keep_small_buffers_and_activations_on_one_heap_per_block_dimension() -> None:
     # As in a Dask worker: the nanny's MALLOC_TRIM_THRESHOLD_ pins glibc's mmap threshold at 128 KiB.

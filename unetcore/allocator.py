@@ -21,9 +21,8 @@ more are mmapped, a threshold set per block by its number of spatial axes:
 
 Every thread allocates from one heap (:data:`ARENAS`): with a heap per thread (the task's, zarr's I/O and codec
 threads), a worker's peak crept up with the number of blocks it had run, by 35-70 MB, until each heap was warm.
-:func:`release_after_block` returns what the heap kept after a block once the worker has grown by
-:data:`BLOCK_KEEP_BYTES` (volumes: after every block). A worker's peak memory then grows little with the image
-(BENCHMARKS.md, inference (c)).
+:func:`release_free_memory` returns what the heap kept after each block. A worker's peak memory then grows little
+with the image (BENCHMARKS.md, inference (c)).
 """
 
 from __future__ import annotations
@@ -32,10 +31,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import functools
-import os
 import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 TRIM_BYTES = 256 * 1024 * 1024
@@ -47,10 +44,6 @@ FORWARD_MMAP_BYTES = 32 * 1024 * 1024
 ARRAY_MMAP_BYTES: dict[int, int] = {2: 2 * 1024 * 1024, 3: 128 * 1024}
 """Outside forward passes, requests at least this large are mmapped (and unmapped when freed), by the block's number
 of spatial axes; Dask's is 128 KiB."""
-
-BLOCK_KEEP_BYTES: dict[int, int] = {2: 32 * 1024 * 1024, 3: 0}
-"""After a block, by its number of spatial axes: the growth of the process's resident set (over what it held after
-its first block) below which the heap keeps its free pages for the next block instead of returning them."""
 
 ARENAS = 1
 """glibc heaps (arenas) the process's threads share: one, so the buffers they reuse are warm in one heap, not in
@@ -132,39 +125,6 @@ def with_heap_buffers(fn: Callable[[_T], _R]) -> Callable[[_T], _R]:
             return fn(batch)
 
     return run
-
-
-_after_first_block: list[int] = []  # resident bytes after the first block's release (empty: none yet)
-
-
-def resident_bytes() -> int | None:
-    """This process's resident set size in bytes (Linux ``/proc/self/statm``; None elsewhere)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_after_block(spatial_dims: int = 2) -> bool:
-    """After a block: :func:`release_free_memory`, unless the process holds at most :data:`BLOCK_KEEP_BYTES` more
-    than after its first block; whether it released.
-
-    The free pages a block leaves are the next block's buffers: returned every time, each block faulted them in
-    anew (a 2-D identity block 8-10 % slower, BENCHMARKS.md, eleventh session); kept without a bound, a worker's
-    heap grows by its fragments over hundreds of blocks. Volumes release after every block (their bound is 0).
-    """
-    keep = BLOCK_KEEP_BYTES[min(max(spatial_dims, 2), 3)]
-    if keep and _after_first_block:
-        held = resident_bytes()
-        if held is not None and held - _after_first_block[0] <= keep:
-            return False
-    release_free_memory()
-    if not _after_first_block:
-        first = resident_bytes()
-        if first is not None:
-            _after_first_block[:] = [first]
-    return True
 
 
 def release_free_memory() -> None:

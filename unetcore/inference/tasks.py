@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import numpy as np
 import zarr
 
-from unetcore.allocator import release_after_block, tune_for_blocks, with_heap_buffers
+from unetcore.allocator import release_free_memory, tune_for_blocks, with_heap_buffers
 from unetcore.atomic import atomic_write_json
 from unetcore.devices import resolve_device, worker_gpu_index
 from unetcore.elementwise import to_float16
@@ -261,7 +261,7 @@ def run_block(job: ImageJob, block: Block) -> dict[str, Any]:
               "cpu_seconds": round(time.process_time() - cpu0, 4), "worker": f"{_worker_identity()[1]}/{os.getpid()}"}
     atomic_write_json(record_path(Path(job.records), block), record)
     del probs, labels
-    release_after_block(len(block.slices))  # what the heap kept goes back once it grows: memory stays flat
+    release_free_memory()  # what the block's buffers kept goes back: memory stays flat over many blocks
     return record
 
 
