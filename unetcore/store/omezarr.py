@@ -407,7 +407,8 @@ def build_pyramid(
     workers = pool or own
     try:
         for level in (lv for lv in levels if lv >= max(1, first)):
-            src, dst = group[str(level - 1)], group[str(level)]
+            # every chunk written: zarr's test of each against the fill value took 6 ms of a 1 MiB label chunk's 10
+            src, dst = group[str(level - 1)], group[str(level)].with_config({"write_empty_chunks": True})
             spatial_dims = dst.ndim - 1 if kind == "image" else dst.ndim
             factors = level_factors(src, dst, spatial_dims)
             steps = dst.chunks[-spatial_dims:]
