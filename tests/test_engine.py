@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from app.cli import app
 from unetcore.allocator import ARRAY_MMAP_BYTES
-from unetcore.cluster import Cluster, TaskMap, dask_cluster, in_process
+from unetcore.cluster import Cluster, dask_cluster
 from unetcore.config import InferConfig, IngestConfig, ModelConfig, NormalizationConfig
 from unetcore.errors import ConfigError, InputError, OutputExistsError
 from unetcore.inference import (
@@ -48,7 +48,6 @@ from unetcore.ingest import ingest_folder
 from unetcore.locks import LockedError, exclusive
 from unetcore.model import build_model, save_model
 from unetcore.store import manifest as mf
-from unetcore.store import omezarr
 from unetcore.store.stats import normalize
 from unetcore.tracking.mlflow import pin_model
 
@@ -157,41 +156,6 @@ def test_engine_equals_whole_image_sliding_window(
     np.testing.assert_array_equal(labels[decided], expected[decided])
     assert out.attrs["unet"]["complete"] is True
     assert len(list((tmp_path / "out" / "img.blocks").glob("y*_x*.json"))) == result.blocks
-
-
-def test_the_pyramid_built_on_the_workers_is_each_level_halved(tmp_path: Path, cluster: Cluster,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    jobs: list[int] = []
-    real_map = TaskMap.map
-
-    def counted(self: TaskMap, fn: Any, items: Any) -> list[Any]:
-        todo = list(items)
-        jobs.append(len(todo))
-        return real_map(self, fn, todo)
-
-    monkeypatch.setattr(TaskMap, "map", counted)
-    image = random_image((64, 4200))  # 4 levels: blocks write level 1, the workers levels 2 and 3
-    dataset = make_dataset(tmp_path, image, 128)
-    cfg = config(dataset, tmp_path / "out", make_model(tmp_path / "model"), block_size=256)
-    predict_dataset(cfg, cluster=cluster)
-    out = outputs(tmp_path / "out")
-    assert jobs and sum(jobs) > 2  # levels 2 and 3 of the labels and the probabilities, chunk by chunk
-    for group, kind in ((out, "image"), (out["labels/prediction"], "label")):
-        levels = sorted(int(k) for k in group.array_keys())
-        assert levels == [0, 1, 2, 3]
-        for level in levels[1:]:
-            above = group[str(level - 1)][:]
-            factors = omezarr.level_factors(group[str(level - 1)], group[str(level)], 2)
-            assert group[str(level)][:].tobytes() == omezarr.halve(above, kind, factors).tobytes(), (kind, level)
-
-
-def test_a_task_map_gives_the_results_in_order_and_raises_a_failed_job(cluster: Cluster) -> None:
-    pool = cluster.task_map()
-    assert pool is not None and pool.map(abs, []) == []
-    assert pool.map(lambda v: v * v, range(7)) == [v * v for v in range(7)]
-    with pytest.raises(ZeroDivisionError):
-        pool.map(lambda v: 1 // v, [2, 0, 1])
-    assert in_process().task_map() is None
 
 
 def _malloc_tuned() -> int | None:

@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -47,32 +47,12 @@ class Cluster:
         """True for :func:`in_process`: no Dask at all, tasks run one after the other in this process."""
         return self.client is None
 
-    def task_map(self) -> TaskMap | None:
-        """Its workers as a :class:`TaskMap` (None in process: the caller's own threads then)."""
-        return None if self.client is None else TaskMap(self.client)
-
     @property
     def slots(self) -> int:
         """Tasks the cluster runs at once now (the sum of its workers' threads; 1 in process)."""
         if self.client is None:
             return 1
         return max(1, sum(w.get("nthreads", 1) for w in self.client.scheduler_info()["workers"].values()))
-
-
-@dataclass(frozen=True)
-class TaskMap:
-    """A thread pool's ``map`` on a Dask client's workers, results in order: jobs that each write their own chunks
-    (the pyramid of a prediction) run in the worker processes, on every core, not in the caller's threads, which
-    share one interpreter lock and the zarr event loop (BENCHMARKS.md, eleventh session)."""
-
-    client: Any
-
-    def map(self, fn: Callable[[Any], Any], items: Iterable[Any], /) -> list[Any]:
-        """``fn`` of each item (a picklable function), in order; a failed job raises here (after 2 retries)."""
-        todo = list(items)
-        if not todo:
-            return []
-        return list(self.client.gather(self.client.map(fn, todo, pure=False, retries=2)))
 
 
 GPU_TASKS = 2

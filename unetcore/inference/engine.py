@@ -316,7 +316,7 @@ def predict_image(plan: ImagePlan, cfg: InferConfig, cluster: Cluster, model: Pi
     _run_tasks(cluster, run_block, job, todo, f"predict {entry['id']}", len(blocks) - len(todo), len(blocks))
     if not complete:
         n_instances = _component_passes(plan, cfg, cluster, job, blocks)
-        finish_output(plan, cfg, blocks, cluster.task_map())
+        finish_output(plan, cfg, blocks)
     elif cfg.instances:
         n_instances = omezarr.unet_attrs(zarr.open_group(store=str(plan.out_path), mode="r")).get("instances")
     else:

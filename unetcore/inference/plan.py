@@ -296,17 +296,15 @@ def _first_level_to_build(records: Path, blocks: list[Block], name: str) -> int:
     return 2
 
 
-def finish_output(plan: ImagePlan, cfg: InferConfig, blocks: list[Block], pool: omezarr.Mapper | None = None
-                  ) -> None:
-    """Build the asked pyramids (from level 2 where the block tasks wrote level 1; on ``pool``, a cluster's
-    workers, else this process's threads), mark the output complete and drop the scratch store."""
+def finish_output(plan: ImagePlan, cfg: InferConfig, blocks: list[Block]) -> None:
+    """Build the asked pyramids (from level 2 where the block tasks wrote level 1), mark the output complete and
+    drop the scratch store."""
     root = zarr.open_group(store=str(plan.out_path), mode="r+")
     omezarr.build_pyramid(root[f"labels/{LABELS_NAME}"], "label",
-                          first=_first_level_to_build(plan.records, blocks, "labels"), pool=pool)
+                          first=_first_level_to_build(plan.records, blocks, "labels"))
     if cfg.instances:
-        omezarr.build_pyramid(root[f"labels/{INSTANCES_NAME}"], "label", pool=pool)
+        omezarr.build_pyramid(root[f"labels/{INSTANCES_NAME}"], "label")
     if cfg.save_probabilities:
-        omezarr.build_pyramid(root, "image", first=_first_level_to_build(plan.records, blocks, "probabilities"),
-                              pool=pool)
+        omezarr.build_pyramid(root, "image", first=_first_level_to_build(plan.records, blocks, "probabilities"))
     omezarr.set_unet_attrs(root, {"complete": True})
     shutil.rmtree(plan.records / SCRATCH, ignore_errors=True)

@@ -31,10 +31,10 @@ import math
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -382,25 +382,15 @@ def source_pieces(src: zarr.Array, region: Sequence[slice], factors: Sequence[in
     return list(itertools.product(*cuts))
 
 
-_T = TypeVar("_T")
-
-
-class Mapper(Protocol):
-    """What :func:`build_pyramid` runs its jobs on: a ``map`` like a thread pool's (a Dask cluster's workers:
-    :class:`unetcore.cluster.TaskMap`)."""
-
-    def map(self, fn: Callable[[_T], Any], items: Iterable[_T], /) -> Iterable[Any]: ...
-
-
 def build_pyramid(
     group: zarr.Group, kind: Literal["image", "label"], threads: int = 0, *, first: int = 1,
-    pool: Mapper | None = None,
+    pool: ThreadPoolExecutor | None = None,
 ) -> None:
     """Fill levels ``first``..n from the level above, one output chunk per job (one writer per chunk).
 
     Each level is computed from the one above, reading the 2x-sized region (along the halved axes) of each output
     chunk one source chunk at a time (:func:`source_pieces`), so memory is two chunks per thread whatever the image
-    size. ``pool`` reuses the caller's threads, or runs the jobs on a cluster's workers (each job is picklable).
+    size. ``pool`` reuses the caller's threads.
     """
     levels = sorted(int(k) for k in group.array_keys() if k.isdigit())
     own = None if pool is not None else ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1))
