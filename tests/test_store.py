@@ -231,6 +231,16 @@ def test_a_pyramid_built_chunk_by_chunk_is_each_whole_level_halved(tmp_path: Pat
     assert group["2"][:].tobytes() == omezarr.halve(level1, kind, (2, 2, 2)).tobytes()
 
 
+def test_the_pyramid_writes_empty_chunks_instead_of_testing_each_against_the_fill_value(tmp_path: Path) -> None:
+    root = omezarr.create_image(tmp_path / "z.ome.zarr", (1, 256, 256), np.uint8, 64, n_levels=3)
+    labels = omezarr.create_labels(root, "m", (256, 256), np.uint8, 64, n_levels=3)
+    labels["0"][:] = 0  # all background: zarr would skip each chunk after comparing it with the fill value
+    omezarr.build_pyramid(labels, "label")
+    assert labels["2"][:].tobytes() == bytes(64 * 64)
+    written = [p for p in (tmp_path / "z.ome.zarr" / "labels" / "m" / "2").rglob("*") if p.is_file()]
+    assert len(written) == 2, written  # zarr.json and the level's one chunk
+
+
 def test_pyramid_pieces_lie_in_one_chunk_start_on_the_factor_and_tile_the_region(tmp_path: Path) -> None:
     """Odd chunk sizes (5 and 9 along halved axes) take two chunks per piece; the level is still the whole one
     halved, and a region's pieces cover exactly its 2x-sized source."""
