@@ -17,7 +17,10 @@
   own sigmoid.
 
 All three run on one thread without a memory arena (nothing is kept between blocks; BENCHMARKS.md, the CPU side
-alone). The graphs (one node each, any shape) are shipped in the package (``unetcore/graphs/*.onnx``, 68-81 bytes)
+alone) and write into an array numpy allocates (an IO binding): numpy asks for transparent huge pages for large
+arrays, where onnxruntime's own output buffers were faulted in 4 KiB at a time, 2-3.6x the kernel's time once a
+worker had mmapped and returned them (BENCHMARKS.md, eleventh session). :func:`to_float32` also fills a buffer the
+caller reuses (the pyramid's halving, slab by slab). The graphs (one node each, any shape) are shipped in the package (``unetcore/graphs/*.onnx``, 68-81 bytes)
 because building them needs the ``onnx`` package, whose import costs a second; :func:`build_graph` makes them
 (``python scripts/make_graphs.py`` rewrites the files) and a test checks the shipped files are its graphs.
 Without onnxruntime, numpy computes all three.
