@@ -20,10 +20,10 @@ All three run on one thread without a memory arena (nothing is kept between bloc
 alone) and write into an array numpy allocates (an IO binding): numpy asks for transparent huge pages for large
 arrays, where onnxruntime's own output buffers were faulted in 4 KiB at a time, 2-3.6x the kernel's time once a
 worker had mmapped and returned them (BENCHMARKS.md, eleventh session). :func:`to_float32` also fills a buffer the
-caller reuses (the pyramid's halving, slab by slab). The graphs (one node each, any shape) are shipped in the package (``unetcore/graphs/*.onnx``, 68-81 bytes)
-because building them needs the ``onnx`` package, whose import costs a second; :func:`build_graph` makes them
-(``python scripts/make_graphs.py`` rewrites the files) and a test checks the shipped files are its graphs.
-Without onnxruntime, numpy computes all three.
+caller reuses (the pyramid's halving, slab by slab). The graphs (one node each, any shape) are shipped in the
+package (``unetcore/graphs/*.onnx``, 68-81 bytes) because building them needs the ``onnx`` package, whose import
+costs a second; :func:`build_graph` makes them (``python scripts/make_graphs.py`` rewrites the files) and a test
+checks the shipped files are its graphs. Without onnxruntime, numpy computes all three.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def _checked_out(step: Step, shape: tuple[int, ...], out: np.ndarray) -> np.ndar
 def _run(step: Step, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``step`` of ``values`` written into ``out`` (a new array when None): numpy allocates it, so a block's output
     gets the transparent huge pages numpy asks for, where onnxruntime's own allocation was faulted in 4 KiB at a
-    time (2-3x the kernel's time in a worker; BENCHMARKS.md, eleventh session)."""
+    time (2-3.6x the kernel's time in a worker; BENCHMARKS.md, eleventh session)."""
     in_dtype, out_dtype = _IN_OUT[step]
     x = np.ascontiguousarray(values, dtype=in_dtype)
     out = np.empty(x.shape, out_dtype) if out is None else _checked_out(step, x.shape, out)
